@@ -1,0 +1,93 @@
+"""The measurement record (paper Table 2 / Fig. 4): one passive handshake plus its active probe.
+
+Field names are a fixed contract (DESIGN.md). Records cross process boundaries as JSON lines
+(`replay` writes them, `judge` reads them, the live analyzer logs them), so `from_json` validates
+every field and says which one is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class RecordError(ValueError):
+    """A record that does not follow the contract; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    t: float  # the SYN's arrival, epoch seconds
+    src: str
+    dst: str
+    tp_us: int | None  # T^p: client's reply minus our SYN+ACK, µs; None when Karn's rule dropped it
+    ping_min_us: int | None = None
+    ping_avg_us: int | None = None
+    ping_max_us: int | None = None
+    ping_var_us2: float | None = None
+    syn_rtt_us: int | None = None
+    fp: str | None = None  # p0f label of the client's SYN
+    fa: str | None = None  # p0f label of the SYN+ACK the source returned to our probe
+
+    @property
+    def has_ping(self) -> bool:
+        return self.ping_max_us is not None and self.ping_avg_us is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Record:
+        if not isinstance(obj, dict):
+            raise RecordError("a record must be a JSON object")
+        for name in ("t", "src", "dst"):
+            if obj.get(name) is None:
+                raise RecordError(f"field {name!r} is missing")
+        return cls(
+            t=_number(obj, "t", nullable=False),
+            src=_address(obj, "src"),
+            dst=_address(obj, "dst"),
+            tp_us=_micros(obj, "tp_us"),
+            ping_min_us=_micros(obj, "ping_min_us"),
+            ping_avg_us=_micros(obj, "ping_avg_us"),
+            ping_max_us=_micros(obj, "ping_max_us"),
+            ping_var_us2=_number(obj, "ping_var_us2"),
+            syn_rtt_us=_micros(obj, "syn_rtt_us"),
+            fp=_label(obj, "fp"),
+            fa=_label(obj, "fa"),
+        )
+
+
+def _number(obj: dict[str, Any], name: str, *, nullable: bool = True) -> Any:
+    value = obj.get(name)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecordError(f"field {name!r} must be a finite number, not {value!r}")
+    if value < 0:
+        raise RecordError(f"field {name!r} must not be negative, not {value!r}")
+    return float(value)
+
+
+def _micros(obj: dict[str, Any], name: str) -> int | None:
+    value = _number(obj, name)
+    return None if value is None else round(value)
+
+
+def _address(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    try:
+        return str(ipaddress.ip_address(value))  # type: ignore[arg-type]
+    except ValueError:
+        raise RecordError(f"field {name!r} is not an IP address: {value!r}") from None
+
+
+def _label(obj: dict[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.count(":") < 2:
+        raise RecordError(f"field {name!r} must be a p0f label 'class:name:flavor' or null, not {value!r}")
+    return value
