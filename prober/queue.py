@@ -1,0 +1,215 @@
+"""The probe queue on Redis Streams: key names, the connection helper, and the client API the
+analyzer uses (enqueue jobs with dedup, iterate over results, acknowledge them).
+
+Streams (prefix default `stepstone:`): `jobs` (group `probers`), `results` (group `analyzers`),
+`dead` (jobs given up on, with `reason`, `job` and `src`). See DESIGN.md for the field contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from prober.job import DEFAULT_PORTS, Job, JobError, Result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "stepstone:"
+PROBERS = "probers"
+ANALYZERS = "analyzers"
+
+# Errors after which a client should reconnect and retry rather than give up.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class QueueConfigError(ValueError):
+    """A Redis URL or queue setting that cannot work; the message is one line for the CLI."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every Redis key the prober uses, derived from one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}jobs"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}results"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}dead"
+
+    @property
+    def stats(self) -> str:
+        # hash of counters: deadline_dropped, dead_lettered, refused, malformed, probes
+        return f"{self.prefix}prober:stats"
+
+    @property
+    def rate(self) -> str:
+        return f"{self.prefix}prober:rate"
+
+    def seen(self, src: str) -> str:
+        return f"{self.prefix}seen:{src}"
+
+    def target(self, src: str) -> str:
+        return f"{self.prefix}prober:target:{src}"
+
+    def probes_second(self, second: int) -> str:
+        return f"{self.prefix}prober:probes:{second}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}prober:worker:{name}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}prober:worker:*"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def client(url: str) -> aioredis.Redis:
+    """A client for `url` (redis://, rediss://, unix://; credentials in the URL); no I/O yet."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise QueueConfigError(
+            f"bad Redis URL {redact(url)!r}: expected redis://[user:password@]host[:port][/db], "
+            "rediss://... (TLS) or unix://[user:password@]/path/to/socket")
+    try:
+        return aioredis.from_url(url, decode_responses=True, health_check_interval=30)
+    except ValueError as exc:
+        raise QueueConfigError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+
+
+async def connect(url: str) -> aioredis.Redis:
+    """A connected client for `url`; raises QueueConfigError with a one-line reason if Redis cannot
+    be reached or refuses the credentials."""
+    conn = client(url)
+    try:
+        await conn.ping()
+    except Exception as exc:
+        await conn.aclose()
+        raise QueueConfigError(f"cannot use Redis at {redact(url)}: {exc}") from None
+    return conn
+
+
+async def ensure_group(conn: aioredis.Redis, stream: str, group: str) -> None:
+    """Create `group` on `stream` (and the stream) unless it exists. Starts at id 0 so entries
+    written before anyone created the group are still delivered."""
+    try:
+        await conn.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+# SET NX and XADD in one script: two analyzers racing on one address enqueue it once, and a
+# crash between the two steps cannot leave the address marked as seen without a job.
+_ENQUEUE = """
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+end
+return false
+"""
+
+
+class ProbeQueue:
+    """Client side of the queue, for the analyzer: enqueue probe jobs, read and ack results."""
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX,
+                 dedup_window: float = 3600.0, deadline: float = 60.0) -> None:
+        if dedup_window < 0 or deadline <= 0:
+            raise QueueConfigError("dedup_window must be >= 0 and deadline > 0 seconds")
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.dedup_window = dedup_window
+        self.deadline = deadline
+        self._enqueue = redis.register_script(_ENQUEUE)
+
+    async def enqueue(self, src: str, t: float, *, ports: Sequence[int] | None = None) -> str | None:
+        """Queue a probe of `src` for the SYN seen at epoch `t`; the job id, or None when `src` was
+        enqueued within the dedup window. The job's deadline is `t` + `deadline`."""
+        now = time.time()
+        job = Job(id="", src=src, t=t, deadline=t + self.deadline, enqueued=now,
+                  ports=tuple(ports) if ports else DEFAULT_PORTS)
+        fields = job.fields()
+        Job.from_fields("", fields)  # validate before it crosses into Redis
+        flat = [item for pair in fields.items() for item in pair]
+        window_ms = max(1, int(self.dedup_window * 1000))
+        if self.dedup_window == 0:
+            return str(await self.redis.xadd(self.keys.jobs, fields))  # type: ignore[arg-type]
+        job_id = await self._enqueue(keys=[self.keys.seen(job.src), self.keys.jobs],
+                                     args=[window_ms, repr(now), *flat])
+        return None if job_id is None else str(job_id)
+
+    async def ensure_group(self, group: str = ANALYZERS) -> None:
+        await ensure_group(self.redis, self.keys.results, group)
+
+    async def results(self, consumer: str, *, group: str = ANALYZERS, block_ms: int = 1000
+                      ) -> AsyncIterator[tuple[str, Result]]:
+        """Results as (entry id, Result): first those delivered to `consumer` earlier and never
+        acknowledged, then new ones, forever. Survives Redis restarts (reconnects, then re-reads
+        its pending entries). Malformed entries are logged and acknowledged, never yielded."""
+        backoff = 0.1
+        while True:
+            try:
+                await ensure_group(self.redis, self.keys.results, group)
+                last = "0"  # our own pending entries first
+                while True:
+                    entries = await self._read(consumer, group, last, None)
+                    if not entries:
+                        break
+                    for entry_id, result in entries:
+                        if result is not None:
+                            yield entry_id, result
+                    last = entries[-1][0]
+                backoff = 0.1
+                while True:
+                    for entry_id, result in await self._read(consumer, group, ">", block_ms):
+                        if result is not None:
+                            yield entry_id, result
+            except TRANSIENT as exc:
+                log.warning("results: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
+                backoff = min(backoff * 2, 5.0)
+
+    async def _read(self, consumer: str, group: str, start: str, block_ms: int | None
+                    ) -> list[tuple[str, Result | None]]:
+        resp = await self.redis.xreadgroup(group, consumer, {self.keys.results: start}, count=256,
+                                           block=block_ms)
+        out: list[tuple[str, Result | None]] = []
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                try:
+                    if not fields:
+                        raise JobError("entry was deleted (trimmed) before it was read")
+                    out.append((entry_id, Result.from_fields(fields)))
+                except JobError as exc:
+                    log.warning("results: dropping malformed entry %s: %s", entry_id, exc)
+                    await self.ack_result(entry_id, group=group)
+                    out.append((entry_id, None))
+        return out
+
+    async def ack_result(self, entry_id: str, *, group: str = ANALYZERS) -> None:
+        await self.redis.xack(self.keys.results, group, entry_id)
