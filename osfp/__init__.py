@@ -2,6 +2,15 @@
 the SYN+ACK a source returns to our probe). One package, one database, one cache: never two copies.
 """
 
+from osfp.database import DatabaseLoadError, default_database_path, stock_database_path
+from osfp.fingerprinter import Fingerprinter
 from osfp.result import Fingerprint, FingerprintError
 
-__all__ = ["Fingerprint", "FingerprintError"]
+__all__ = [
+    "DatabaseLoadError",
+    "Fingerprint",
+    "FingerprintError",
+    "Fingerprinter",
+    "default_database_path",
+    "stock_database_path",
+]
