@@ -1,0 +1,512 @@
+"""The analyzer's link to a Zeek sensor: Broker WebSocket client (JSON v1, `analyzer.broker`).
+
+Zeek side: `zeek-scripts/` (the `StepStone` module). Two topics, fixed by DESIGN.md:
+
+`stepstone/handshake` (Zeek -> analyzer) carries `StepStone::handshake(h: StepStone::HandshakeInfo)`,
+one event per darknet connection, published when the client's reply (ACK or RST) arrives or the
+wait for it ends. The record travels as a positional vector; fields in order:
+
+    uid          string      Zeek's connection uid
+    ts           time        SYN time (Broker sends a time with millisecond precision only)
+    syn_epoch    interval    SYN time since the epoch: the precise one (intervals keep ns)
+    orig_h/orig_p, resp_h/resp_p   addr/port   the connection's 4-tuple
+    syn          string      base64 of `get_current_packet()$data` for the SYN (link layer included)
+    link_type    int         `packet_source()$link_type` (the pcap DLT), -1 when unknown
+    encap        enum        `get_current_packet_header()$l2$encap` (LINK_ETHERNET / LINK_UNKNOWN)
+    l3           enum        `$l2$proto` (L3_IPV4 / L3_IPV6 / ...)
+    vlan, inner_vlan, eth_type   count, optional   `$l2` facts (Ethernet only)
+    synack_count count       SYN+ACKs seen before the reply (or the end of the wait)
+    synacks      vector of interval   their times since the epoch (at most the first 16)
+    reply        string      "ack", "rst", or "" (unanswered)
+    reply_epoch  interval, optional   the reply's time since the epoch
+    tp           interval, optional   T^p = reply - SYN+ACK; unset when unanswered or when more
+                                      than one SYN+ACK preceded the reply (Karn's rule)
+
+Trailing fields a newer script may add are ignored. `handshake_from_event` turns the event into
+the same `Handshake` the pcap path makes (IP header found with `analyzer.packet.ip_from_frame`).
+
+`stepstone/verdict` (analyzer -> Zeek) carries `StepStone::verdict(v: StepStone::Verdict)`; record
+fields in order: src addr, cond_os bool, cond_timing bool, relay bool, tp_mean interval?,
+ta_max_mean interval?, samples count, t time?, dst addr?, tp interval?, ping_min interval?,
+ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string (`?` = optional,
+sent as none when unknown). See `verdict_event`.
+
+Delivery: verdicts published while Zeek is unreachable wait in a bounded queue (oldest dropped
+first when full) and are sent after the next successful subscription. The WebSocket API has no
+per-event acknowledgement, so a verdict written to a socket that dies at that moment can be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from analyzer.broker import (
+    Ack,
+    BrokerError,
+    Count,
+    DataMessage,
+    Enum,
+    Error,
+    Event,
+    Port,
+    Timespan,
+    Timestamp,
+    event_frame,
+    parse_frame,
+    subscription_frame,
+)
+from analyzer.handshake import Handshake, HandshakeError
+from analyzer.record import Record, RecordError
+
+log = logging.getLogger("stepstone.zeek")
+
+HANDSHAKE_TOPIC = "stepstone/handshake"
+VERDICT_TOPIC = "stepstone/verdict"
+HANDSHAKE_EVENT = "StepStone::handshake"
+VERDICT_EVENT = "StepStone::verdict"
+DLT_EN10MB = 1  # pcap's Ethernet link type
+MAX_SYNACKS = 16  # the script sends at most this many SYN+ACK times
+
+HANDSHAKE_FIELDS = (
+    "uid",
+    "ts",
+    "syn_epoch",
+    "orig_h",
+    "orig_p",
+    "resp_h",
+    "resp_p",
+    "syn",
+    "link_type",
+    "encap",
+    "l3",
+    "vlan",
+    "inner_vlan",
+    "eth_type",
+    "synack_count",
+    "synacks",
+    "reply",
+    "reply_epoch",
+    "tp",
+)
+
+
+# --- handshake events ---------------------------------------------------------------------------
+
+
+def handshake_from_event(event: Event) -> Handshake:
+    """`StepStone::handshake` -> `Handshake`; `HandshakeError` (or `BrokerError`) if it is invalid."""
+    if event.name != HANDSHAKE_EVENT:
+        raise HandshakeError(f"not a handshake event: {event.name}")
+    if len(event.args) != 1 or not isinstance(event.args[0], tuple):
+        raise HandshakeError("handshake event must carry one StepStone::HandshakeInfo record")
+    values = event.args[0]
+    if len(values) < len(HANDSHAKE_FIELDS):
+        raise HandshakeError(f"HandshakeInfo has {len(values)} fields, expected {len(HANDSHAKE_FIELDS)}")
+    h = dict(zip(HANDSHAKE_FIELDS, values, strict=False))
+
+    def need(name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+        value = h[name]
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise HandshakeError(f"HandshakeInfo.{name}: unexpected {type(value).__name__} {value!r}")
+        return value
+
+    def epoch(name: str, optional: bool = False) -> float | None:
+        span = need(name, Timespan, optional)
+        if span is None:
+            return None
+        if span.ns < 0:
+            raise HandshakeError(f"HandshakeInfo.{name} is negative")
+        return span.seconds
+
+    uid = need("uid", str)
+    if not uid:
+        raise HandshakeError("HandshakeInfo.uid is empty")
+    t = epoch("syn_epoch")
+    assert t is not None
+    ts = need("ts", Timestamp)
+    if abs(ts.seconds - t) > 1.0:
+        # Catches a script whose field order differs from ours rather than silently mixing fields.
+        raise HandshakeError(f"HandshakeInfo.ts {ts.seconds} and syn_epoch {t} disagree")
+    orig_h, resp_h = (
+        need("orig_h", ipaddress.IPv4Address | ipaddress.IPv6Address),
+        need("resp_h", ipaddress.IPv4Address | ipaddress.IPv6Address),
+    )
+    orig_p, resp_p = need("orig_p", Port), need("resp_p", Port)
+    if orig_p.proto != "tcp" or resp_p.proto != "tcp":
+        raise HandshakeError(f"not a TCP connection: {orig_p} -> {resp_p}")
+    link_type = need("link_type", int)
+    encap = need("encap", Enum)
+    need("l3", Enum)
+    for name in ("vlan", "inner_vlan", "eth_type"):
+        need(name, Count, optional=True)
+    synack_count = need("synack_count", Count)
+    synacks = need("synacks", tuple)
+    if len(synacks) > max(int(synack_count), MAX_SYNACKS):
+        raise HandshakeError("more SYN+ACK times than SYN+ACKs")
+    synack_times: list[float] = []
+    for i, span in enumerate(synacks):
+        if not isinstance(span, Timespan) or span.ns < 0:
+            raise HandshakeError(f"HandshakeInfo.synacks[{i}] is not a time since the epoch: {span!r}")
+        synack_times.append(span.seconds)
+    reply = need("reply", str)
+    if reply not in ("ack", "rst", ""):
+        raise HandshakeError(f"HandshakeInfo.reply must be ack, rst or empty, not {reply!r}")
+    reply_time = epoch("reply_epoch", optional=True)
+    if (reply_time is None) != (reply == ""):
+        raise HandshakeError("HandshakeInfo.reply_epoch must be set exactly when there is a reply")
+    tp = need("tp", Timespan, optional=True)
+    if tp is not None and (reply == "" or tp.ns < 0):
+        raise HandshakeError(f"HandshakeInfo.tp {tp!r} without a reply, or negative")
+    return Handshake(
+        t=t,
+        src=str(orig_h),
+        sport=orig_p.number,
+        dst=str(resp_h),
+        dport=resp_p.number,
+        syn=_syn_packet(uid, need("syn", str), link_type, encap),
+        synack_times=tuple(synack_times),
+        reply=reply or None,  # type: ignore[arg-type]
+        reply_time=reply_time,
+        tp_us=None if tp is None else tp.us,
+        feed="zeek",
+    )
+
+
+def _syn_packet(uid: str, b64: str, link_type: int, encap: Enum) -> bytes | None:
+    """The SYN's IP packet from the frame Zeek captured, or None (logged) when it cannot be had."""
+    if not b64:
+        return None
+    try:
+        frame = base64.b64decode(b64, validate=True)
+    except binascii.Error:
+        raise HandshakeError("HandshakeInfo.syn is not base64") from None
+    # `$l2$encap` is right for Ethernet even where the packet's own `$link_type` is not (zeek-ws
+    # README); other link layers only have the packet source's DLT.
+    dlt = DLT_EN10MB if encap.name == "LINK_ETHERNET" else link_type
+    from analyzer.packet import ip_from_frame  # the analyzer core's link-layer parser
+
+    try:
+        return ip_from_frame(dlt, frame)
+    except ValueError as exc:
+        log.warning("handshake %s: SYN frame unusable (DLT %d): %s; keeping its timing only", uid, dlt, exc)
+        return None
+
+
+# --- verdict events -----------------------------------------------------------------------------
+
+
+def _bool(verdict: Mapping[str, Any], name: str) -> bool:
+    value = verdict.get(name)
+    if not isinstance(value, bool):
+        raise ValueError(f"verdict field {name!r} must be true or false, not {value!r}")
+    return value
+
+
+def _us(value: Any, name: str) -> Timespan | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number of microseconds, not {value!r}")
+    return Timespan(round(value * 1000))
+
+
+def _ms(span: Timespan | None) -> str:
+    return "?" if span is None else f"{span.ns / 1e6:.3f} ms"
+
+
+def verdict_reasons(verdict: Mapping[str, Any]) -> str:
+    """A readable account of the conditions, from the verdict's evidence."""
+    parts: list[str] = []
+    extra = verdict.get("reasons")
+    if isinstance(extra, str) and extra:
+        parts.append(extra)
+    elif isinstance(extra, list | tuple):
+        parts.extend(str(x) for x in extra if x)
+    if verdict.get("cond_os"):
+        pair = verdict.get("os_pair")
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            parts.append(f"OS mismatch: SYN {pair[0]} vs probe {pair[1]}")
+        else:
+            parts.append("OS mismatch between the SYN and the probe's SYN+ACK")
+    tp, ta = _us(verdict.get("tp_mean_us"), "tp_mean_us"), _us(verdict.get("ta_max_mean_us"), "x")
+    if verdict.get("cond_timing"):
+        parts.append(
+            f"timing: mean T^p {_ms(tp)} > mean max ping {_ms(ta)} over {verdict.get('samples')} samples"
+        )
+    if not parts:
+        parts.append("no condition holds")
+    return "; ".join(parts)
+
+
+def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any]) -> Event:
+    """The `StepStone::verdict` event for a verdict (`Verdict.to_dict()`) and the measurement
+    (`Record.to_dict()`) that triggered it. Raises ValueError on anything that does not fit."""
+    try:
+        record = Record.from_json(dict(record_dict))
+    except RecordError as exc:
+        raise ValueError(f"record: {exc}") from None
+    try:
+        src = ipaddress.ip_address(verdict_dict.get("src"))  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"verdict src is not an address: {verdict_dict.get('src')!r}") from None
+    if str(src) != record.src:
+        raise ValueError(f"verdict for {src} with a record of {record.src}")
+    samples = verdict_dict.get("samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"verdict samples must be a count, not {samples!r}")
+    value = (
+        src,
+        _bool(verdict_dict, "cond_os"),
+        _bool(verdict_dict, "cond_timing"),
+        _bool(verdict_dict, "relay"),
+        _us(verdict_dict.get("tp_mean_us"), "tp_mean_us"),
+        _us(verdict_dict.get("ta_max_mean_us"), "ta_max_mean_us"),
+        Count(samples),
+        Timestamp.from_seconds(record.t),
+        ipaddress.ip_address(record.dst),
+        _us(record.tp_us, "tp_us"),
+        _us(record.ping_min_us, "ping_min_us"),
+        _us(record.ping_avg_us, "ping_avg_us"),
+        _us(record.ping_max_us, "ping_max_us"),
+        record.fp,
+        record.fa,
+        verdict_reasons(verdict_dict),
+    )
+    return Event(VERDICT_EVENT, (value,))
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0
+    handshakes: int = 0
+    rejected: int = 0  # frames or events that failed validation
+    zeek_errors: int = 0  # error messages Zeek sent (it could not use something we sent)
+    sent: int = 0
+    dropped: int = 0  # verdicts dropped because the re-send queue was full
+
+
+class ZeekClient:
+    """Subscribes to Zeek's handshake topic, yields `Handshake`s, publishes verdicts.
+
+    Reconnects forever with exponential backoff (with jitter) after Zeek goes away; never dies on
+    a bad frame (logs it and skips it).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        topics: Iterable[str] = (HANDSHAKE_TOPIC,),
+        resend_limit: int = 10000,
+        verdict_topic: str = VERDICT_TOPIC,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 30.0,
+        ack_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        inbox_size: int = 1000,
+        app_name: str = "stepstone-analyzer",
+    ) -> None:
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"Zeek WebSocket URL must be ws:// or wss://, not {url!r}")
+        if resend_limit < 1:
+            raise ValueError("resend_limit must be at least 1")
+        self.url = url
+        self.topics = tuple(topics)
+        subscription_frame(self.topics)  # validates the topics now rather than at connect time
+        self.verdict_topic = verdict_topic
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.ack_timeout = ack_timeout
+        self.ping_interval = ping_interval
+        self.app_name = app_name
+        self.stats = ClientStats()
+        self.connected = asyncio.Event()
+        self.server_version: str | None = None
+        self._outbox: deque[str] = deque(maxlen=resend_limit)
+        self._outbox_ready = asyncio.Event()
+        self._inbox: asyncio.Queue[Handshake] = asyncio.Queue(maxsize=inbox_size)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # public API
+
+    async def handshakes(self) -> AsyncIterator[Handshake]:
+        """Every valid handshake Zeek publishes, across reconnects, until `close()`."""
+        self.start()
+        while not self._closed:
+            yield await self._inbox.get()
+
+    async def publish_verdict(self, verdict: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        """Queue a verdict for Zeek; sent now if connected, else after the next reconnect."""
+        await self.publish(self.verdict_topic, verdict_event(verdict, record))
+
+    async def publish(self, topic: str, event: Event) -> None:
+        if self._closed:
+            raise RuntimeError("ZeekClient is closed")
+        frame = event_frame(topic, event)
+        if len(self._outbox) == self._outbox.maxlen:
+            self.stats.dropped += 1
+            log.warning("re-send queue full (%d): dropping the oldest verdict", self._outbox.maxlen)
+        self._outbox.append(frame)
+        self._outbox_ready.set()
+        self.start()
+
+    @property
+    def pending(self) -> int:
+        """Verdicts queued and not yet written to a connection."""
+        return len(self._outbox)
+
+    def start(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="zeek-client")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    async def __aenter__(self) -> ZeekClient:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # connection management
+
+    async def _run(self) -> None:
+        delay = self.backoff_initial
+        while not self._closed:
+            try:
+                async with connect(
+                    self.url,
+                    additional_headers={"X-Application-Name": self.app_name},
+                    ping_interval=self.ping_interval,
+                    open_timeout=self.ack_timeout,
+                    max_queue=64,
+                ) as ws:
+                    if await self._subscribe(ws):
+                        delay = self.backoff_initial
+                        await self._session(ws)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                log.warning("Zeek at %s: %s", self.url, exc or type(exc).__name__)
+            finally:
+                self.connected.clear()
+            if self._closed:
+                return
+            # Jitter keeps a fleet of analyzers from reconnecting in lockstep after a Zeek restart.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _subscribe(self, ws: ClientConnection) -> bool:
+        await ws.send(subscription_frame(self.topics))
+        async with asyncio.timeout(self.ack_timeout):
+            while True:
+                try:
+                    message = parse_frame(await ws.recv(decode=False))
+                except BrokerError as exc:
+                    self.stats.rejected += 1
+                    log.warning("Zeek sent an unusable frame before its ack: %s", exc)
+                    continue
+                if isinstance(message, Ack):
+                    self.server_version = message.version
+                    self.stats.connects += 1
+                    log.info("subscribed to %s on Zeek %s (%s)", self.topics, message.version, self.url)
+                    return True
+                if isinstance(message, Error):
+                    self.stats.zeek_errors += 1
+                    log.warning("Zeek refused the subscription: %s: %s", message.code, message.context)
+                    return False
+                log.warning("Zeek sent a %s before its ack; ignored", type(message).__name__)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        self.connected.set()
+        reader = asyncio.create_task(self._read(ws), name="zeek-read")
+        writer = asyncio.create_task(self._write(ws), name="zeek-write")
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise the connection error that ended the session
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        while True:
+            # decode=False: websockets would close the connection (1007) on the invalid UTF-8 that
+            # Zeek writes for binary strings; we reject just that frame instead.
+            handshake = self._handle(await ws.recv(decode=False))
+            if handshake is not None:
+                # Blocks while the consumer is behind: reading stops, and TCP pushes back on Zeek
+                # instead of this process buffering without bound.
+                await self._inbox.put(handshake)
+
+    def _handle(self, frame: bytes | str) -> Handshake | None:
+        """Validate one frame; the handshake it carries, or None (logged) for anything else."""
+        try:
+            message = parse_frame(frame)
+        except BrokerError as exc:
+            self.stats.rejected += 1
+            log.warning("rejected a frame from Zeek: %s", exc)
+            return None
+        if isinstance(message, Error):
+            # Zeek's answer to something we published; it does not say which message.
+            self.stats.zeek_errors += 1
+            log.warning("Zeek reports %s: %s", message.code, message.context)
+            return None
+        if not isinstance(message, DataMessage):
+            log.warning("unexpected %s from Zeek; ignored", type(message).__name__)
+            return None
+        if message.event is None:
+            self.stats.rejected += 1
+            log.warning("data on %s that is not an event; ignored", message.topic)
+            return None
+        if message.event.name != HANDSHAKE_EVENT:
+            self.stats.rejected += 1
+            log.warning("unknown event %s on %s; ignored", message.event.name, message.topic)
+            return None
+        try:
+            handshake = handshake_from_event(message.event)
+        except (HandshakeError, BrokerError) as exc:
+            self.stats.rejected += 1
+            log.warning("rejected a handshake event: %s", exc)
+            return None
+        self.stats.handshakes += 1
+        return handshake
+
+    async def _write(self, ws: ClientConnection) -> None:
+        while True:
+            while self._outbox:
+                frame = self._outbox[0]
+                await ws.send(frame)  # on failure the frame stays queued for the next connection
+                if self._outbox and self._outbox[0] is frame:
+                    self._outbox.popleft()
+                self.stats.sent += 1
+            self._outbox_ready.clear()
+            await self._outbox_ready.wait()
