@@ -1,0 +1,33 @@
+"""Measurement records (paper Table 2): a handshake's passive half, then its active probe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from analyzer.handshake import Handshake
+from analyzer.record import Record
+from prober.job import Result
+
+
+def passive_record(h: Handshake, fp_label: str | None) -> Record:
+    """The record of one handshake before probing: t, src, dst, T^p and F^p; active fields null."""
+    return Record(t=h.t, src=h.src, dst=h.dst, tp_us=h.tp_us, fp=fp_label)
+
+
+def with_probe(record: Record, result: Result) -> Record:
+    """`record` with the active half filled from a probe of the same source.
+
+    Raises ValueError when the result is for another address: mixing sources would corrupt both
+    conditions silently.
+    """
+    if result.src != record.src:
+        raise ValueError(f"probe result for {result.src} cannot complete a record of {record.src}")
+    return dataclasses.replace(
+        record,
+        ping_min_us=result.ping_min_us,
+        ping_avg_us=result.ping_avg_us,
+        ping_max_us=result.ping_max_us,
+        ping_var_us2=result.ping_var_us2,
+        syn_rtt_us=result.syn_rtt_us,
+        fa=result.fa,
+    )
