@@ -1,0 +1,144 @@
+"""Where the live analyzer's work comes from: Redis streams read through a consumer group, and the
+Zeek feed (which lands its handshakes on the same `handshakes` stream).
+
+Every stream is read the same way: this consumer's own pending entries first (what a previous run
+of it had in hand when it stopped or died), then new entries; from time to time entries that sat
+unacknowledged with another consumer for too long (a dead analyzer) are claimed (XAUTOCLAIM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from analyzer.handshake import Handshake
+
+log = logging.getLogger("stepstone.analyzer")
+
+Entry = tuple[str, dict[str, str]]
+
+
+class HandshakeSource(Protocol):
+    """What the Zeek feed offers (`analyzer.zeek.ZeekClient`)."""
+
+    def handshakes(self) -> AsyncIterator[Handshake]: ...
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        block_ms: int = 500,
+        count: int = 100,
+        claim_idle_ms: int = 30_000,
+        claim_every: float = 5.0,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_every = claim_every
+
+    async def ensure_group(self) -> None:
+        # From id 0: entries written before any analyzer ran (a prober that was faster, a responder
+        # started first) are work too.
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+
+    async def entries(self, stop: asyncio.Event) -> AsyncIterator[Entry]:
+        """Own pending entries, then new ones and claimed ones, until `stop` is set."""
+        await self.ensure_group()
+        last = "0"
+        while not stop.is_set():
+            batch = await self._read(last)
+            if not batch:
+                break
+            for entry_id, fields in batch:
+                last = entry_id
+                yield entry_id, fields
+        next_claim = 0.0
+        while not stop.is_set():
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + self.claim_every
+                for entry in await self._claim():
+                    yield entry
+                    if stop.is_set():
+                        return
+            for entry in await self._read(">", block=True):
+                yield entry
+
+    async def _read(self, start: str, *, block: bool = False) -> list[Entry]:
+        try:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: start}, count=self.count,
+                block=self.block_ms if block else None,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group was deleted under us (redis-cli DEL, FLUSHALL): recreate it.
+            await self.ensure_group()
+            return []
+        out: list[Entry] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:
+                    # Pending but trimmed from the stream: nothing to do but forget it.
+                    await self.ack(entry_id)
+                    continue
+                out.append((entry_id, fields))
+        return out
+
+    async def _claim(self) -> list[Entry]:
+        out: list[Entry] = []
+        start = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.count
+            )
+            start, entries = reply[0], reply[1]
+            for entry_id, fields in entries:
+                if fields:
+                    out.append((entry_id, fields))
+                else:
+                    await self.ack(entry_id)
+            if start == "0-0" or not entries:
+                break
+        if out:
+            log.info("claimed %d entries of %s left by another consumer", len(out), self.stream)
+        return out
+
+    async def ack(self, entry_id: str) -> None:
+        await self.redis.xack(self.stream, self.group, entry_id)
+
+    async def lag(self) -> int | None:
+        """Entries not yet delivered to the group plus delivered but unacknowledged."""
+        try:
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return None
+        for group in groups:
+            if group.get("name") == self.group:
+                return int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        return None
+
+
+async def zeek_to_stream(source: HandshakeSource, redis: aioredis.Redis, stream: str) -> None:
+    """Land every handshake Zeek sends on the `handshakes` stream, where the normal consumer (of
+    this or any analyzer) takes it: one durable path whatever the feed."""
+    async for handshake in source.handshakes():
+        await redis.xadd(stream, handshake.to_fields())

@@ -1,0 +1,59 @@
+"""Prometheus counters of the live analyzer (`--metrics-port`).
+
+A private registry, so tests can run several services in one process and the endpoint shows only
+what this service counts (no process/GC collectors from other code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+NS = "stepstone_analyzer"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.handshakes = Counter(f"{NS}_handshakes", "Handshakes received from the feed", registry=r)
+        self.answered = Counter(f"{NS}_answered", "Handshakes the client answered (ACK or RST)", registry=r)
+        self.ignored = Counter(
+            f"{NS}_ignored", "Handshakes outside --darknet, skipped", registry=r
+        )
+        self.enqueued = Counter(f"{NS}_probes_enqueued", "Probe jobs enqueued", registry=r)
+        self.deduped = Counter(
+            f"{NS}_probes_deduped",
+            "Handshakes attached to an earlier probe of the same address (dedup window)",
+            registry=r,
+        )
+        self.results = Counter(f"{NS}_results", "Probe results received", registry=r)
+        self.dead = Counter(f"{NS}_dead_jobs", "Jobs the prober gave up on (stream dead)", registry=r)
+        self.verdicts = Counter(f"{NS}_verdicts", "Records written with a verdict", registry=r)
+        self.relays = Counter(f"{NS}_relays", "Verdicts that said relay", registry=r)
+        self.errors = Counter(f"{NS}_errors", "Malformed entries and failed steps", ["kind"], registry=r)
+        self.lag = Gauge(
+            f"{NS}_queue_lag",
+            "Entries of a stream not yet processed by group analyzers (undelivered + pending)",
+            ["stream"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            f"{NS}_verdict_latency_seconds",
+            "Time from the SYN to its verdict",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 3600),
+            registry=r,
+        )
+
+    def serve(self, port: int, addr: str) -> Callable[[], None]:
+        """Start the /metrics HTTP endpoint in a daemon thread (prometheus_client's own server);
+        returns the function that stops it."""
+        server, thread = start_http_server(port, addr=addr, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+        return stop

@@ -1,0 +1,204 @@
+"""Per-source measurement state of the live analyzer, kept in Redis.
+
+Everything an analyzer needs to finish a handshake lives here, not in the process, so a restart
+loses nothing and several analyzers can share the work. Keys (all under the prefix, plain
+`redis-cli` can read them):
+
+- `hs:<hid>`     hash: one stored handshake (`hid` = its entry id on the `handshakes` stream):
+                 `record` (the passive `Record` JSON), `sport`, `dport`, `feed`, `job`.
+- `job:<job>`    set: the handshakes waiting for probe job `<job>` (its own, and deduped ones).
+- `outcome:<job>` hash: how the job ended: the prober's `Result` fields, or `dead` = the reason.
+- `probe:<src>`  string: the latest job probing `<src>` (deduped handshakes attach to it).
+- `src:<src>`    sorted set (score = SYN time): the source's closed records, for the rules' window.
+- `logged:<log>:<hid>` string: that handshake's line is in the log (crash-idempotent logging).
+
+Attaching a handshake to a job and storing a job's outcome are each one Lua script, so every
+handshake is closed by exactly one side: whoever attaches after the outcome is stored closes it
+itself; everything attached before is closed by whoever stored the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from analyzer.record import Record, RecordError
+from prober.job import JobError, Result
+
+# KEYS: outcome:<job>, job:<job>; ARGV: hid, ttl seconds.
+_ATTACH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HGETALL', KEYS[1])
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return false
+"""
+
+# KEYS: outcome:<job>, job:<job>; ARGV: ttl seconds, field, value, ...
+# The first outcome of a job wins (a redelivered result, or a dead entry after a result, must not
+# change what earlier handshakes were closed with).
+_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return {redis.call('SMEMBERS', KEYS[2]), redis.call('HGETALL', KEYS[1])}
+"""
+
+
+class StateError(ValueError):
+    """Something stored in Redis that does not decode (another version, or edited by hand)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a probe job ended: a result, or the prober gave up (`dead` = its reason)."""
+
+    result: Result | None
+    dead: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        return self.result.fields() if self.result is not None else {"dead": self.dead or "unknown"}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Outcome:
+        if "dead" in fields:
+            return cls(result=None, dead=fields["dead"])
+        try:
+            return cls(result=Result.from_fields(fields))
+        except JobError as exc:
+            raise StateError(f"stored outcome does not decode: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A handshake as the analyzer stored it."""
+
+    hid: str
+    record: Record | None  # the passive record; None for an unanswered handshake
+    sport: int
+    dport: int
+    feed: str
+    job: str | None
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class State:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "stepstone:",
+        window: float = 86400.0,
+        dedup_window: float = 3600.0,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.window = window
+        # A deduped handshake may attach to a probe up to one dedup window old: keep outcomes and
+        # job sets at least that long, plus slack for a prober that is behind.
+        self.outcome_ttl = int(max(2 * dedup_window, 3600))
+        # A handshake waits for its probe; keep it at least as long as the rules look back.
+        self.hs_ttl = int(max(window, 2 * dedup_window, 3600))
+        self._attach = redis.register_script(_ATTACH)
+        self._settle = redis.register_script(_SETTLE)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def save(self, stored: Stored) -> None:
+        fields = {
+            "record": "" if stored.record is None else json.dumps(stored.record.to_dict()),
+            "sport": str(stored.sport),
+            "dport": str(stored.dport),
+            "feed": stored.feed,
+        }
+        key = self.key("hs", stored.hid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self.hs_ttl)
+            await pipe.execute()
+
+    async def load(self, hid: str) -> Stored | None:
+        fields: dict[str, str] = await self.redis.hgetall(self.key("hs", hid))
+        if not fields:
+            return None
+        try:
+            record = Record.from_json(json.loads(fields["record"])) if fields.get("record") else None
+            return Stored(
+                hid=hid,
+                record=record,
+                sport=int(fields["sport"]),
+                dport=int(fields["dport"]),
+                feed=fields.get("feed", ""),
+                job=fields.get("job") or None,
+            )
+        except (KeyError, ValueError, RecordError) as exc:
+            raise StateError(f"stored handshake {hid} does not decode: {exc}") from None
+
+    async def set_job(self, hid: str, job: str, src: str, *, own: bool) -> None:
+        """Remember which job `hid` waits for; `own` = this handshake's enqueue created the job."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("hs", hid), "job", job)
+            if own:
+                pipe.set(self.key("probe", src), job, ex=self.outcome_ttl)
+            await pipe.execute()
+
+    async def last_probe(self, src: str) -> str | None:
+        value: str | None = await self.redis.get(self.key("probe", src))
+        return value
+
+    async def attach(self, hid: str, job: str) -> Outcome | None:
+        """Wait for `job` with `hid`; if the job already ended, its outcome (close `hid` now)."""
+        flat = await self._attach(keys=[self.key("outcome", job), self.key("job", job)],
+                                  args=[hid, self.outcome_ttl])
+        return Outcome.from_fields(_pairs(flat)) if flat else None
+
+    async def settle(self, job: str, outcome: Outcome) -> tuple[Outcome, list[str]]:
+        """Store how `job` ended; returns the outcome that counts (the first) and the handshakes
+        waiting for it."""
+        args: list[Any] = [self.outcome_ttl]
+        for name, value in outcome.fields().items():
+            args += [name, value]
+        members, flat = await self._settle(keys=[self.key("outcome", job), self.key("job", job)],
+                                           args=args)
+        return Outcome.from_fields(_pairs(flat)), sorted(members)
+
+    async def add_record(self, hid: str, record: Record) -> list[Record]:
+        """Add a closed record to its source's window; returns the source's records in Redis
+        (the rules apply the window themselves; older ones are trimmed here)."""
+        key = self.key("src", record.src)
+        # The member is deterministic for a handshake, so closing it twice adds nothing.
+        member = json.dumps({"hid": hid, "record": record.to_dict()}, sort_keys=True)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {member: record.t})
+            # Keep one extra window of slack: records may arrive out of order.
+            pipe.zremrangebyscore(key, "-inf", f"({record.t - 2 * self.window}")
+            pipe.expire(key, int(2 * self.window) + 3600)
+            pipe.zrange(key, 0, -1)
+            *_, members = await pipe.execute()
+        records = []
+        for text in members:
+            try:
+                records.append(Record.from_json(json.loads(text)["record"]))
+            except (ValueError, KeyError, TypeError, RecordError) as exc:
+                raise StateError(f"record of {record.src} in Redis does not decode: {exc}") from None
+        return records
+
+    async def is_logged(self, log: str, hid: str) -> bool:
+        return bool(await self.redis.exists(self.key("logged", log, hid)))
+
+    async def mark_logged(self, log: str, *hids: str) -> None:
+        # One key per line with a TTL (not one ever-growing set): a handshake is only re-closed
+        # while its own keys live.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hid in hids:
+                pipe.set(self.key("logged", log, hid), "1", ex=self.hs_ttl)
+            await pipe.execute()

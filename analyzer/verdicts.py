@@ -1,0 +1,90 @@
+"""The live analyzer's JSON-lines logs (`stepstone.log`, `handshakes.log` in `--log-dir`).
+
+Each line carries `hid` (the handshake's entry id on the `handshakes` stream). A line is written
+only if Redis does not already say it was, and marked in Redis right after; a crash between the
+two is repaired on start by reading the file's tail back, so a restart writes no duplicate line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from analyzer.state import State
+
+# Lines written but not yet marked in Redis when a process dies are among the last few; a
+# generous tail covers every handshake a process can have in hand at once.
+TAIL_BYTES = 1 << 20
+
+
+class JsonLog:
+    def __init__(self, path: Path, name: str, state: State) -> None:
+        self.path = path
+        self.name = name  # the key under `logged:` in Redis
+        self.state = state
+        self._fd: int | None = None
+        self._writing: set[str] = set()  # hids between the Redis check and the mark, this process
+
+    def open(self) -> None:
+        """Open for appending (OSError if the directory is not writable) and repair the tail."""
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._repair()
+
+    def _repair(self) -> None:
+        size = os.path.getsize(self.path)
+        start = max(0, size - TAIL_BYTES)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            tail = f.read()
+        if tail and not tail.endswith(b"\n"):
+            # A line cut short by a crash: drop it; it was never marked, so it is written again.
+            os.truncate(self.path, start + tail.rfind(b"\n") + 1)
+
+    def tail_hids(self) -> list[str]:
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            f.seek(max(0, size - TAIL_BYTES))
+            lines = f.read().split(b"\n")
+        if size > TAIL_BYTES:
+            lines = lines[1:]  # the first one is probably a fragment
+        hids = []
+        for line in lines:
+            try:
+                hid = json.loads(line).get("hid")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(hid, str):
+                hids.append(hid)
+        return hids
+
+    async def recover(self) -> int:
+        """Mark every line in the tail as written (covers a crash after writing, before marking)."""
+        hids = self.tail_hids()
+        await self.state.mark_logged(self.name, *hids)
+        return len(hids)
+
+    async def write(self, hid: str, obj: dict[str, Any]) -> bool:
+        """Append one line for `hid` unless one was written before; True if written."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is not open")
+        if hid in self._writing:
+            return False
+        self._writing.add(hid)
+        try:
+            if await self.state.is_logged(self.name, hid):
+                return False
+            line = json.dumps({"hid": hid, **obj}, separators=(",", ":")) + "\n"
+            # One write() per line on an O_APPEND file: a killed process leaves whole lines (the
+            # kernel finishes a write syscall once it has started), never two lines interleaved.
+            os.write(self._fd, line.encode())
+            await self.state.mark_logged(self.name, hid)
+            return True
+        finally:
+            self._writing.discard(hid)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

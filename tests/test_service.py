@@ -1,0 +1,426 @@
+"""The live analyzer service against a real redis-server.
+
+The tests play the responder (XADD handshakes) and the prober (read `jobs`, XADD `results` and
+`dead` entries in the prober's format); the real prober is exercised end to end by the lab's tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from scapy.layers.inet import IP, TCP
+
+from analyzer.cli import main as cli_main
+from analyzer.handshake import Handshake
+from analyzer.service import Config, serve
+from analyzer.state import State
+from analyzer.verdicts import JsonLog
+from lab.redis import RedisServer
+from osfp.fingerprinter import Fingerprinter
+from prober.job import Result
+
+ROOT = Path(__file__).resolve().parents[1]
+P = "stepstone:"
+LINUX_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
+WINDOWS_OPTS = [("MSS", 1460), ("NOP", None), ("WScale", 8), ("NOP", None), ("NOP", None), ("SAckOK", b"")]
+
+
+def syn(src: str, dst: str, sport: int, dport: int, *, windows: bool = False) -> bytes:
+    """A real SYN as Linux (or Windows) sends it: p0f labels it from the project's database."""
+    return bytes(
+        IP(src=src, dst=dst, ttl=128 if windows else 64, flags="DF", id=4321)
+        / TCP(sport=sport, dport=dport, flags="S", seq=1000, window=64240,
+              options=WINDOWS_OPTS if windows else LINUX_OPTS)
+    )
+
+
+def label(packet: bytes) -> str | None:
+    return Fingerprinter().fingerprint(packet).label
+
+
+def handshake(src: str, dst: str, *, t: float, tp_us: int | None = 20_000, answered: bool = True,
+              sport: int = 40000, dport: int = 22, windows: bool = False) -> Handshake:
+    synack = t + 0.0002
+    return Handshake(
+        t=t, src=src, sport=sport, dst=dst, dport=dport, syn=syn(src, dst, sport, dport, windows=windows),
+        synack_times=(synack,), reply="ack" if answered else None,
+        reply_time=synack + (tp_us or 0) / 1e6 if answered else None,
+        tp_us=tp_us if answered else None, feed="responder",
+    )
+
+
+def result(job: str, src: str, t: float, *, ping_max: int, fa: str | None, ping_min: int | None = None
+           ) -> Result:
+    low = ping_min if ping_min is not None else ping_max * 8 // 10
+    return Result(job=job, src=src, t=t, ping_min_us=low, ping_avg_us=(low + ping_max) // 2,
+                  ping_max_us=ping_max, ping_var_us2=1.5e6, ping_loss=0.0, syn_rtt_us=ping_max,
+                  fa=fa, fa_port=22 if fa else None, probed_at=t + 0.5)
+
+
+async def until(check: Callable[[], Awaitable[Any]], within: float = 20.0, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy (a condition with a timeout, not a sleep)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+class Harness:
+    """One Redis; the responder's and the prober's ends of the streams."""
+
+    def __init__(self, server: RedisServer, log_dir: Path) -> None:
+        self.url = server.url
+        self.r = aioredis.from_url(server.url, decode_responses=True)
+        self.log_dir = log_dir
+
+    async def send(self, h: Handshake) -> str:
+        return str(await self.r.xadd(P + "handshakes", h.to_fields()))
+
+    async def jobs(self, n: int) -> list[tuple[str, dict[str, str]]]:
+        async def enough() -> Any:
+            entries = await self.r.xrange(P + "jobs")
+            return entries if len(entries) >= n else None
+
+        return list(await until(enough, what=f"{n} jobs"))
+
+    async def answer(self, res: Result) -> None:
+        await self.r.xadd(P + "results", res.fields())  # type: ignore[arg-type]
+
+    async def verdicts(self, n: int) -> list[dict[str, Any]]:
+        async def enough() -> Any:
+            got = lines(self.log_dir / "stepstone.log")
+            return got if len(got) >= n else None
+
+        return list(await until(enough, what=f"{n} lines in stepstone.log"))
+
+
+@pytest.fixture
+async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(redis_server, tmp_path / "logs")
+    yield h
+    await h.r.aclose()
+
+
+@contextlib.asynccontextmanager
+async def service(h: Harness, **overrides: Any) -> AsyncIterator[Config]:
+    """The service in this process (fast); `serve` returns when `stop` is set."""
+    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, consumer="a1",
+                    **overrides)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop=stop))
+    try:
+        yield config
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 20) == 0
+
+
+async def test_relayed_and_direct_sources_get_the_right_verdicts(harness: Harness) -> None:
+    t = time.time()
+    relay = handshake("198.18.5.1", "198.19.0.10", t=t, tp_us=80_000)  # Linux SYN, slow handshake
+    direct = handshake("198.18.5.2", "198.19.0.11", t=t + 0.01, tp_us=20_000, dport=443)
+    silent = handshake("198.18.5.3", "198.19.0.12", t=t + 0.02, answered=False)
+    async with service(harness):
+        ids = {h.src: await harness.send(h) for h in (relay, direct, silent)}
+        jobs = await harness.jobs(2)
+        by_src = {f["src"]: (job_id, f) for job_id, f in jobs}
+        assert set(by_src) == {relay.src, direct.src}  # the unanswered one is not probed
+        assert float(by_src[relay.src][1]["t"]) == pytest.approx(relay.t)
+        fp = label(relay.syn or b"")
+        # The relay's own stack answers the probe: another OS, and a short ping.
+        await harness.answer(result(by_src[relay.src][0], relay.src, t, ping_max=10_000,
+                                    fa="win:Windows:7 or 8"))
+        await harness.answer(result(by_src[direct.src][0], direct.src, t, ping_max=25_000, fa=fp))
+        out = {x["src"]: x for x in await harness.verdicts(2)}
+        hs_lines = lines(harness.log_dir / "handshakes.log")
+
+    assert fp is not None and fp.startswith("unix:Linux")
+    r = out[relay.src]
+    assert r["hid"] == ids[relay.src] and r["job"] == by_src[relay.src][0]
+    assert (r["tp_us"], r["ping_max_us"], r["fp"], r["fa"]) == (80_000, 10_000, fp, "win:Windows:7 or 8")
+    assert r["verdict"]["relay"] is True
+    assert r["verdict"]["cond_os"] is True and r["verdict"]["cond_timing"] is True
+    assert r["verdict"]["samples"] == 1 and r["verdict"]["src"] == relay.src
+    assert (r["sport"], r["dport"], r["feed"], r["dst"]) == (40000, 22, "responder", relay.dst)
+    assert r["verdict_at"] >= r["t"] and r["reason"] is None
+
+    d = out[direct.src]
+    assert d["verdict"]["relay"] is False
+    assert d["verdict"]["cond_os"] is False and d["verdict"]["cond_timing"] is False
+    assert d["tp_us"] == 20_000 and d["ping_max_us"] == 25_000 and d["dport"] == 443
+
+    # Every handshake received, answered or not, is in handshakes.log, once.
+    assert sorted(x["hid"] for x in hs_lines) == sorted(ids.values())
+    quiet = next(x for x in hs_lines if x["src"] == silent.src)
+    assert quiet["answered"] is False and quiet["job"] is None and quiet["tp_us"] is None
+
+
+async def test_dedup_attaches_handshakes_to_the_earlier_probe(harness: Harness) -> None:
+    t = time.time()
+    src = "198.18.6.1"
+    first = handshake(src, "198.19.0.1", t=t, tp_us=30_000)
+    second = handshake(src, "198.19.0.2", t=t + 1, tp_us=90_000, sport=40001)
+    async with service(harness):
+        await harness.send(first)
+        await harness.send(second)
+        (job_id, _), = await harness.jobs(1)
+        await until(lambda: harness.r.scard(P + "job:" + job_id), what="both attached")
+        assert await harness.r.xlen(P + "jobs") == 1  # one probe for the address
+        await harness.answer(result(job_id, src, t, ping_max=40_000, fa=None))
+        out = await harness.verdicts(2)
+        # A handshake arriving after the probe's result is closed with it at once.
+        third = handshake(src, "198.19.0.3", t=t + 2, tp_us=35_000, sport=40002)
+        await harness.send(third)
+        out = await harness.verdicts(3)
+
+    assert [x["job"] for x in out] == [job_id] * 3
+    assert sorted(x["tp_us"] for x in out) == [30_000, 35_000, 90_000]
+    assert all(x["ping_max_us"] == 40_000 for x in out)
+    # The window grows record by record: the last verdict saw all three samples.
+    last = max(out, key=lambda x: x["verdict"]["samples"])
+    assert last["verdict"]["samples"] == 3
+    # mean T^p 51.7 ms > mean max T^a 40 ms: condition (2) over the window.
+    assert last["verdict"]["cond_timing"] is True
+    hs = {x["dst"]: x for x in lines(harness.log_dir / "handshakes.log")}
+    assert hs["198.19.0.1"]["deduped"] is False and hs["198.19.0.2"]["deduped"] is True
+
+
+async def test_dead_jobs_close_their_handshakes(harness: Harness) -> None:
+    t = time.time()
+    h = handshake("198.18.7.1", "198.19.0.1", t=t, tp_us=12_000)
+    async with service(harness):
+        hid = await harness.send(h)
+        (job_id, fields), = await harness.jobs(1)
+        await harness.r.xadd(P + "dead", {**fields, "job": job_id, "reason": "deadline passed by 3.2s"})
+        (line,) = await harness.verdicts(1)
+        # A malformed dead entry is dropped, not fatal.
+        await harness.r.xadd(P + "dead", {"reason": "no job id"})
+        await until(lambda: _group_drained(harness.r, P + "dead"), what="dead entries acknowledged")
+
+    assert line["hid"] == hid and line["job"] == job_id
+    assert line["reason"] == "probe gave up: deadline passed by 3.2s"
+    assert line["ping_max_us"] is None and line["fa"] is None and line["probe"] is None
+    assert line["tp_us"] == 12_000
+    assert line["verdict"]["relay"] is False and line["verdict"]["samples"] == 0
+
+
+async def _group_drained(r: aioredis.Redis, stream: str) -> bool:
+    groups = await r.xinfo_groups(stream)
+    g = next(x for x in groups if x["name"] == "analyzers")
+    return bool(g["pending"] == 0 and (g.get("lag") or 0) == 0)
+
+
+async def test_malformed_entries_are_acknowledged_and_counted(harness: Harness) -> None:
+    port = _free_port()
+    async with service(harness, metrics_port=port):
+        await harness.r.xadd(P + "handshakes", {"t": "yesterday", "src": "x"})
+        await harness.r.xadd(P + "results", {"job": "", "src": "1.2.3.4"})
+        good = handshake("198.18.8.1", "198.19.0.1", t=time.time())
+        await harness.send(good)
+        (job_id, _), = await harness.jobs(1)
+        await harness.answer(result(job_id, good.src, good.t, ping_max=30_000, fa=None))
+        await harness.verdicts(1)
+        for stream in ("handshakes", "results"):
+            await until(lambda s=stream: _group_drained(harness.r, P + s), what=f"{stream} drained")
+        metrics = await asyncio.to_thread(_scrape, port)
+    assert metrics['stepstone_analyzer_errors_total{kind="malformed"}'] == 2
+    assert metrics["stepstone_analyzer_handshakes_total"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for row in text.splitlines():
+        if row and not row.startswith("#"):
+            name, value = row.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def test_metrics_endpoint_counts_the_pipeline(harness: Harness) -> None:
+    port = _free_port()
+    t = time.time()
+    async with service(harness, metrics_port=port):
+        for i, src in enumerate(("198.18.9.1", "198.18.9.1", "198.18.9.2")):
+            await harness.send(handshake(src, f"198.19.0.{i + 1}", t=t + i, tp_us=70_000, sport=40000 + i))
+        await harness.send(handshake("198.18.9.3", "198.19.0.9", t=t, answered=False))
+        jobs = await harness.jobs(2)
+        for job_id, f in jobs:
+            await harness.answer(result(job_id, f["src"], t, ping_max=10_000, fa=None))
+        await harness.verdicts(3)
+        metrics = await asyncio.to_thread(_scrape, port)
+    assert metrics["stepstone_analyzer_handshakes_total"] == 4
+    assert metrics["stepstone_analyzer_answered_total"] == 3
+    assert metrics["stepstone_analyzer_probes_enqueued_total"] == 2
+    assert metrics["stepstone_analyzer_probes_deduped_total"] == 1
+    assert metrics["stepstone_analyzer_results_total"] == 2
+    assert metrics["stepstone_analyzer_verdicts_total"] == 3
+    assert metrics["stepstone_analyzer_relays_total"] == 3  # T^p 70 ms against a 10 ms ping
+    assert metrics["stepstone_analyzer_verdict_latency_seconds_count"] == 3
+    assert 'stepstone_analyzer_queue_lag{stream="handshakes"}' in metrics
+
+
+async def test_log_written_but_not_marked_before_a_crash_is_not_written_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    path = tmp_path / "stepstone.log"
+    # What a crash can leave: a whole line never marked in Redis, and a line cut short.
+    path.write_text(json.dumps({"hid": "1-0", "src": "198.18.0.1"}) + "\n" + '{"hid": "2-0", "sr')
+    log = JsonLog(path, "stepstone", State(r))
+    log.open()
+    assert await log.recover() == 1
+    assert await log.write("1-0", {"src": "198.18.0.1"}) is False
+    assert await log.write("2-0", {"src": "198.18.0.2"}) is True
+    assert await log.write("2-0", {"src": "198.18.0.2"}) is False
+    log.close()
+    assert [x["hid"] for x in lines(path)] == ["1-0", "2-0"]
+    await r.aclose()
+
+
+def _start(url: str, log_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "analyzer.cli", "run", "--redis", url, "--handshakes",
+         "--log-dir", str(log_dir), "--consumer", "sub1", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+async def test_killed_service_loses_nothing_and_duplicates_nothing(harness: Harness) -> None:
+    """A real subprocess, SIGKILLed while it works through results, then restarted."""
+    n = 120
+    t = time.time()
+    proc = _start(harness.url, harness.log_dir)
+    try:
+        srcs = [f"198.18.{10 + i // 200}.{1 + i % 200}" for i in range(n)]
+        for i, src in enumerate(srcs):
+            await harness.send(handshake(src, "198.19.0.1", t=t + i * 0.001, tp_us=50_000 + i))
+        jobs = await harness.jobs(n)
+        for job_id, f in jobs:
+            await harness.answer(result(job_id, f["src"], t, ping_max=20_000, fa=None))
+        await harness.verdicts(1)
+        proc.kill()  # mid-run: results are still being worked through
+        proc.wait(10)
+        written = len(lines(harness.log_dir / "stepstone.log"))
+        # Two more handshakes while it is down.
+        late = [handshake(f"198.18.99.{i}", "198.19.0.2", t=time.time(), tp_us=5_000) for i in (1, 2)]
+        for h in late:
+            await harness.send(h)
+        proc = _start(harness.url, harness.log_dir)
+        late_jobs = await harness.jobs(n + 2)
+        for job_id, f in late_jobs[n:]:
+            await harness.answer(result(job_id, f["src"], t, ping_max=20_000, fa=None))
+        out = await harness.verdicts(n + 2)
+        await until(lambda: _group_drained(harness.r, P + "results"), what="results drained")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    out = lines(harness.log_dir / "stepstone.log")
+    hids = [x["hid"] for x in out]
+    assert len(hids) == len(set(hids)) == n + 2, f"{written} lines before the kill"
+    assert {x["src"] for x in out} == {*srcs, *(h.src for h in late)}
+    assert all(x["ping_max_us"] == 20_000 for x in out)
+    hs = [x["hid"] for x in lines(harness.log_dir / "handshakes.log")]
+    assert len(hs) == len(set(hs)) == n + 2
+    assert await harness.r.xlen(P + "jobs") == n + 2  # nothing probed twice
+
+
+async def test_sigterm_exits_zero_and_restart_resumes_pending(harness: Harness) -> None:
+    proc = _start(harness.url, harness.log_dir)
+    h = handshake("198.18.20.1", "198.19.0.1", t=time.time())
+    try:
+        await harness.send(h)
+        (job_id, _), = await harness.jobs(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    # The result arrives while no analyzer runs; the next one picks it up.
+    await harness.answer(result(job_id, h.src, h.t, ping_max=30_000, fa=None))
+    proc = _start(harness.url, harness.log_dir)
+    try:
+        (line,) = await harness.verdicts(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert line["job"] == job_id and line["ping_max_us"] == 30_000
+
+
+async def test_entries_of_a_dead_analyzer_are_claimed(harness: Harness) -> None:
+    h = handshake("198.18.21.1", "198.19.0.1", t=time.time())
+    hid = await harness.send(h)
+    # Analyzer "gone" read the entry and died before acknowledging it.
+    await harness.r.xgroup_create(P + "handshakes", "analyzers", id="0", mkstream=True)
+    await harness.r.xreadgroup("analyzers", "gone", {P + "handshakes": ">"})
+    async with service(harness, claim_after=0.2):
+        (job_id, _), = await harness.jobs(1)
+        await harness.answer(result(job_id, h.src, h.t, ping_max=30_000, fa=None))
+        (line,) = await harness.verdicts(1)
+    assert line["hid"] == hid
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--redis", "unix:///nonexistent/redis.sock", "--handshakes"], "cannot reach Redis"),
+        (["--redis", "http://localhost", "--handshakes"], "not a Redis URL"),
+        (["--redis", "redis://localhost"], "give a feed"),
+        (["--redis", "redis://localhost", "--zeek", "http://x/v1"], "not a WebSocket URL"),
+        (["--redis", "redis://localhost", "--handshakes", "--ports", "22,0"], "--ports"),
+        (["--redis", "redis://localhost", "--handshakes", "--darknet", "10.0.0.300/8"], "--darknet"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["run", "--log-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unwritable_log_dir(redis_server: RedisServer, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = cli_main(["run", "--redis", redis_server.url, "--handshakes", "--log-dir", str(blocker / "logs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--log-dir" in err and len(err.splitlines()) == 1
+
+
+def test_help_teaches() -> None:
+    out = subprocess.run([sys.executable, "-m", "analyzer.cli", "run", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "100"})
+    for word in ("--handshakes", "--zeek", "--log-dir", "--metrics-port", "stepstone.log", "examples:"):
+        assert word in out.stdout
