@@ -1,0 +1,292 @@
+"""`stepstone-prober`: probe workers (run), queue inspection (status), one-off probes (probe)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from prober.audit import AuditLog, default_path
+from prober.job import DEFAULT_PORTS, Job, JobError
+from prober.probe import Prober, ProbeSettings
+from prober.queue import DEFAULT_PREFIX, ProbeQueue, QueueConfigError, connect
+from prober.safety import TargetPolicy, parse_networks
+from prober.worker import Worker, WorkerSettings, default_name
+
+DEFAULT_REDIS = os.environ.get("STEPSTONE_REDIS", "redis://localhost:6379/0")
+
+
+class UsageError(Exception):
+    """Bad configuration: one line on stderr, exit 2."""
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    try:
+        return Job.from_fields("", {"src": "0.0.0.0", "t": "0", "deadline": "0", "ports": text}).ports
+    except JobError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_redis(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", default=DEFAULT_REDIS, metavar="URL",
+                   help="redis://[user:password@]host:port/db, rediss://... (TLS) or "
+                   "unix://[user:password@]/path/redis.sock (default: $STEPSTONE_REDIS or %(default)s)")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX,
+                   help="key prefix of the streams and counters (default %(default)s)")
+
+
+def _add_safety(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "safety", "Special-purpose address space (private, loopback, link-local, CGN, documentation, "
+        "benchmarking, multicast, reserved; IPv4 and IPv6, per the IANA registries) is never probed "
+        "unless --allow names it. --exclude always wins.")
+    g.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                   help="open this network even if special-purpose (repeatable), e.g. the lab's "
+                   "198.18.0.0/15")
+    g.add_argument("--exclude", action="append", default=[], metavar="CIDR",
+                   help="never probe this network (repeatable)")
+    g.add_argument("--audit-log", default=None, metavar="PATH",
+                   help=f"JSON lines: every probe sent and every refusal (default {default_path()})")
+
+
+def _add_probe(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("probe", "One probe = COUNT echo requests INTERVAL apart plus one SYN to "
+                             "each port at once; replies count up to REPLY_WAIT after their request.")
+    g.add_argument("--count", type=int, default=5, help="echo requests per probe (default %(default)s)")
+    g.add_argument("--interval", type=float, default=0.05,
+                   help="seconds between echo requests (default %(default)s)")
+    g.add_argument("--reply-wait", type=float, default=1.0,
+                   help="seconds to wait for each reply (default %(default)s)")
+    g.add_argument("--db", default=None, metavar="PATH",
+                   help="p0f database for the SYN+ACK (default: the project's, as the analyzer)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepstone-prober",
+        description="Active measurement for stepstone: ping statistics (T^a) and the p0f label of the "
+        "SYN+ACK (F^a) of addresses queued by the analyzer on Redis Streams. Needs root or "
+        "CAP_NET_RAW to send.",
+        epilog="Inspect the queue: stepstone-prober status --redis URL, or with redis-cli: "
+        "XINFO GROUPS stepstone:jobs, XPENDING stepstone:jobs probers - + 10, XRANGE stepstone:dead - +")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="work on the job queue until SIGTERM",
+        description="Take probe jobs from <prefix>jobs (group probers), probe, write <prefix>results; "
+        "give up on jobs to <prefix>dead with a reason. Run any number of these on any number of hosts: "
+        "they share the work. SIGTERM finishes the jobs in hand, then exits 0.")
+    _add_redis(run)
+    run.add_argument("--name", default=None,
+                     help="consumer name (default HOST-PID); a stable name lets a restarted worker "
+                     "resume its own unacknowledged jobs at once")
+    run.add_argument("--concurrency", type=int, default=64, help="probes in flight (default %(default)s)")
+    run.add_argument("--rate", type=float, default=50.0, metavar="PROBES_PER_S",
+                     help="global limit over ALL workers sharing this Redis (default %(default)s; "
+                     "0 = unlimited)")
+    run.add_argument("--target-interval", type=float, default=60.0, metavar="SECONDS",
+                     help="minimum time between two probes of one address (default %(default)s; 0 = off)")
+    run.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
+                     help="take over jobs another worker left unacknowledged this long (default "
+                     "%(default)s)")
+    run.add_argument("--max-deliveries", type=int, default=5,
+                     help="dead-letter a job delivered more often than this (default %(default)s)")
+    _add_safety(run)
+    _add_probe(run)
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser(
+        "status", help="queue state: lengths, pending, workers, probe rate",
+        description="Stream lengths, pending entries per consumer, oldest pending age, workers alive "
+        "(heartbeat), dead-letter count, probes/s over the last minute, counters.")
+    _add_redis(status)
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.set_defaults(func=cmd_status)
+
+    probe = sub.add_parser(
+        "probe", help="probe one address now and print the result as JSON",
+        description="One probe of ADDR outside the queue (same safety rules and audit log), printed as "
+        "JSON: the result fields plus the per-port answers and the SYN+ACK's p0f signature.")
+    probe.add_argument("address", metavar="ADDR")
+    probe.add_argument("--ports", type=_ports, default=DEFAULT_PORTS,
+                       help=f"comma-separated SYN ports (default {','.join(map(str, DEFAULT_PORTS))})")
+    _add_safety(probe)
+    _add_probe(probe)
+    probe.set_defaults(func=cmd_probe)
+
+    enqueue = sub.add_parser(
+        "enqueue", help="queue a probe job by hand (as the analyzer does)",
+        description="Add a job for ADDR to <prefix>jobs, unless ADDR was queued within the dedup window.")
+    _add_redis(enqueue)
+    enqueue.add_argument("address", metavar="ADDR")
+    enqueue.add_argument("--t", type=float, default=None, help="SYN time, epoch seconds (default now)")
+    enqueue.add_argument("--deadline", type=float, default=60.0,
+                         help="seconds after --t the job expires (default %(default)s)")
+    enqueue.add_argument("--dedup-window", type=float, default=3600.0,
+                         help="seconds (default %(default)s; 0 = always enqueue)")
+    enqueue.add_argument("--ports", type=_ports, default=None, help="comma-separated SYN ports")
+    enqueue.set_defaults(func=cmd_enqueue)
+    return parser
+
+
+def _policy(args: argparse.Namespace) -> TargetPolicy:
+    try:
+        return TargetPolicy(allow=parse_networks(args.allow, "--allow"),
+                            exclude=parse_networks(args.exclude, "--exclude"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _settings(args: argparse.Namespace) -> ProbeSettings:
+    try:
+        return ProbeSettings(count=args.count, interval=args.interval, reply_wait=args.reply_wait)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _open(prober: Prober) -> None:
+    try:
+        prober.open()
+    except PermissionError as exc:
+        raise UsageError(f"{exc} (run as root, or setcap cap_net_raw+ep on the interpreter)") from None
+
+
+def _audit(args: argparse.Namespace, name: str) -> AuditLog:
+    audit = AuditLog(args.audit_log, worker=name)
+    try:
+        audit.open()
+    except OSError as exc:
+        raise UsageError(f"cannot open the audit log {audit.path}: {exc.strerror or exc}") from None
+    return audit
+
+
+async def _connect(url: str):  # type: ignore[no-untyped-def]
+    try:
+        return await connect(url)
+    except QueueConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    name = args.name or default_name()
+    policy, probe_settings = _policy(args), _settings(args)
+    try:
+        settings = WorkerSettings(prefix=args.prefix, name=name, concurrency=args.concurrency,
+                                  rate=args.rate, target_interval=args.target_interval,
+                                  claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
+                                  echo_count=probe_settings.count)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.rate < 0 or args.target_interval < 0:
+        raise UsageError("--rate and --target-interval must be >= 0")
+    audit = _audit(args, name)
+
+    async def main() -> int:
+        conn = await _connect(args.redis)
+        prober = Prober(probe_settings, db_path=args.db)
+        _open(prober)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        worker = Worker(conn, prober, policy=policy, audit=audit, settings=settings)
+        print(f"stepstone-prober: worker {name} ready (audit log {audit.path})", file=sys.stderr, flush=True)
+        try:
+            await worker.run(stop)
+        finally:
+            prober.close()
+            audit.close()
+            await conn.aclose()
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from prober import status
+
+    async def main() -> int:
+        conn = await _connect(args.redis)
+        try:
+            info = await status.gather(conn, args.prefix)
+        finally:
+            await conn.aclose()
+        print(json.dumps(info, indent=2) if args.json else status.render(info))
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    policy, probe_settings = _policy(args), _settings(args)
+    try:
+        job = Job.from_fields("cli", {"src": args.address, "t": repr(time.time()),
+                                      "deadline": repr(time.time() + 3600),
+                                      "ports": ",".join(map(str, args.ports))})
+    except JobError as exc:
+        raise UsageError(str(exc)) from None
+    audit = _audit(args, f"cli-{default_name()}")
+    refusal = policy.refusal(job.src)
+    if refusal is not None:
+        audit.refusal(target=job.src, reason=refusal, job="cli")
+        raise UsageError(f"refused to probe {job.src}: {refusal}")
+
+    async def main() -> int:
+        prober = Prober(probe_settings, db_path=args.db)
+        _open(prober)
+        try:
+            audit.probe(target=job.src, ports=job.ports, echo_count=probe_settings.count, job="cli")
+            measurement = await prober.measure(job)
+        finally:
+            prober.close()
+            audit.close()
+        print(json.dumps(measurement.to_dict()))
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        conn = await _connect(args.redis)
+        try:
+            queue = ProbeQueue(conn, prefix=args.prefix, dedup_window=args.dedup_window,
+                               deadline=args.deadline)
+            job_id = await queue.enqueue(args.address, time.time() if args.t is None else args.t,
+                                         ports=args.ports)
+        except (JobError, QueueConfigError) as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            await conn.aclose()
+        print(job_id if job_id is not None else f"{args.address}: queued within the dedup window, skipped")
+        return 0
+
+    return asyncio.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"stepstone-prober: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
