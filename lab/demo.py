@@ -1,0 +1,325 @@
+"""A lab run: build the virtual Internet, start Redis, the responder, the analyzer and a prober in
+it, drive the scenario traffic, wait for the verdicts, and report. Everything is torn down on
+every exit path (`Lab.close`, called from `finally`).
+
+The e2e tests drive the same `Lab` step by step (and kill components in between); the demo is
+`run_demo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis
+
+from lab import report
+from lab.netns import Network, unavailable_reason
+from lab.process import Child, Children, LabError, wait_for
+from lab.redis import RedisServer, RedisServerError
+from lab.scenarios import Scenarios
+from lab.topology import LISTEN_PORTS, PROXY_BASE_PORT, Topology
+
+PREFIX = "stepstone:"
+ALLOW = "198.18.0.0/15"
+SERVICES = ("responder", "analyzer", "prober")
+
+
+def preflight(scenarios: Scenarios) -> None:
+    """Refuse clearly, before building anything, when the machine cannot run the lab."""
+    if os.geteuid() != 0:
+        raise LabError("needs root: network namespaces, TUN devices and nftables (try: sudo scripts/demo)")
+    tools = ["ip", "nft", "redis-server"]
+    if any(h.kind == "proxy" for h in scenarios.hosts):
+        tools.append("socat")
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise LabError(f"missing programs: {', '.join(missing)} (run scripts/install, or apt-get install "
+                       "iproute2 nftables redis-server socat)")
+    if not os.path.exists("/dev/net/tun"):
+        raise LabError("no /dev/net/tun: this kernel lacks TUN (modprobe tun), which the delay lines need")
+    reason = unavailable_reason()
+    if reason:
+        raise LabError(reason)
+    with Network() as probe:
+        ns = probe.add("chk")
+        try:
+            ns.run("nft", "-f", "-", input="table inet stepstone_check { chain c { type nat hook "
+                   "prerouting priority dstnat; policy accept; } }\n")
+        except Exception as exc:
+            raise LabError(f"nftables does not work in a network namespace here: {exc}") from None
+
+
+class Lab:
+    """One lab run. Use as a context manager; `close()` is idempotent and removes everything."""
+
+    def __init__(self, scenarios: Scenarios, *, workdir: Path | None = None, seed: int = 1,
+                 progress: TextIO | None = None, dedup_window: float = 5.0) -> None:
+        self.scenarios = scenarios
+        self.own_workdir = workdir is None
+        # Short path: the Redis unix socket path must stay under 108 bytes.
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sst-lab-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logdir = self.workdir / "logs"
+        self.logdir.mkdir(exist_ok=True)
+        self.procdir = self.workdir / "proc"
+        self.procdir.mkdir(exist_ok=True)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.out = progress
+        self.dedup_window = dedup_window
+        self.redis_server = RedisServer(aof=True, workdir=self.workdir / "redis")
+        self.net = Network()
+        self.children = Children(self.procdir)
+        self.topology = Topology(scenarios, self.net, self.children)
+        self.traffic: dict[str, list[Child]] = {}  # source address -> its drivers
+        self.started = time.monotonic()
+        self._restarts: dict[str, int] = {}
+        self._client: redis.Redis | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def say(self, text: str) -> None:
+        if self.out is not None:
+            print(f"[{time.monotonic() - self.started:5.1f}s] {text}", file=self.out, flush=True)
+
+    def build(self) -> None:
+        (self.workdir / "redis").mkdir(exist_ok=True)
+        self.say("starting redis-server (unix socket, AOF)")
+        try:
+            self.redis_server.start()
+        except RedisServerError as exc:
+            raise LabError(str(exc)) from None
+        self._client = redis.Redis(unix_socket_path=str(self.redis_server.socket), decode_responses=True)
+        n = len(self.scenarios.hosts)
+        relays = sum(h.kind != "direct" for h in self.scenarios.hosts)
+        self.say(f"building the network: router, sensor, prober, {n} hosts, {relays} attackers behind relays")
+        self.topology.build()
+
+    @property
+    def client(self) -> redis.Redis:
+        assert self._client is not None, "build() first"
+        return self._client
+
+    def start_services(self) -> None:
+        for name in SERVICES:
+            self.start_service(name)
+        sensor = self.topology.sensor
+        assert sensor is not None
+        self.say("waiting for the responder, the analyzer and the prober")
+        wait_for(lambda: sensor.run("nft", "list", "table", "inet", "stepstone_responder", check=False),
+                 20, "the responder's nftables table", alive=lambda: self.children.any_exited(SERVICES))
+        wait_for(lambda: self._has_group("handshakes", "analyzers"), 30, "the analyzer's consumer group",
+                 alive=lambda: self.children.any_exited(SERVICES))
+        wait_for(lambda: self._has_group("jobs", "probers"), 30, "the prober's consumer group",
+                 alive=lambda: self.children.any_exited(SERVICES))
+
+    def _has_group(self, stream: str, group: str) -> bool:
+        try:
+            return any(g["name"] == group for g in self.client.xinfo_groups(PREFIX + stream))
+        except redis.ResponseError:
+            return False  # the stream does not exist yet
+
+    def service_args(self, name: str) -> list[str]:
+        url = self.redis_server.url
+        darknet = str(self.scenarios.darknet)
+        if name == "responder":
+            return ["-m", "responder.cli", "run", "--darknet", darknet, "--redis", url, "--prefix", PREFIX]
+        if name == "analyzer":
+            return ["-m", "analyzer.cli", "run", "--handshakes", "--redis", url, "--prefix", PREFIX,
+                    "--log-dir", str(self.logdir), "--consumer", "lab-analyzer", "--darknet", darknet,
+                    "--dedup-window", str(self.dedup_window), "--claim-after", "5"]
+        if name == "prober":
+            return ["-m", "prober.cli", "run", "--redis", url, "--allow", ALLOW, "--concurrency", "16",
+                    "--audit-log", str(self.logdir / "probes.log")]
+        raise KeyError(name)
+
+    def start_service(self, name: str) -> Child:
+        ns = self.topology.sensor if name == "responder" else self.topology.prober
+        count = self._restarts.get(name, 0)
+        self._restarts[name] = count + 1
+        label = name if count == 0 else f"{name}.{count}"
+        return self.children.start(label, self.service_args(name), ns, python=True)
+
+    def service(self, name: str) -> Child:
+        """The newest process of service `name`."""
+        count = self._restarts.get(name, 1) - 1
+        return self.children.find(name if count == 0 else f"{name}.{count}")
+
+    def kill(self, name: str) -> None:
+        """kill -9 a service (the e2e test's crash)."""
+        self.children.stop(self.service(name), kill=True)
+
+    def close(self) -> None:
+        try:
+            self.children.stop_all()
+        finally:
+            try:
+                self.net.close()
+            finally:
+                if self._client is not None:
+                    self._client.close()
+                self.redis_server.close()
+                if self.own_workdir:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- traffic --------------------------------------------------------------------------------
+
+    def start_traffic(self) -> None:
+        sc = self.scenarios
+        for h in self.topology.hosts:
+            count = h.host.connections or sc.connections
+            spacing = sc.traffic_s / count
+            offset = self.rng.uniform(0.2, max(0.3, spacing))
+            targets = self.topology.darknet_targets(count, self.seed * 1000 + h.index)
+            listen = ",".join(map(str, LISTEN_PORTS))
+            tag = f"traffic{h.index}"
+            if h.host.kind == "direct":
+                drivers = [self._driver(tag, h.ns, listen, [f"{a}:{p}" for a, p in targets],
+                                        spacing=spacing, offset=offset)]
+            else:
+                assert h.attacker is not None
+                drivers = [self._driver(f"{tag}r", h.ns, listen, [], spacing=spacing, offset=offset)]
+                if h.host.kind == "nat":
+                    connect = [f"{a}:{p}" for a, p in targets]
+                else:
+                    connect = []
+                    for k, (a, p) in enumerate(targets):
+                        port = PROXY_BASE_PORT + k
+                        listen_spec = f"TCP-LISTEN:{port},fork,reuseaddr,bind={h.relay_inside}"
+                        socat = ["socat", listen_spec, f"TCP:{a}:{p}"]
+                        self.children.start(f"socat{h.index}.{k}", socat, h.ns)
+                        connect.append(f"{h.relay_inside}:{port}")
+                    ports = {PROXY_BASE_PORT + k for k in range(len(targets))}
+                    relay_ns = h.ns
+                    wait_for(lambda ns=relay_ns, ports=ports: ports <= _listening(ns), 10,  # type: ignore[misc]
+                             f"socat listeners on {h.host.name}")
+                drivers.append(self._driver(f"{tag}a", h.attacker, "", connect,
+                                            spacing=spacing, offset=offset))
+            self.traffic[h.addr] = drivers
+        total = sum(h.host.connections or sc.connections for h in self.topology.hosts)
+        self.say(f"traffic: {total} connection requests from {len(self.topology.hosts)} hosts over "
+                 f"{sc.traffic_s:.0f}s")
+
+    def _driver(self, name: str, ns: Any, listen: str, connect: list[str], *, spacing: float,
+                offset: float) -> Child:
+        args = ["-m", "lab.traffic", "--spacing", f"{spacing:.3f}", "--offset", f"{offset:.3f}"]
+        if listen:
+            args += ["--listen", listen]
+        for target in connect:
+            args += ["--connect", target]
+        return self.children.start(name, args, ns, python=True)
+
+    def attempts(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for addr, drivers in self.traffic.items():
+            out[addr] = [line for d in drivers for line in _json_lines(d.out) if "dst" in line]
+        return out
+
+    def traffic_done(self) -> bool:
+        return all(any(line.get("done") for line in _json_lines(d.out))
+                   for drivers in self.traffic.values() for d in drivers)
+
+    # -- observation ----------------------------------------------------------------------------
+
+    def handshakes(self) -> list[dict[str, str]]:
+        entries = self.client.xrange(PREFIX + "handshakes")
+        return [{"hid": hid, **fields} for hid, fields in entries]  # type: ignore[union-attr]
+
+    def records(self) -> list[dict[str, Any]]:
+        return _json_lines(self.logdir / "stepstone.log")
+
+    def pending_verdicts(self) -> set[str]:
+        """Handshake ids that have no stepstone.log line yet."""
+        done = {r.get("hid") for r in self.records()}
+        return {h["hid"] for h in self.handshakes()} - done
+
+    def progress_line(self) -> str:
+        attempts = self.attempts()
+        tried = sum(len(a) for a in attempts.values())
+        total = sum(h.host.connections or self.scenarios.connections for h in self.topology.hosts)
+        records = self.records()
+        relays = {r["src"] for r in records if (r.get("verdict") or {}).get("relay")}
+        return (f"connections {tried}/{total} · handshakes {self.client.xlen(PREFIX + 'handshakes')} · "
+                f"verdicts {len(records)} · sources flagged {len(relays)}")
+
+    def wait_verdicts(self, timeout: float, *, every: float = 2.0,
+                      on_tick: Callable[[], None] | None = None) -> bool:
+        """Until the traffic is over and every handshake has its stepstone.log line; False on timeout."""
+        deadline = time.monotonic() + timeout
+        last = 0.0
+        while True:
+            if reason := self.children.any_exited(SERVICES):
+                raise LabError(reason)
+            done = self.traffic_done() and not self.pending_verdicts() and self.handshakes()
+            now = time.monotonic()
+            if done or now > deadline or now - last >= every:
+                last = now
+                self.say(self.progress_line())
+                if on_tick is not None:
+                    on_tick()
+            if done:
+                return True
+            if now > deadline:
+                return False
+            time.sleep(0.1)  # polling the logs, not synchronising on time
+
+    def report(self) -> dict[str, Any]:
+        sources = [report.Source(h.addr, h.host) for h in self.topology.hosts]
+        return report.build(self.scenarios.darknet.num_addresses, sources, self.handshakes(), self.records(),
+                            self.attempts())
+
+
+def _listening(ns: Any) -> set[int]:
+    out = ns.run("ss", "-Hltn", check=False)
+    ports = set()
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            port = fields[3].rpartition(":")[2]
+            if port.isdigit():
+                ports.add(int(port))
+    return ports
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    out.append(obj)
+    return out
+
+
+def run_demo(
+    scenarios: Scenarios, *, progress: TextIO = sys.stderr, keep: Path | None = None
+) -> Mapping[str, Any]:
+    preflight(scenarios)
+    with Lab(scenarios, workdir=keep, progress=progress) as lab:
+        lab.build()
+        lab.start_services()
+        lab.start_traffic()
+        finished = lab.wait_verdicts(scenarios.traffic_s + scenarios.settle_s)
+        result = lab.report()
+        if not finished:
+            missing = len(lab.pending_verdicts())
+            result["notes"].insert(0, f"the run ended with {missing} handshakes still without a verdict")
+        lab.say("done; tearing the lab down")
+    return result
