@@ -16,113 +16,25 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from scapy.layers.inet import IP, TCP
+from service_harness import ROOT, Harness, P, handshake, label, lines, open_harness, result, until
 
 from analyzer.cli import main as cli_main
-from analyzer.handshake import Handshake
 from analyzer.service import Config, serve
 from analyzer.state import State
 from analyzer.verdicts import JsonLog
 from lab.redis import RedisServer
-from osfp.fingerprinter import Fingerprinter
-from prober.job import Result
-
-ROOT = Path(__file__).resolve().parents[1]
-P = "stepstone:"
-LINUX_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
-WINDOWS_OPTS = [("MSS", 1460), ("NOP", None), ("WScale", 8), ("NOP", None), ("NOP", None), ("SAckOK", b"")]
-
-
-def syn(src: str, dst: str, sport: int, dport: int, *, windows: bool = False) -> bytes:
-    """A real SYN as Linux (or Windows) sends it: p0f labels it from the project's database."""
-    return bytes(
-        IP(src=src, dst=dst, ttl=128 if windows else 64, flags="DF", id=4321)
-        / TCP(sport=sport, dport=dport, flags="S", seq=1000, window=64240,
-              options=WINDOWS_OPTS if windows else LINUX_OPTS)
-    )
-
-
-def label(packet: bytes) -> str | None:
-    return Fingerprinter().fingerprint(packet).label
-
-
-def handshake(src: str, dst: str, *, t: float, tp_us: int | None = 20_000, answered: bool = True,
-              sport: int = 40000, dport: int = 22, windows: bool = False) -> Handshake:
-    synack = t + 0.0002
-    return Handshake(
-        t=t, src=src, sport=sport, dst=dst, dport=dport, syn=syn(src, dst, sport, dport, windows=windows),
-        synack_times=(synack,), reply="ack" if answered else None,
-        reply_time=synack + (tp_us or 0) / 1e6 if answered else None,
-        tp_us=tp_us if answered else None, feed="responder",
-    )
-
-
-def result(job: str, src: str, t: float, *, ping_max: int, fa: str | None, ping_min: int | None = None
-           ) -> Result:
-    low = ping_min if ping_min is not None else ping_max * 8 // 10
-    return Result(job=job, src=src, t=t, ping_min_us=low, ping_avg_us=(low + ping_max) // 2,
-                  ping_max_us=ping_max, ping_var_us2=1.5e6, ping_loss=0.0, syn_rtt_us=ping_max,
-                  fa=fa, fa_port=22 if fa else None, probed_at=t + 0.5)
-
-
-async def until(check: Callable[[], Awaitable[Any]], within: float = 20.0, what: str = "condition") -> Any:
-    """Poll `check` until it returns something truthy (a condition with a timeout, not a sleep)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-class Harness:
-    """One Redis; the responder's and the prober's ends of the streams."""
-
-    def __init__(self, server: RedisServer, log_dir: Path) -> None:
-        self.url = server.url
-        self.r = aioredis.from_url(server.url, decode_responses=True)
-        self.log_dir = log_dir
-
-    async def send(self, h: Handshake) -> str:
-        return str(await self.r.xadd(P + "handshakes", h.to_fields()))
-
-    async def jobs(self, n: int) -> list[tuple[str, dict[str, str]]]:
-        async def enough() -> Any:
-            entries = await self.r.xrange(P + "jobs")
-            return entries if len(entries) >= n else None
-
-        return list(await until(enough, what=f"{n} jobs"))
-
-    async def answer(self, res: Result) -> None:
-        await self.r.xadd(P + "results", res.fields())  # type: ignore[arg-type]
-
-    async def verdicts(self, n: int) -> list[dict[str, Any]]:
-        async def enough() -> Any:
-            got = lines(self.log_dir / "stepstone.log")
-            return got if len(got) >= n else None
-
-        return list(await until(enough, what=f"{n} lines in stepstone.log"))
 
 
 @pytest.fixture
 async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
-    h = Harness(redis_server, tmp_path / "logs")
-    yield h
-    await h.r.aclose()
+    async with open_harness(redis_server, tmp_path / "logs") as h:
+        yield h
 
 
 @contextlib.asynccontextmanager
