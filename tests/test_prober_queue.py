@@ -1,0 +1,141 @@
+"""The queue client the analyzer uses, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from lab.redis import RedisServer
+from prober.job import DEFAULT_PORTS, Job, Result
+from prober.queue import ProbeQueue, QueueConfigError, connect
+
+
+@pytest.fixture
+async def conn(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = await connect(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def result_for(job_id: str, src: str, **extra: object) -> Result:
+    return Result(job=job_id, src=src, t=1.0, ping_min_us=100, ping_avg_us=120, ping_max_us=150,
+                  ping_var_us2=250.0, ping_loss=0.0, syn_rtt_us=90, fa="unix:Linux:3.x", fa_port=80,
+                  probed_at=2.0, **extra)  # type: ignore[arg-type]
+
+
+async def test_enqueue_writes_contract_fields(conn: aioredis.Redis) -> None:
+    queue = ProbeQueue(conn, deadline=30.0)
+    before = time.time()
+    job_id = await queue.enqueue("203.0.113.5", 1000.5, ports=[80, 443])
+    assert job_id is not None
+    [(entry_id, fields)] = await conn.xrange("stepstone:jobs")
+    assert entry_id == job_id
+    assert set(fields) == {"src", "t", "deadline", "ports", "enqueued"}
+    job = Job.from_fields(entry_id, fields)
+    assert (job.src, job.t, job.deadline, job.ports) == ("203.0.113.5", 1000.5, 1030.5, (80, 443))
+    assert job.enqueued is not None and before <= job.enqueued <= time.time()
+    assert Job.from_fields(entry_id, (await conn.xrange("stepstone:jobs"))[0][1]).ports == (80, 443)
+    other = await queue.enqueue("203.0.113.6", 1000.5)
+    assert Job.from_fields(other or "", (await conn.xrange("stepstone:jobs"))[1][1]).ports == DEFAULT_PORTS
+
+
+async def test_dedup_window_is_atomic_and_expires(conn: aioredis.Redis) -> None:
+    queue = ProbeQueue(conn, dedup_window=0.3)
+    # Many concurrent enqueues of one address (two analyzers racing): exactly one job.
+    ids = await asyncio.gather(*(queue.enqueue("198.51.100.1", time.time()) for _ in range(50)))
+    assert sum(i is not None for i in ids) == 1
+    assert await conn.xlen("stepstone:jobs") == 1
+    assert await queue.enqueue("198.51.100.2", time.time()) is not None  # other address unaffected
+    # After the window the address may be queued again (wait on the key, not on time).
+    deadline = time.monotonic() + 5
+    while await conn.exists("stepstone:seen:198.51.100.1"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert await queue.enqueue("198.51.100.1", time.time()) is not None
+
+
+async def test_prefix_and_invalid_input(conn: aioredis.Redis) -> None:
+    queue = ProbeQueue(conn, prefix="lab1:")
+    assert await queue.enqueue("2001:db8::1", 5.0) is not None
+    assert await conn.xlen("lab1:jobs") == 1 and await conn.xlen("stepstone:jobs") == 0
+    with pytest.raises(ValueError, match="src is not an IP address"):
+        await queue.enqueue("not-an-ip", 5.0)
+    with pytest.raises(ValueError, match="ports out of range"):
+        await queue.enqueue("2001:db8::2", 5.0, ports=[0])
+    assert await conn.xlen("lab1:jobs") == 1
+
+
+async def test_results_pending_first_then_new_and_ack(conn: aioredis.Redis) -> None:
+    queue = ProbeQueue(conn)
+    await queue.ensure_group()
+    await conn.xadd("stepstone:results", result_for("1-1", "192.0.2.1").fields())
+    await conn.xadd("stepstone:results", {"job": "", "src": "x"})  # malformed: skipped and acked
+    await conn.xadd("stepstone:results", result_for("1-2", "192.0.2.2").fields())
+
+    # A first reader takes both and dies before acknowledging the first.
+    seen = []
+    async for entry_id, result in queue.results("an-1", block_ms=50):
+        seen.append((entry_id, result))
+        if len(seen) == 2:
+            break
+    assert [r.job for _, r in seen] == ["1-1", "1-2"]
+    assert seen[0][1] == result_for("1-1", "192.0.2.1")
+    await queue.ack_result(seen[1][0])
+
+    # The same consumer restarted gets its unacknowledged entry first, then new ones.
+    await conn.xadd("stepstone:results", result_for("1-3", "192.0.2.3").fields())
+    again = []
+    async for entry_id, result in queue.results("an-1", block_ms=50):
+        again.append(result.job)
+        await queue.ack_result(entry_id)
+        if len(again) == 2:
+            break
+    assert again == ["1-1", "1-3"]
+    summary = await conn.xpending("stepstone:results", "analyzers")
+    assert summary["pending"] == 0
+
+
+async def test_results_survive_redis_restart(redis_aof: RedisServer) -> None:
+    conn = await connect(redis_aof.url)
+    try:
+        queue = ProbeQueue(conn)
+        await queue.ensure_group()
+        got: asyncio.Queue[str] = asyncio.Queue()
+
+        async def read() -> None:
+            async for entry_id, result in queue.results("an-1", block_ms=100):
+                await got.put(result.job)
+                await queue.ack_result(entry_id)
+
+        reader = asyncio.create_task(read())
+        await conn.xadd("stepstone:results", result_for("2-1", "192.0.2.1").fields())
+        assert await asyncio.wait_for(got.get(), 10) == "2-1"
+        await asyncio.to_thread(redis_aof.restart)
+        writer = await connect(redis_aof.url)
+        await writer.xadd("stepstone:results", result_for("2-2", "192.0.2.2").fields())
+        await writer.aclose()
+        assert await asyncio.wait_for(got.get(), 20) == "2-2"
+        reader.cancel()
+    finally:
+        await conn.aclose()
+
+
+async def test_connect_errors_are_one_line(tmp_path: object, redis_server: RedisServer) -> None:
+    with pytest.raises(QueueConfigError, match="bad Redis URL 'http://x'"):
+        await connect("http://x")
+    with pytest.raises(QueueConfigError, match="cannot use Redis at unix:///nonexistent"):
+        await connect("unix:///nonexistent/redis.sock")
+    # AUTH through the URL; the password never appears in messages.
+    admin = await connect(redis_server.url)
+    await admin.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    with pytest.raises(QueueConfigError) as err:
+        await connect(f"unix://:wrong@{redis_server.socket}")
+    assert "wrong" not in str(err.value) and "***" in str(err.value)
+    good = await connect(f"unix://:s3cret@{redis_server.socket}")
+    assert await ProbeQueue(good).enqueue("192.0.2.9", 1.0) is not None
+    await good.aclose()
