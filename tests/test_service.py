@@ -40,8 +40,8 @@ async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Ha
 @contextlib.asynccontextmanager
 async def service(h: Harness, **overrides: Any) -> AsyncIterator[Config]:
     """The service in this process (fast); `serve` returns when `stop` is set."""
-    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, consumer="a1",
-                    **overrides)
+    settings: dict[str, Any] = {"consumer": "a1", **overrides}
+    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, **settings)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, stop=stop))
     try:
@@ -231,7 +231,7 @@ def _start(url: str, log_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
 
 async def test_killed_service_loses_nothing_and_duplicates_nothing(harness: Harness) -> None:
     """A real subprocess, SIGKILLed while it works through results, then restarted."""
-    n = 120
+    n = 200
     t = time.time()
     proc = _start(harness.url, harness.log_dir)
     try:
@@ -245,6 +245,7 @@ async def test_killed_service_loses_nothing_and_duplicates_nothing(harness: Harn
         proc.kill()  # mid-run: results are still being worked through
         proc.wait(10)
         written = len(lines(harness.log_dir / "stepstone.log"))
+        assert written < n, "the kill came too late to test anything"
         # Two more handshakes while it is down.
         late = [handshake(f"198.18.99.{i}", "198.19.0.2", t=time.time(), tp_us=5_000) for i in (1, 2)]
         for h in late:
@@ -336,3 +337,30 @@ def test_help_teaches() -> None:
                          capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "100"})
     for word in ("--handshakes", "--zeek", "--log-dir", "--metrics-port", "stepstone.log", "examples:"):
         assert word in out.stdout
+
+
+async def test_two_analyzers_share_the_work_without_duplicates(harness: Harness, tmp_path: Path) -> None:
+    t = time.time()
+    srcs = [f"198.18.40.{i}" for i in range(1, 21)]
+    second = Harness.__new__(Harness)  # the same Redis, its own log folder
+    second.url, second.r, second.log_dir = harness.url, harness.r, tmp_path / "logs2"
+    async with service(harness), service(second, consumer="a2"):
+        for k in range(3):  # each source three times: one probe, two attached
+            for i, src in enumerate(srcs):
+                await harness.send(handshake(src, f"198.19.1.{k}", t=t + k + i * 0.001, sport=40000 + k))
+        jobs = await harness.jobs(len(srcs))
+        for job_id, f in jobs:
+            await harness.answer(result(job_id, f["src"], t, ping_max=20_000, fa=None))
+
+        async def all_closed() -> Any:
+            got = lines(harness.log_dir / "stepstone.log") + lines(second.log_dir / "stepstone.log")
+            return got if len(got) >= 3 * len(srcs) else None
+
+        out = await until(all_closed, what="60 lines across both logs")
+        await until(lambda: _group_drained(harness.r, P + "results"), what="results drained")
+    # Both took part (results are read in batches, so neither gets everything in practice).
+    assert lines(harness.log_dir / "stepstone.log") and lines(second.log_dir / "stepstone.log")
+    assert await harness.r.xlen(P + "jobs") == len(srcs)
+    hids = [x["hid"] for x in out]
+    assert len(hids) == len(set(hids)) == 3 * len(srcs)
+    assert all(x["ping_max_us"] == 20_000 for x in out)  # every handshake got its source's probe
