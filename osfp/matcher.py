@@ -41,7 +41,10 @@ _NOT_FOR_IPV6 = ~(Q_DF | Q_NZ_ID | Q_ZERO_ID)
 _QUIRK_BITS = {name: quirk.value for quirk, name in QUIRK_STRINGS.items()}
 _QUIRK_NAMES: tuple[tuple[int, str], ...] = tuple(
     (_QUIRK_BITS[name], name)
-    for name in ["df", "id+", "id-", "ecn", "0+", "flow", "seq-", "ack+", "ack-", "uptr+", "urgf+", "pushf+", "ts1-", "ts2+", "opt+", "exws", "bad"]
+    for name in (
+        *("df", "id+", "id-", "ecn", "0+", "flow", "seq-", "ack+", "ack-"),
+        *("uptr+", "urgf+", "pushf+", "ts1-", "ts2+", "opt+", "exws", "bad"),
+    )
 )
 _OPTION_NAMES = {1: "nop", 2: "mss", 3: "ws", 4: "sok", 5: "sack", 8: "ts"}
 
