@@ -109,7 +109,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             assert procs[1].stdout is not None and procs[1].stdout.readline().strip() == b"ready"
             wait_until(lambda: f":{OPEN_PORT}" in t.run("ss", "-Hltn"))
             for addr in ("10.61.1.2", "fd61::2"):  # links up, neighbours resolved
-                wait_until(lambda a=addr: p.run("ping", "-c1", "-W1", a, check=False).count(" 0% packet loss") == 1)
+                wait_until(lambda a=addr: " 0% packet loss" in p.run("ping", "-c1", "-W1", a, check=False))
             yield Lab(prober=p, audit=tmp_path_factory.mktemp("audit") / "audit.jsonl", procs=procs)
         finally:
             for proc in procs:
