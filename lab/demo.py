@@ -53,8 +53,8 @@ def preflight(scenarios: Scenarios) -> None:
     with Network() as probe:
         ns = probe.add("chk")
         try:
-            ns.run("nft", "-f", "-", input="table inet stepstone_check { chain c { type nat hook "
-                   "prerouting priority dstnat; policy accept; } }\n")
+            ns.run("nft", "-f", "-", input="table inet stepstone_check {\n chain c { type nat hook "
+                   "prerouting priority dstnat; policy accept; }\n}\n")
         except Exception as exc:
             raise LabError(f"nftables does not work in a network namespace here: {exc}") from None
 
@@ -145,8 +145,10 @@ class Lab:
                     "--log-dir", str(self.logdir), "--consumer", "lab-analyzer", "--darknet", darknet,
                     "--dedup-window", str(self.dedup_window), "--claim-after", "5"]
         if name == "prober":
-            return ["-m", "prober.cli", "run", "--redis", url, "--allow", ALLOW, "--concurrency", "16",
-                    "--audit-log", str(self.logdir / "probes.log")]
+            # The analyzer's dedup window spaces the probes of an address; the prober need not.
+            return ["-m", "prober.cli", "run", "--redis", url, "--prefix", PREFIX, "--allow", ALLOW,
+                    "--concurrency", "16", "--name", "lab-prober", "--target-interval", "0",
+                    "--claim-idle", "5", "--audit-log", str(self.logdir / "probes.log")]
         raise KeyError(name)
 
     def start_service(self, name: str) -> Child:

@@ -104,6 +104,8 @@ def build(
                 "connections_ok": sum(1 for a in made if a.get("ok")),
                 "handshakes": per_src_hs.get(source.addr, 0),
                 "records": len(recs),
+                # Records whose running verdict said relay: a final "direct" may hide early flips.
+                "flagged_records": sum(1 for r in recs if (r.get("verdict") or {}).get("relay")),
                 "tp_us": [r.get("tp_us") for r in recs],
                 "ping_max_us": [r.get("ping_max_us") for r in recs],
                 "fp": sorted({str(r.get("fp")) for r in recs}),

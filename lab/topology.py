@@ -64,6 +64,9 @@ class Topology:
         self.sensor.run("ip", "route", "add", "default", "via", "198.19.250.1")
         self.prober.run("ip", "route", "add", "default", "via", "198.19.251.1")
         self.router.run("ip", "route", "add", str(self.scenarios.darknet), "via", SENSOR_ADDR)
+        # Resolve the neighbours now, so no measured packet waits for an ARP exchange.
+        self.sensor.run("ping", "-c", "1", "-W", "2", "198.19.250.1", check=False)
+        self.prober.run("ping", "-c", "1", "-W", "2", "198.19.251.1", check=False)
 
         links: list[Link] = []
         for i, host in enumerate(self.scenarios.hosts, 1):
