@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from analyzer.handshake import Handshake
 from responder.kernel import Network, Steering, SteeringError
-from responder.listener import ListenerError, accept_forever, open_listener
+from responder.listener import ListenerError, accept_forever, accept_pending, open_listener
 
 # Unconsumed handshakes kept in Redis at most; the analyzer reads far faster than a darknet sends.
 STREAM_MAXLEN = 1_000_000
@@ -135,9 +135,13 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
             for task in done:
                 if task is not waiter and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            # Stop answering first, then flush what was already accepted.
+            # Stop answering first, report what the kernel already completed, then flush.
             for task in tasks[:-1]:
                 task.cancel()
+            await asyncio.gather(*tasks[:-1], return_exceptions=True)
+            for sock in listeners:
+                for handshake in accept_pending(sock):
+                    sink.put(handshake)
             await sink.drain(2.0)
     finally:
         for task in tasks:

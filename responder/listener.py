@@ -132,6 +132,24 @@ def describe(conn: socket.socket, peer: tuple[str, int] | tuple[str, int, int, i
     )
 
 
+def accept_pending(listener: socket.socket) -> list[Handshake]:
+    """On shutdown: the connections already completed and waiting in the accept queue."""
+    out = []
+    while True:
+        try:
+            conn, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError:
+            return out
+        try:
+            out.append(describe(conn, peer, time.time()))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
 async def accept_forever(listener: socket.socket) -> AsyncIterator[Handshake]:
     """Accept, describe, close; one Handshake per connection."""
     loop = asyncio.get_running_loop()
