@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pyp0f.database.signatures import TCPSignature, WindowType
 
+from osfp.database import WIN_MSS, TcpSig
+
 ANY = -1
 _OPTION_KINDS = {"nop": 1, "mss": 2, "ws": 3, "sok": 4, "sack": 5, "ts": 8}
 QUIRKS = frozenset(
@@ -96,6 +98,10 @@ def build(
 ) -> bytes:
     """Raw IP packet bytes of `shape` (ValueError if the shape cannot be put on the wire)."""
     q = shape.quirks
+    limits = (("window", shape.win, 65535), ("ttl", shape.ttl, 255), ("mss", shape.mss or 0, 65535))
+    for name, value, top in limits:
+        if not 0 <= value <= top:
+            raise ValueError(f"{name} {value} out of range")
     unknown = q - QUIRKS
     if unknown:
         raise ValueError(f"cannot craft quirks {sorted(unknown)}")
@@ -214,3 +220,120 @@ def write_pcap(path: Path, packets: Iterable[tuple[float, bytes]], *, vlan: int 
             out.write(struct.pack("<IIII", sec, usec, len(frame), len(frame)) + frame)
             count += 1
     return count
+
+
+# --- whole databases as packets (agreement tests, benchmarks) ---------------------------------
+
+Key = tuple[str, int, str, int, str]  # src, sport, dst, dport, "syn" | "synack"
+
+
+@dataclass(frozen=True)
+class Crafted:
+    ip: bytes
+    key: Key
+    sig: TcpSig  # the database line the packet was made from
+    variant: str
+
+
+PEER_MSS = 1201  # divides none of the other candidates p0f tries (1460, 1448, 1500, ...)
+
+
+def _variants(shape: Shape, sig: TcpSig) -> dict[str, Shape]:
+    """The exact shape, and shapes pushed off it one field at a time."""
+    out = {
+        "exact": shape,
+        "ttl_far": replace(shape, ttl=max(1, sig.ttl - 45)),  # beyond p0f's 35 hops: fuzzy TTL
+        "ttl_above": replace(shape, ttl=min(255, sig.ttl + 3)),  # above the initial TTL
+        "ttl_32": replace(shape, ttl=30),
+        "ttl_200": replace(shape, ttl=200),
+        "win_plus_1": replace(shape, win=(shape.win + 1) % 65536),
+        "win_scale": replace(shape, wscale=(shape.wscale + 1) % 15),
+        "mss_minus_20": replace(shape, mss=(shape.mss or 1460) - 20),
+        "no_df": shape.with_quirks(remove={"df"}),
+        "no_id": shape.with_quirks(remove={"id+"}),
+        "ecn": shape.with_quirks(add={"ecn"}),
+        "id_zero_no_df": shape.with_quirks(add={"id-"}, remove={"df", "id+"}),
+        "ts1_zero": shape.with_quirks(add={"ts1-"}),
+        "push": shape.with_quirks(add={"pushf+"}),
+        "ecn_no_df": shape.with_quirks(add={"ecn"}, remove={"df"}),
+        "ecn_ttl_far": replace(shape.with_quirks(add={"ecn"}), ttl=max(1, sig.ttl - 50)),
+        "payload": replace(shape, payload=b"hello"),
+        "flow": shape.with_quirks(add={"flow"}) if shape.ip_ver == 6 else shape.with_quirks(add={"0+"}),
+    }
+    if shape.synack and sig.win_type == WIN_MSS:
+        # A window that is a multiple of the SYN's MSS only (PEER_MSS, sent in the flow's SYN).
+        out["peer_mss"] = replace(shape, win=sig.win * PEER_MSS)
+    if not shape.synack:
+        out["ack_plus"] = shape.with_quirks(add={"ack+"})
+        out["ts2"] = shape.with_quirks(add={"ts2+"})
+    return out
+
+
+def database_packets(
+    sigs: Iterable[TcpSig], *, synack: bool, variants: Iterable[str] = ("exact",), first: int = 0
+) -> list[Crafted]:
+    """Packets for every signature (both IP versions for `*` ones) in every requested variant.
+
+    A SYN+ACK is preceded by a SYN of its flow (the original p0f fingerprints a SYN+ACK only after
+    that SYN); the returned list holds both, in capture order, the SYN with variant "flow-syn".
+    Flows are numbered from `first` (use distinct ranges for lists that go into one capture).
+    """
+    wanted = tuple(variants)
+    out: list[Crafted] = []
+    n = first
+    for sig in sigs:
+        for ip_ver in (4, 6) if sig.ip_ver == ANY else (sig.ip_ver,):
+            base = from_signature(sig.raw, synack=synack, ip_ver=ip_ver)
+            shapes = _variants(base, sig)
+            for name in wanted:
+                shape = shapes.get(name)
+                if shape is None:
+                    continue
+                n += 1
+                port = 1024 + n % 60000
+                if ip_ver == 4:
+                    client = f"10.{64 + n // 60000}.0.1"
+                    server = "198.51.100.1"
+                else:
+                    client = str(ipaddress.ip_address(f"2001:db8:{n // 60000:x}::1"))
+                    server = "2001:db8:ffff::1"
+                try:
+                    if synack:
+                        flow_syn = Shape(ip_ver=ip_ver, mss=PEER_MSS if name == "peer_mss" else 1460)
+                        syn = build(flow_syn, src=client, dst=server, sport=port, dport=80)
+                        ip = build(shape, src=server, dst=client, sport=80, dport=port)
+                    else:
+                        ip = build(shape, src=client, dst=server, sport=port, dport=80)
+                except ValueError:
+                    continue  # a variant that cannot be put on the wire for this signature
+                if synack:
+                    out.append(Crafted(syn, (client, port, server, 80, "syn"), sig, "flow-syn"))
+                    out.append(Crafted(ip, (server, 80, client, port, "synack"), sig, name))
+                else:
+                    out.append(Crafted(ip, (client, port, server, 80, "syn"), sig, name))
+    return out
+
+
+VARIANTS = (
+    "exact",
+    "ttl_far",
+    "ttl_above",
+    "ttl_32",
+    "ttl_200",
+    "win_plus_1",
+    "win_scale",
+    "mss_minus_20",
+    "no_df",
+    "no_id",
+    "ecn",
+    "id_zero_no_df",
+    "ts1_zero",
+    "push",
+    "ecn_no_df",
+    "ecn_ttl_far",
+    "payload",
+    "flow",
+    "ack_plus",
+    "ts2",
+    "peer_mss",
+)
