@@ -1,0 +1,199 @@
+"""`stepstone-analyzer fingerprint | replay | judge` end to end on captures and records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from capfiles import (
+    Conn,
+    ethernet,
+    handshake_cases,
+    pcapng_epb,
+    pcapng_idb,
+    pcapng_shb,
+    sll2,
+    write_pcap,
+)
+from conftest import shared_dir
+
+from analyzer.cli import main
+from analyzer.record import Record
+
+FINGERPRINT_FIELDS = ["ts", "src", "sport", "dst", "dport", "kind",
+                      "label", "generic", "match", "distance", "sig"]
+RECORD_FIELDS = ["t", "src", "dst", "tp_us", "ping_min_us", "ping_avg_us", "ping_max_us", "ping_var_us2",
+                 "syn_rtt_us", "fp", "fa"]
+VERDICT_FIELDS = ["src", "cond_os", "cond_timing", "relay", "tp_mean_us", "ta_max_mean_us", "samples"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def jsonl(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def cases_pcap(tmp_path: Path) -> Path:
+    frames = [(ts, ethernet(ip, vlans=[42])) for ts, ip in handshake_cases()]
+    return write_pcap(tmp_path / "cases.pcap", frames)
+
+
+def test_fingerprint_lines(capsys: pytest.CaptureFixture[str], cases_pcap: Path) -> None:
+    from osfp.fingerprinter import Fingerprinter
+
+    code, lines, err = run(capsys, "fingerprint", str(cases_pcap))
+    assert code == 0 and err == ""
+    rows = jsonl(lines)
+    # 6 SYNs and 7 SYN+ACKs (one retransmitted); ACKs and the RST are not fingerprinted.
+    assert [r["kind"] for r in rows].count("syn") == 6 and [r["kind"] for r in rows].count("synack") == 7
+    assert all(list(r) == FINGERPRINT_FIELDS for r in rows)
+    first = rows[0]
+    assert (first["ts"], first["src"], first["sport"], first["dst"], first["dport"], first["kind"]) == (
+        1000.0, "203.0.113.10", 40001, "198.18.0.5", 23, "syn")
+    assert rows[1]["kind"] == "synack" and rows[1]["ts"] == 1000.0001 and rows[1]["src"] == "198.18.0.5"
+    # Same answers as the fingerprinter itself, packet by packet, in file order (SYN+ACKs use the
+    # MSS of their SYN).
+    fp = Fingerprinter()
+    syn_flag_at = {4: 20 + 13, 6: 40 + 13}
+    handshake_syns = [ip for _, ip in handshake_cases() if ip[syn_flag_at[ip[0] >> 4]] & 2]
+    expected = [fp.fingerprint(ip).to_dict() for ip in handshake_syns]
+    assert [{k: r[k] for k in ("label", "generic", "match", "distance", "sig")} for r in rows] == expected
+    assert any(r["src"] == "2001:db8::10" for r in rows)
+
+
+def test_fingerprint_pcapng_sll2_and_stock_db(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from osfp.fingerprinter import stock_database_path
+
+    c = Conn("203.0.113.77", "198.18.0.1", 5555, 80)
+    path = tmp_path / "a.pcapng"
+    path.write_bytes(pcapng_shb() + pcapng_idb(276, tsresol=9) + pcapng_epb(0, 42_000_000_123, sll2(c.syn())))
+    code, lines, _ = run(capsys, "fingerprint", str(path), "--p0f-db", str(stock_database_path()))
+    assert code == 0
+    (row,) = jsonl(lines)
+    assert row["ts"] == 42.0 and row["sport"] == 5555 and row["kind"] == "syn"  # µs in the output
+    assert row["sig"].startswith("4:64+0:0:1460:")
+
+
+def test_replay_records(capsys: pytest.CaptureFixture[str], cases_pcap: Path) -> None:
+    code, lines, err = run(capsys, "replay", str(cases_pcap), "--darknet", "198.18.0.0/15",
+                           "--darknet", "2001:db8:ffff::/48")
+    assert code == 0 and err == ""
+    rows = jsonl(lines)
+    assert all(list(r) == RECORD_FIELDS for r in rows)
+    records = {r["src"]: Record.from_json(r) for r in rows}  # every line passes the contract check
+    assert {src: r.tp_us for src, r in records.items()} == {
+        "203.0.113.10": 20_000, "203.0.113.11": None, "203.0.113.12": 30_000, "2001:db8::10": 40_000,
+        "203.0.113.14": 10_000,
+    }  # the unanswered connection gives no record
+    for r in records.values():
+        assert r.ping_min_us is r.ping_avg_us is r.ping_max_us is r.ping_var_us2 is None
+        assert r.syn_rtt_us is r.fa is None
+    assert records["203.0.113.10"].t == 1000.0 and records["203.0.113.10"].dst == "198.18.0.5"
+    assert records["2001:db8::10"].dst == "2001:db8:ffff::5"
+    # The RST case's SYN has no options; the others carry the fingerprint the fingerprinter gives.
+    from osfp.fingerprinter import Fingerprinter
+
+    assert records["203.0.113.10"].fp == Fingerprinter().fingerprint(handshake_cases()[0][1]).label
+
+
+def test_replay_summary_text_and_json(capsys: pytest.CaptureFixture[str], cases_pcap: Path) -> None:
+    args = ["replay", str(cases_pcap), "--darknet", "198.18.0.0/15", "--darknet", "2001:db8:ffff::/48",
+            "--summary"]
+    code, lines, _ = run(capsys, *args)
+    assert code == 0
+    assert lines[0].split() == ["darknet", "addresses", "2"]
+    assert lines[1].split() == ["answered", "connection", "requests", "5"]
+    assert lines[2].split() == ["unique", "sources", "5"]
+    code, lines, _ = run(capsys, *args, "--json")
+    (table,) = jsonl(lines)
+    assert table["darknet_addresses"] == 2 and table["answered"] == 5 and table["unique_sources"] == 5
+    assert (table["timed"], table["ambiguous"], table["unanswered"], table["packets"]) == (4, 1, 1, 18)
+
+
+def test_replay_only_the_given_darknet(capsys: pytest.CaptureFixture[str], cases_pcap: Path) -> None:
+    code, lines, _ = run(capsys, "replay", str(cases_pcap), "--darknet", "2001:db8:ffff::/48")
+    assert code == 0 and [r["src"] for r in jsonl(lines)] == ["2001:db8::10"]
+
+
+def test_replay_real_vnc_scanner_capture(capsys: pytest.CaptureFixture[str]) -> None:
+    """Real traffic (VLAN-tagged, two taps merged: some SYN+ACKs precede their SYN)."""
+    path = shared_dir() / "data" / "captures" / "vnc-scanner.pcap"
+    code, lines, err = run(capsys, "replay", str(path), "--darknet", "136.159.0.0/16")
+    assert code == 0 and err == ""
+    records = [Record.from_json(r) for r in jsonl(lines)]
+    timed = [r for r in records if r.tp_us is not None]
+    # 193 timed handshakes, plus one whose SYN+ACK was retransmitted (Karn: no T^p).
+    assert len(timed) == 193 and len(records) == 194
+    assert all(0 < r.tp_us < 1_000_000 for r in timed)  # type: ignore[operator]
+    assert {r.fp for r in records} == {"win:Windows:7 or 8"}  # p0f 3.09b says so too (captures README)
+    code, lines, _ = run(capsys, "replay", str(path), "--darknet", "136.159.0.0/16", "--summary", "--json")
+    (table,) = jsonl(lines)
+    assert (table["darknet_addresses"], table["answered"], table["unique_sources"]) == (20, 194, 4)
+    assert table["packets"] == 3055 and table["stray"] == 3
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def record(src: str, t: float, tp: int | None, ping_max: int | None, *, fp: str | None = None,
+           fa: str | None = None) -> dict[str, Any]:
+    return {"t": t, "src": src, "dst": "198.18.0.1", "tp_us": tp, "ping_min_us": ping_max,
+            "ping_avg_us": ping_max, "ping_max_us": ping_max,
+            "ping_var_us2": 0.0 if ping_max is not None else None, "syn_rtt_us": None, "fp": fp, "fa": fa}
+
+
+def test_judge_verdicts_and_summary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write_records(tmp_path / "r.jsonl", [
+        record("192.0.2.1", 100, 9000, 1000),  # timing
+        record("192.0.2.2", 100, 10, 1000, fp="unix:Linux:3.11 and newer", fa="win:Windows:7 or 8"),  # OS
+        record("192.0.2.3", 100, 500, 1000, fp="unix:Linux:3.11 and newer", fa="unix:Linux:2.2.x-3.x"),
+        record("192.0.2.3", 100 + 86400, 500, 1000),
+    ])
+    code, lines, err = run(capsys, "judge", str(path))
+    assert code == 0 and err == ""
+    verdicts = jsonl(lines)
+    assert [v["src"] for v in verdicts] == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    assert all(list(v)[:7] == VERDICT_FIELDS for v in verdicts)
+    assert [(v["cond_os"], v["cond_timing"], v["relay"]) for v in verdicts] == [
+        (False, True, True), (True, False, True), (False, False, False)]
+    assert verdicts[0]["tp_mean_us"] == 9000 and verdicts[0]["ta_max_mean_us"] == 1000
+    assert verdicts[0]["samples"] == 1 and verdicts[2]["records"] == 2
+    # flavour level: 192.0.2.3 now mismatches (both records in the inclusive window).
+    code, lines, _ = run(capsys, "judge", str(path), "--os-level", "flavor")
+    assert jsonl(lines)[2]["cond_os"] is True
+    # A shorter window drops 192.0.2.3's old record.
+    code, lines, _ = run(capsys, "judge", str(path), "--os-level", "flavor", "--window", "86399.5")
+    assert jsonl(lines)[2]["cond_os"] is False and jsonl(lines)[2]["records"] == 1
+    # --now moves every window.
+    code, lines, _ = run(capsys, "judge", str(path), "--now", "50")
+    assert not any(v["relay"] for v in jsonl(lines))
+    code, lines, _ = run(capsys, "judge", str(path), "--summary")
+    assert [line.split()[-1] for line in lines] == ["1", "1", "2", "3"]
+    assert lines[0].startswith("relays by (1)") and lines[2].startswith("relays in total")
+    code, lines, _ = run(capsys, "judge", str(path), "--summary", "--json")
+    assert jsonl(lines) == [{"sources": 3, "relays_by_os": 1, "relays_by_timing": 1, "relays": 2}]
+
+
+def test_replay_piped_into_judge(cases_pcap: Path) -> None:
+    """The installed command, as a user runs it: replay's records are judge's input."""
+    replay = subprocess.run(
+        [sys.executable, "-m", "analyzer.cli", "replay", str(cases_pcap), "--darknet", "198.18.0.0/15"],
+        capture_output=True, check=True,
+    )
+    judged = subprocess.run([sys.executable, "-m", "analyzer.cli", "judge", "-"], input=replay.stdout,
+                            capture_output=True, check=True)
+    verdicts = jsonl(judged.stdout.decode().splitlines())
+    assert len(verdicts) == 4  # four IPv4 sources answered
+    assert not any(v["relay"] for v in verdicts)  # no ping data, no fa: nothing to decide on
+    assert all(v["samples"] == 0 and v["records"] == 1 for v in verdicts)
