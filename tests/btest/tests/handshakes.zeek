@@ -1,0 +1,37 @@
+# One StepStone::handshake per darknet connection, with T^p by Karn's rule,
+# the reply kind and the raw SYN frame (Scripts/mkpcap.py lists the cases).
+# The baseline was written by reasoning from the trace, not by running Zeek
+# (none was available where it was written); check it on a real Zeek.
+#
+# @TEST-EXEC: python3 $SCRIPTS/mkpcap.py handshakes.pcap
+# @TEST-EXEC: zeek -b -r handshakes.pcap $PACKAGE %INPUT > output
+# @TEST-EXEC: btest-diff output
+
+redef StepStone::darknet_subnets += {
+	198.18.0.0/15,
+	[2001:db8:ffff::]/48
+};
+redef StepStone::reply_wait = 2sec;
+
+function secs(i: interval): string
+	{
+	return fmt("%.6f", interval_to_double(i));
+	}
+
+event StepStone::handshake(h: StepStone::HandshakeInfo)
+	{
+	local reply = h$reply == "" ? "none" : h$reply;
+	local tp = h?$tp ? secs(h$tp) : "-";
+	local reply_at = h?$reply_epoch ? secs(h$reply_epoch) : "-";
+	local vlan = h?$vlan ? cat(h$vlan) : "-";
+	local uid = |h$uid| > 0 ? "set" : "empty";
+	local frame = |decode_base64(h$syn)|;
+	local orig_p = port_to_count(h$orig_p);
+	local resp_p = port_to_count(h$resp_p);
+	local syn = secs(h$syn_epoch);
+	print fmt("%s %d -> %s %d reply=%s synacks=%d/%d tp=%s syn=%s reply_at=%s",
+	    h$orig_h, orig_p, h$resp_h, resp_p, reply, h$synack_count,
+	    |h$synacks|, tp, syn, reply_at);
+	print fmt("    frame=%d encap=%s l3=%s vlan=%s dlt=%d uid=%s", frame, h$encap,
+	    h$l3, vlan, h$link_type, uid);
+	}

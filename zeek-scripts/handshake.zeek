@@ -1,0 +1,169 @@
+##! Per-connection handshake tracking for darknet connections: the SYN (time
+##! and raw bytes), every SYN+ACK, and the client's first ACK or RST.
+##!
+##! What the events do, as measured on Zeek 8.0.10 (shared/zeek-ws/README.md)
+##! and checked against zeek/zeek src/analyzer/protocol/tcp/events.bif:
+##! - connection_SYN_packet fires for the SYN (is_orig=T) and for every
+##!   SYN+ACK, retransmissions included (is_orig=F). SYN_packet$TSval is
+##!   optional; this script does not read it.
+##! - connection_first_ACK fires on the originator's first ACK, also when it
+##!   carries data; connection_reset on a RST (either side: the sender is the
+##!   endpoint whose state is TCP_RESET); an unanswered connection only ends
+##!   at connection_state_remove.
+##! - get_current_packet()$data includes the link layer; its $link_type says
+##!   LINK_UNKNOWN even on Ethernet, get_current_packet_header()$l2$encap is
+##!   right. Ethernet pads short frames: the analyzer finds the IP header from
+##!   the link layer, never from the captured length.
+##! Only SYNs to the darknet create state; every other event is one table
+##! lookup for connections outside it.
+
+@load base/frameworks/cluster
+@load ./main
+
+module StepStone;
+
+export {
+	## Raised *reply_wait* after a SYN to publish it if still unanswered.
+	global reply_timeout: event(uid: string);
+
+	## Workers hand their handshakes to the manager, which publishes them
+	## where the WebSocket clients are (see transport.zeek).
+	global relay_handshake: event(h: HandshakeInfo);
+
+	## Publishes *h* (cluster-aware); see transport.zeek.
+	global publish_handshake: function(h: HandshakeInfo);
+}
+
+type Track: record {
+	info: HandshakeInfo;
+	last_synack: time &optional;
+	published: bool &default=F;
+};
+
+# Keyed by uid; entries live until connection_state_remove.
+global tracks: table[string] of Track;
+
+function since_epoch(t: time): interval
+	{
+	return t - double_to_time(0.0);
+	}
+
+function in_darknet(a: addr): bool
+	{
+	return |darknet_subnets| == 0 || a in darknet_subnets;
+	}
+
+function start(c: connection)
+	{
+	local now = network_time();
+	local info = HandshakeInfo($uid=c$uid, $ts=now, $syn_epoch=since_epoch(now),
+	    $orig_h=c$id$orig_h, $orig_p=c$id$orig_p, $resp_h=c$id$resp_h,
+	    $resp_p=c$id$resp_p, $syn="", $link_type=-1, $encap=LINK_UNKNOWN,
+	    $l3=L3_UNKNOWN, $synack_count=0, $synacks=vector(), $reply="");
+
+	local pkt = get_current_packet();
+	local hdr = get_current_packet_header();
+	local src = packet_source();
+
+	# A decapsulated tunnel's frame is the outer packet: its IP header is
+	# not this SYN's, so no bytes rather than wrong ones.
+	if ( ! c?$tunnel && pkt?$data )
+		info$syn = encode_base64(pkt$data);
+
+	if ( src?$link_type )
+		info$link_type = src$link_type;
+
+	if ( hdr?$l2 )
+		{
+		info$encap = hdr$l2$encap;
+		info$l3 = hdr$l2$proto;
+
+		if ( hdr$l2?$vlan )
+			info$vlan = hdr$l2$vlan;
+
+		if ( hdr$l2?$inner_vlan )
+			info$inner_vlan = hdr$l2$inner_vlan;
+
+		if ( hdr$l2?$eth_type )
+			info$eth_type = hdr$l2$eth_type;
+		}
+
+	tracks[c$uid] = Track($info=info);
+	schedule reply_wait { StepStone::reply_timeout(c$uid) };
+	}
+
+function finish(t: Track, reply: string)
+	{
+	if ( t$published )
+		return;
+
+	t$published = T;
+
+	if ( reply != "" )
+		{
+		local now = network_time();
+		t$info$reply = reply;
+		t$info$reply_epoch = since_epoch(now);
+
+		# Karn's rule: only with a single SYN+ACK before the reply is it
+		# known which SYN+ACK the reply answers.
+		if ( t$info$synack_count == 1 && t?$last_synack )
+			t$info$tp = now - t$last_synack;
+		}
+
+	publish_handshake(t$info);
+	}
+
+event connection_SYN_packet(c: connection, pkt: SYN_packet)
+	{
+	if ( pkt$is_orig )
+		{
+		# The first SYN only; a retransmitted SYN changes nothing.
+		if ( c$uid !in tracks && in_darknet(c$id$resp_h) )
+			start(c);
+		return;
+		}
+
+	if ( c$uid !in tracks )
+		return;
+
+	local t = tracks[c$uid];
+
+	if ( t$published )
+		return;
+
+	local now = network_time();
+	++t$info$synack_count;
+	t$last_synack = now;
+
+	if ( |t$info$synacks| < max_synacks )
+		t$info$synacks[|t$info$synacks|] = since_epoch(now);
+	}
+
+event connection_first_ACK(c: connection)
+	{
+	if ( c$uid in tracks )
+		finish(tracks[c$uid], "ack");
+	}
+
+event connection_reset(c: connection)
+	{
+	# Only the client's RST answers our SYN+ACK.
+	if ( c$uid in tracks && c$orig$state == TCP_RESET )
+		finish(tracks[c$uid], "rst");
+	}
+
+event StepStone::reply_timeout(uid: string)
+	{
+	if ( uid in tracks )
+		finish(tracks[uid], "");
+	}
+
+event connection_state_remove(c: connection)
+	{
+	if ( c$uid !in tracks )
+		return;
+
+	finish(tracks[c$uid], "");
+	delete tracks[c$uid];
+	}

@@ -1,0 +1,155 @@
+##! Options, types, events and the log stream of the StepStone module.
+
+@load base/misc/version
+@load base/frameworks/logging
+@load base/frameworks/notice
+
+module StepStone;
+
+export {
+	## Darknet networks: only connections to these are tracked. Empty means
+	## every TCP connection Zeek sees.
+	const darknet_subnets: set[subnet] = set() &redef;
+
+	## Topic the handshake events are published to (Zeek -> analyzer).
+	const handshake_topic = "stepstone/handshake" &redef;
+
+	## Topic the analyzer publishes verdicts to (analyzer -> Zeek).
+	const verdict_topic = "stepstone/verdict" &redef;
+
+	## Address of the WebSocket listener this package opens.
+	const websocket_addr = 127.0.0.1 &redef;
+
+	## Port of the WebSocket listener; 0/tcp (the default) opens none, e.g.
+	## when zeekctl's ``UseWebSocket`` already opens one on the manager.
+	const websocket_port = 0/tcp &redef;
+
+	## How long after the SYN to wait for the client's ACK or RST before
+	## publishing the handshake as unanswered. A SYN+ACK retransmitted by the
+	## darknet (Linux: after 1, 3, 7, 15, 31 s) can still be answered.
+	const reply_wait = 30sec &redef;
+
+	## At most this many SYN+ACK times are sent per handshake (all are
+	## counted).
+	const max_synacks = 16 &redef;
+
+	## One darknet connection request, as published to the analyzer. Keep
+	## the field order: records travel as positional vectors (Broker JSON),
+	## and analyzer/zeek.py reads them by position. New fields go at the end.
+	type HandshakeInfo: record {
+		## Connection uid.
+		uid: string;
+		## SYN time. A time crosses the WebSocket with millisecond precision
+		## only (Broker JSON), hence *syn_epoch*.
+		ts: time;
+		## SYN time as an interval since the epoch (intervals keep ns).
+		syn_epoch: interval;
+		orig_h: addr;
+		orig_p: port;
+		resp_h: addr;
+		resp_p: port;
+		## The SYN as captured, link layer included (``get_current_packet()$data``),
+		## base64-encoded: Zeek writes binary strings unescaped into JSON.
+		## Empty when the SYN came through a tunnel Zeek decapsulated.
+		syn: string;
+		## DLT of the packet source (``packet_source()$link_type``), -1 if unknown.
+		link_type: int;
+		## ``get_current_packet_header()$l2$encap`` of the SYN. Unlike
+		## ``get_current_packet()$link_type`` it is right on Ethernet.
+		encap: link_encap;
+		## ``$l2$proto`` of the SYN.
+		l3: layer3_proto;
+		vlan: count &optional;
+		inner_vlan: count &optional;
+		eth_type: count &optional;
+		## SYN+ACKs seen (retransmissions included) before the reply.
+		synack_count: count;
+		## Their times since the epoch (the first *max_synacks*).
+		synacks: vector of interval;
+		## "ack", "rst" (the client answered the SYN+ACK with a RST, as
+		## stack-less scanners do) or "" (unanswered).
+		reply: string;
+		## Reply time since the epoch.
+		reply_epoch: interval &optional;
+		## T^p: reply minus the SYN+ACK it answers. Unset when unanswered,
+		## and when more than one SYN+ACK preceded the reply (Karn's rule:
+		## which copy the reply answers is unknown).
+		tp: interval &optional;
+	};
+
+	## Published once per darknet connection, when the reply arrives or
+	## *reply_wait* ends. Also raised locally on the publishing node.
+	global handshake: event(h: HandshakeInfo);
+
+	## The analyzer's verdict on a source, with the measurement that led to
+	## it. Field order is fixed as for *HandshakeInfo*.
+	type Verdict: record {
+		src: addr;
+		## Condition (1): the SYN's OS differs from the probe's SYN+ACK OS.
+		cond_os: bool;
+		## Condition (2): T^p exceeds the ping RTT (means over the window).
+		cond_timing: bool;
+		## (1) or (2).
+		relay: bool;
+		tp_mean: interval &optional;
+		ta_max_mean: interval &optional;
+		## Timing samples behind the means.
+		samples: count;
+		## The measurement: its SYN time, darknet address, T^p, ping RTTs
+		## and p0f labels of the SYN (fp) and of the probe's SYN+ACK (fa).
+		t: time &optional;
+		dst: addr &optional;
+		tp: interval &optional;
+		ping_min: interval &optional;
+		ping_avg: interval &optional;
+		ping_max: interval &optional;
+		fp: string &optional;
+		fa: string &optional;
+		## Why, in words.
+		reasons: string;
+	};
+
+	## Published by the analyzer to *verdict_topic*.
+	global verdict: event(v: Verdict);
+
+	redef enum Log::ID += { LOG };
+
+	## One line per verdict in stepstone.log.
+	type Info: record {
+		## When the verdict arrived.
+		ts: time &log;
+		src: addr &log;
+		relay: bool &log;
+		cond_os: bool &log;
+		cond_timing: bool &log;
+		samples: count &log;
+		tp_mean: interval &log &optional;
+		ta_max_mean: interval &log &optional;
+		## SYN time of the measurement behind the verdict.
+		syn_ts: time &log &optional;
+		dst: addr &log &optional;
+		tp: interval &log &optional;
+		ping_min: interval &log &optional;
+		ping_avg: interval &log &optional;
+		ping_max: interval &log &optional;
+		fp: string &log &optional;
+		fa: string &log &optional;
+		reasons: string &log;
+	};
+
+	global log_policy: Log::PolicyHook;
+
+	## Raised by the analyzer's verdicts with relay = T.
+	redef enum Notice::Type += {
+		## A source that hit the darknet relays for someone else. $src is
+		## the source, $sub the conditions that held, $msg what was
+		## measured (ms). Suppression is per source ($identifier).
+		Relay_Detected,
+	};
+}
+
+event zeek_init() &priority=5
+	{
+	Log::create_stream(StepStone::LOG, [$columns=Info, $path="stepstone",
+	    $policy=log_policy]);
+	}

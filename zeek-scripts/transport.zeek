@@ -1,0 +1,89 @@
+##! Where events travel: publishing handshakes, subscribing to verdicts,
+##! and the WebSocket listener.
+##!
+##! Cluster design. Workers see the packets; the analyzer is a WebSocket
+##! client of one node, the manager (zeekctl's ``UseWebSocket`` listens
+##! there too). Workers send each handshake to the manager on
+##! Cluster::manager_topic, which every backend delivers; the manager
+##! publishes it on *handshake_topic*, where a node's own WebSocket clients
+##! receive it with the Broker backend as well as with the newer ones. The
+##! analyzer publishes verdicts to *verdict_topic*; only the manager (or a
+##! standalone node) subscribes to it, so each verdict is handled once, and
+##! its stepstone.log line and notice go through the manager (logs reach the
+##! logger as usual).
+##!
+##! Versions, checked in zeek/zeek: Cluster::publish and Cluster::subscribe
+##! exist from 7.1 (src/cluster/cluster.bif, base/frameworks/cluster);
+##! Broker::publish / Broker::subscribe before. Cluster::listen_websocket
+##! exists from 7.2, taking WebSocketServerOptions with $listen_host (a
+##! string) in 7.2 and $listen_addr (an addr) from 8.0 ($listen_host is
+##! deprecated in 8.0 and gone in 8.1). Broker::listen_websocket(a: string,
+##! p: port) exists from 5.0 and is deprecated in 8.0.
+
+@load base/frameworks/broker
+@load base/frameworks/cluster
+@load ./main
+@load ./handshake
+
+module StepStone;
+
+# The node that talks to the analyzer: the manager, or a node outside a
+# cluster.
+function is_hub(): bool
+	{
+	return ! Cluster::is_enabled()
+	    || Cluster::local_node_type() == Cluster::MANAGER;
+	}
+
+function publish_handshake(h: HandshakeInfo)
+	{
+	if ( ! is_hub() )
+		{
+@if ( Version::number >= 70100 )
+		Cluster::publish(Cluster::manager_topic, StepStone::relay_handshake, h);
+@else
+		Broker::publish(Cluster::manager_topic, StepStone::relay_handshake, h);
+@endif
+		return;
+		}
+
+	event StepStone::handshake(h);
+@if ( Version::number >= 70100 )
+	Cluster::publish(handshake_topic, StepStone::handshake, h);
+@else
+	Broker::publish(handshake_topic, StepStone::handshake, h);
+@endif
+	}
+
+event StepStone::relay_handshake(h: HandshakeInfo)
+	{
+	if ( is_hub() )
+		publish_handshake(h);
+	}
+
+event zeek_init()
+	{
+	if ( ! is_hub() )
+		return;
+
+@if ( Version::number >= 70100 )
+	Cluster::subscribe(verdict_topic);
+@else
+	Broker::subscribe(verdict_topic);
+@endif
+
+	if ( websocket_port == 0/tcp )
+		return;
+
+@if ( Version::number >= 80000 )
+	Cluster::listen_websocket([$listen_addr=websocket_addr,
+	    $listen_port=websocket_port]);
+@else
+@if ( Version::number >= 70200 )
+	Cluster::listen_websocket([$listen_host=cat(websocket_addr),
+	    $listen_port=websocket_port]);
+@else
+	Broker::listen_websocket(cat(websocket_addr), websocket_port);
+@endif
+@endif
+	}
