@@ -3,8 +3,9 @@ window (and, for Windows, the IP ID) of the host's own SYN and SYN+ACK, so p0f s
 
 Each persona is consistent: its SYN and its SYN+ACK get labels of the same OS (`class:name`) or
 the SYN+ACK gets none, so a direct host never trips condition (1) by construction. The labels
-expected from the stock p0f database are written next to each persona and checked by
-tests/test_lab_personas.py against the real fingerprinter.
+expected from the project's database (osfp/data/stepstone.fp, what the analyzer and the prober
+use) are written next to each persona and checked by tests/test_lab_personas.py against the real
+fingerprinter and the real prober.
 
 Only locally generated packets are rewritten (output hook): a relay forwarding its attacker's SYN
 leaves that SYN as the attacker made it.
@@ -66,16 +67,17 @@ PERSONAS: dict[str, Persona] = {
         ),
         Persona(
             "linux-stock",
-            "this kernel untouched (p0f knows its SYN only generically, its SYN+ACK not at all)",
-            expect_syn="unix:Linux:2.2.x-3.x",
-            expect_synack=None,
+            "this kernel untouched (stock p0f 3.09b knows neither its SYN nor its SYN+ACK; the "
+            "project database does)",
+            expect_syn="unix:Linux:4.19 and newer",
+            expect_synack="unix:Linux:4.19 and newer",
         ),
         Persona(
             "linux-2.6",
             "an old Linux 2.6 (window 4*MSS)",
             syn_window=MSS * 4,
             synack_window=MSS * 4,
-            expect_syn="unix:Linux:2.6.x",
+            expect_syn="unix:Linux:2.4.x-2.6.x",  # generic: this kernel's window scale is above 2.6's
             expect_synack="unix:Linux:2.6.x",
         ),
         Persona(
@@ -94,7 +96,7 @@ PERSONAS: dict[str, Persona] = {
             "a minimal stack: no SACK, timestamps or window scaling (MSS option only)",
             sysctls={"net.ipv4.tcp_timestamps": 0, "net.ipv4.tcp_sack": 0, "net.ipv4.tcp_window_scaling": 0},
             synack_window=MSS * 10,
-            expect_syn="unix:Linux:2.2.x-3.x (barebone)",
+            expect_syn="unix:Linux:4.19 and newer",
             expect_synack="unix:Linux:3.x",
         ),
     )
