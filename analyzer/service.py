@@ -380,23 +380,21 @@ class Service:
             return
         fp = self._fingerprint(h.syn)
         record = passive_record(h, fp) if h.answered else None
-        before = await self.state.load(hid)  # a previous delivery may have enqueued already
-        await self.state.save(Stored(hid=hid, record=record, sport=h.sport, dport=h.dport,
-                                     feed=h.feed, job=None))
-        job = before.job if before is not None else None
-        deduped = False
+        # A previous delivery (before a crash) may have enqueued already: reuse its job.
+        job, hs_logged = await self.state.save(Stored(hid=hid, record=record, sport=h.sport,
+                                                      dport=h.dport, feed=h.feed, job=None))
+        own = deduped = False
         if record is not None and job is None:
             job = await self.queue.enqueue(h.src, h.t, ports=self.config.ports)
             if job is not None:
-                await self.state.set_job(hid, job, h.src, own=True)
+                own = True
                 self.metrics.enqueued.inc()
             else:
                 deduped = True
-                job = await self._earlier_probe(h.src)
                 self.metrics.deduped.inc()
-                if job is not None:
-                    await self.state.set_job(hid, job, h.src, own=False)
-        if await self.handshakes_log.write(hid, _handshake_line(h, fp, job, deduped)):
+                job = await self._earlier_probe(h.src)
+        if not hs_logged and await self.handshakes_log.write(hid, _handshake_line(h, fp, job, deduped),
+                                                             checked=True):
             self.metrics.handshakes.inc()
             if h.answered:
                 self.metrics.answered.inc()
@@ -407,7 +405,7 @@ class Service:
             # its record expired): still a record and a verdict, on the passive half only.
             await self.close_handshake(hid, None, None, "deduped: no earlier probe of this address is known")
             return
-        outcome = await self.state.attach(hid, job)
+        outcome = await self.state.attach(hid, job, h.src, own=own)
         if outcome is not None:
             await self.close_handshake(hid, job, outcome)
 
@@ -447,13 +445,13 @@ class Service:
         from analyzer.measurement import with_probe
         from analyzer.rules import judge
 
-        if await self.state.is_logged("stepstone", hid):
+        stored = await self.state.load(hid, unless_logged="stepstone")
+        if stored is None:
+            # Closed before (a redelivery), or expired: waited longer than handshakes are kept.
             return
-        stored = await self.state.load(hid)
-        if stored is None or stored.record is None:
-            # Expired (waited longer than the state keeps handshakes) or never answered.
-            log.warning("handshake %s of job %s is no longer stored; not closed", hid, job)
-            self.metrics.errors.labels("expired").inc()
+        if stored.record is None:
+            log.warning("handshake %s of job %s was never answered; not closed", hid, job)
+            self.metrics.errors.labels("unanswered").inc()
             return
         record: Record = stored.record
         result = outcome.result if outcome is not None else None
@@ -478,7 +476,7 @@ class Service:
             "reason": reason,
             "verdict_at": now,
         }
-        if not await self.stepstone_log.write(hid, line):
+        if not await self.stepstone_log.write(hid, line, checked=True):
             return
         self.metrics.verdicts.inc()
         if verdict_dict.get("relay"):

@@ -28,13 +28,19 @@ import redis.asyncio as aioredis
 from analyzer.record import Record, RecordError
 from prober.job import JobError, Result
 
-# KEYS: outcome:<job>, job:<job>; ARGV: hid, ttl seconds.
+# KEYS: outcome:<job>, job:<job>, hs:<hid>, probe:<src>; ARGV: hid, job, ttl seconds, own (1/0).
+# Also records the job on the handshake (and, for the job's own handshake, as the address's latest
+# probe): one round trip.
 _ATTACH = """
+redis.call('HSET', KEYS[3], 'job', ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3])
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.call('HGETALL', KEYS[1])
 end
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 return false
 """
 
@@ -113,7 +119,9 @@ class State:
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def save(self, stored: Stored) -> None:
+    async def save(self, stored: Stored) -> tuple[str | None, bool]:
+        """Store a handshake (again: a redelivery keeps the job it got before); returns that
+        earlier job, if any, and whether its handshakes.log line was written already."""
         fields = {
             "record": "" if stored.record is None else json.dumps(stored.record.to_dict()),
             "sport": str(stored.sport),
@@ -122,13 +130,22 @@ class State:
         }
         key = self.key("hs", stored.hid)
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(key, "job")
             pipe.hset(key, mapping=fields)
             pipe.expire(key, self.hs_ttl)
-            await pipe.execute()
+            pipe.exists(self.key("logged", "handshakes", stored.hid))
+            job, _, _, logged = await pipe.execute()
+        return job or None, bool(logged)
 
-    async def load(self, hid: str) -> Stored | None:
-        fields: dict[str, str] = await self.redis.hgetall(self.key("hs", hid))
-        if not fields:
+    async def load(self, hid: str, *, unless_logged: str | None = None) -> Stored | None:
+        """The stored handshake; None if it is gone, or if `unless_logged` names a log that has
+        its line already."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("hs", hid))
+            if unless_logged:
+                pipe.exists(self.key("logged", unless_logged, hid))
+            fields, *logged = await pipe.execute()
+        if not fields or any(logged):
             return None
         try:
             record = Record.from_json(json.loads(fields["record"])) if fields.get("record") else None
@@ -143,22 +160,15 @@ class State:
         except (KeyError, ValueError, RecordError) as exc:
             raise StateError(f"stored handshake {hid} does not decode: {exc}") from None
 
-    async def set_job(self, hid: str, job: str, src: str, *, own: bool) -> None:
-        """Remember which job `hid` waits for; `own` = this handshake's enqueue created the job."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key("hs", hid), "job", job)
-            if own:
-                pipe.set(self.key("probe", src), job, ex=self.outcome_ttl)
-            await pipe.execute()
-
     async def last_probe(self, src: str) -> str | None:
         value: str | None = await self.redis.get(self.key("probe", src))
         return value
 
-    async def attach(self, hid: str, job: str) -> Outcome | None:
-        """Wait for `job` with `hid`; if the job already ended, its outcome (close `hid` now)."""
-        flat = await self._attach(keys=[self.key("outcome", job), self.key("job", job)],
-                                  args=[hid, self.outcome_ttl])
+    async def attach(self, hid: str, job: str, src: str, *, own: bool) -> Outcome | None:
+        """Wait for `job` with `hid` (`own`: this handshake's enqueue created the job, so it is now
+        the address's latest probe); if the job already ended, its outcome (close `hid` now)."""
+        keys = [self.key("outcome", job), self.key("job", job), self.key("hs", hid), self.key("probe", src)]
+        flat = await self._attach(keys=keys, args=[hid, job, self.outcome_ttl, int(own)])
         return Outcome.from_fields(_pairs(flat)) if flat else None
 
     async def settle(self, job: str, outcome: Outcome) -> tuple[Outcome, list[str]]:

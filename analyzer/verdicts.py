@@ -17,6 +17,7 @@ from analyzer.state import State
 # Lines written but not yet marked in Redis when a process dies are among the last few; a
 # generous tail covers every handshake a process can have in hand at once.
 TAIL_BYTES = 1 << 20
+RECENT = 4096
 
 
 class JsonLog:
@@ -26,6 +27,9 @@ class JsonLog:
         self.state = state
         self._fd: int | None = None
         self._writing: set[str] = set()  # hids between the Redis check and the mark, this process
+        # Recently written hids: a second closer that checked Redis before the first one marked
+        # (a claim racing a slow handler) must not write again.
+        self._recent: dict[str, None] = {}
 
     def open(self) -> None:
         """Open for appending (OSError if the directory is not writable) and repair the tail."""
@@ -65,20 +69,24 @@ class JsonLog:
         await self.state.mark_logged(self.name, *hids)
         return len(hids)
 
-    async def write(self, hid: str, obj: dict[str, Any]) -> bool:
-        """Append one line for `hid` unless one was written before; True if written."""
+    async def write(self, hid: str, obj: dict[str, Any], *, checked: bool = False) -> bool:
+        """Append one line for `hid` unless one was written before; True if written.
+        `checked`: the caller has just seen in Redis that it was not (saves a round trip)."""
         if self._fd is None:
             raise RuntimeError(f"{self.path} is not open")
-        if hid in self._writing:
+        if hid in self._writing or hid in self._recent:
             return False
         self._writing.add(hid)
         try:
-            if await self.state.is_logged(self.name, hid):
+            if not checked and await self.state.is_logged(self.name, hid):
                 return False
             line = json.dumps({"hid": hid, **obj}, separators=(",", ":")) + "\n"
             # One write() per line on an O_APPEND file: a killed process leaves whole lines (the
             # kernel finishes a write syscall once it has started), never two lines interleaved.
             os.write(self._fd, line.encode())
+            self._recent[hid] = None
+            if len(self._recent) > RECENT:
+                del self._recent[next(iter(self._recent))]
             await self.state.mark_logged(self.name, hid)
             return True
         finally:
