@@ -78,7 +78,9 @@ class Segment:
         length = 20 + len(self.options) + len(self.payload)
         if len(src) == 4:
             tcp = self.tcp(src + dst + struct.pack("!BBH", 0, 6, length))
-            header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0x1234, 0x4000, self.ttl, 6, 0, src, dst)
+            header = struct.pack(
+                "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0x1234, 0x4000, self.ttl, 6, 0, src, dst
+            )
             header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
             return header + tcp
         tcp = self.tcp(src + dst + struct.pack("!I3xB", length, 6))
@@ -106,7 +108,7 @@ class Case:
     segments: list[Segment] = field(default_factory=list)
 
 
-def _handshake(
+def _handshake(  # noqa: PLR0917 - one positional slot per column of the CASES table
     name: str,
     client: str,
     server: str,
@@ -128,13 +130,28 @@ def _handshake(
         Segment(t, client, server, sport, dport, "S", seq, 0, window, syn_options, ttl=ttl, vlan=vlan)
     )
     for at in synacks:
-        case.segments.append(Segment(at, server, client, dport, sport, "SA", srv, seq + 1, 65160, OPTIONS, vlan=vlan))
+        case.segments.append(
+            Segment(at, server, client, dport, sport, "SA", srv, seq + 1, 65160, OPTIONS, vlan=vlan)
+        )
     if reply is not None:
         kind, at = reply
         flags = "R" if kind == "rst" else ("PA" if payload else "A")
         ack = 0 if kind == "rst" else srv + 1
         case.segments.append(
-            Segment(at, client, server, sport, dport, flags, seq + 1, ack, 502, payload=payload, ttl=ttl, vlan=vlan)
+            Segment(
+                at,
+                client,
+                server,
+                sport,
+                dport,
+                flags,
+                seq + 1,
+                ack,
+                502,
+                payload=payload,
+                ttl=ttl,
+                vlan=vlan,
+            )
         )
     return case
 
@@ -146,10 +163,29 @@ CASES = [
     _handshake("relayed", "203.0.113.20", "198.18.0.7", 40011, 80, 1002.0, [1002.0001], ("ack", 1002.1601)),
     _handshake("karn", "203.0.113.11", DARK, 40002, 80, 1003.0, [1003.0001, 1004.0001], ("ack", 1004.0501)),
     _handshake(
-        "rst", "203.0.113.12", DARK, 40003, 445, 1005.0, [1005.0001], ("rst", 1005.0301), syn_options=b"", window=1024
+        "rst",
+        "203.0.113.12",
+        DARK,
+        40003,
+        445,
+        1005.0,
+        [1005.0001],
+        ("rst", 1005.0301),
+        syn_options=b"",
+        window=1024,
     ),
     _handshake("unanswered", "203.0.113.13", DARK, 40004, 22, 1006.0, [1006.0001], None),
-    _handshake("ipv6", "2001:db8::10", "2001:db8:ffff::5", 40005, 443, 1007.0, [1007.0001], ("ack", 1007.0401), ttl=55),
+    _handshake(
+        "ipv6",
+        "2001:db8::10",
+        "2001:db8:ffff::5",
+        40005,
+        443,
+        1007.0,
+        [1007.0001],
+        ("ack", 1007.0401),
+        ttl=55,
+    ),
     _handshake("outside", "203.0.113.30", "192.0.2.1", 40020, 80, 1008.0, [1008.0001], ("ack", 1008.0101)),
     _handshake(
         "vlan",
