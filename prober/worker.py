@@ -73,6 +73,8 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_hand: set[str] = set()
         self._claim_cursor = "0-0"
+        self._batch: list[tuple[str, Result, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._started = time.time()
 
     # ---- main loop -------------------------------------------------------------------------
@@ -269,15 +271,36 @@ class Worker:
             log.warning("job %s left pending, Redis unavailable: %s", entry_id, exc)
 
     async def _complete(self, entry_id: str, result: Result) -> None:
-        second = int(time.time())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.results, result.fields())  # type: ignore[arg-type]
-            pipe.xack(self.keys.jobs, PROBERS, entry_id)
-            pipe.incr(self.keys.probes_second(second))
-            pipe.expire(self.keys.probes_second(second), 120)
-            pipe.hincrby(self.keys.stats, "probes", 1)
-            await pipe.execute()
+        """Write the result and acknowledge the job atomically. Completions that arrive while a
+        write is in flight go together in the next MULTI: one round trip for many jobs."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append((entry_id, result, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await fut
         self.stats["probes"] += 1
+
+    async def _flush(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            second = int(time.time())
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for _entry_id, result, _fut in batch:
+                        pipe.xadd(self.keys.results, result.fields())  # type: ignore[arg-type]
+                    pipe.xack(self.keys.jobs, PROBERS, *(entry_id for entry_id, _r, _f in batch))
+                    pipe.incrby(self.keys.probes_second(second), len(batch))
+                    pipe.expire(self.keys.probes_second(second), 120)
+                    pipe.hincrby(self.keys.stats, "probes", len(batch))
+                    await pipe.execute()
+            except Exception as exc:
+                for _entry_id, _result, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _entry_id, _result, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def _dead(self, entry_id: str, fields: dict[str, str], reason: str, counter: str) -> None:
         entry = {**fields, "job": entry_id, "src": fields.get("src", ""), "reason": reason,
