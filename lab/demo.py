@@ -83,7 +83,7 @@ class Lab:
         self.topology = Topology(scenarios, self.net, self.children)
         self.traffic: dict[str, list[Child]] = {}  # source address -> its drivers
         self.started = time.monotonic()
-        self._restarts: dict[str, int] = {}
+        self.services: dict[str, Child] = {}  # the current process of each service
         self._client: redis.Redis | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -123,11 +123,17 @@ class Lab:
         assert sensor is not None
         self.say("waiting for the responder, the analyzer and the prober")
         wait_for(lambda: sensor.run("nft", "list", "table", "inet", "stepstone_responder", check=False),
-                 20, "the responder's nftables table", alive=lambda: self.children.any_exited(SERVICES))
+                 20, "the responder's nftables table", alive=self.service_died)
         wait_for(lambda: self._has_group("handshakes", "analyzers"), 30, "the analyzer's consumer group",
-                 alive=lambda: self.children.any_exited(SERVICES))
+                 alive=self.service_died)
         wait_for(lambda: self._has_group("jobs", "probers"), 30, "the prober's consumer group",
-                 alive=lambda: self.children.any_exited(SERVICES))
+                 alive=self.service_died)
+
+    def service_died(self) -> str | None:
+        for child in self.services.values():
+            if reason := child.exited():
+                return reason
+        return None
 
     def _has_group(self, stream: str, group: str) -> bool:
         try:
@@ -153,19 +159,15 @@ class Lab:
 
     def start_service(self, name: str) -> Child:
         ns = self.topology.sensor if name == "responder" else self.topology.prober
-        count = self._restarts.get(name, 0)
-        self._restarts[name] = count + 1
-        label = name if count == 0 else f"{name}.{count}"
-        return self.children.start(label, self.service_args(name), ns, python=True)
-
-    def service(self, name: str) -> Child:
-        """The newest process of service `name`."""
-        count = self._restarts.get(name, 1) - 1
-        return self.children.find(name if count == 0 else f"{name}.{count}")
+        runs = sum(1 for c in self.children.children if c.name.split(".")[0] == name)
+        label = name if runs == 0 else f"{name}.{runs}"
+        self.services[name] = self.children.start(label, self.service_args(name), ns, python=True)
+        return self.services[name]
 
     def kill(self, name: str) -> None:
-        """kill -9 a service (the e2e test's crash)."""
-        self.children.stop(self.service(name), kill=True)
+        """kill -9 a service (the e2e test's crash); `start_service(name)` brings it back."""
+        child = self.services.pop(name)
+        self.children.stop(child, kill=True)
 
     def close(self) -> None:
         try:
@@ -266,7 +268,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         last = 0.0
         while True:
-            if reason := self.children.any_exited(SERVICES):
+            if reason := self.service_died():
                 raise LabError(reason)
             done = self.traffic_done() and not self.pending_verdicts() and self.handshakes()
             now = time.monotonic()

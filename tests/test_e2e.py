@@ -1,0 +1,166 @@
+"""End to end in the virtual darknet: responder, analyzer, Redis and a prober, live.
+
+A small scenario set (one direct scanner, one NAT relay, one TCP-terminating proxy) must give the
+verdicts and Table 3 counts its truth implies; killing the prober and the analyzer with -9 in
+the middle of the traffic must not lose a handshake once they are back. After every run nothing
+of the lab is left: no namespace, nftables table, route, process or file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lab.demo import Lab, preflight
+from lab.netns import unavailable_reason
+from lab.process import wait_for
+from lab.scenarios import Scenarios, parse
+
+pytestmark = pytest.mark.netns
+
+SMALL = """
+[lab]
+connections = 3
+traffic_s = 6
+settle_s = 30
+
+[[host]]
+name = "direct"
+kind = "direct"
+persona = "linux"
+rtt_ms = 20
+
+[[host]]
+name = "nat +50ms other OS"
+kind = "nat"
+persona = "linux"
+attacker_persona = "windows"
+rtt_ms = 20
+extra_delay_ms = 50
+
+[[host]]
+name = "proxy"
+kind = "proxy"
+persona = "linux"
+attacker_persona = "windows"
+rtt_ms = 20
+extra_delay_ms = 50
+"""
+
+CRASH = """
+[lab]
+connections = 8
+traffic_s = 12
+settle_s = 40
+
+[[host]]
+name = "direct"
+kind = "direct"
+rtt_ms = 10
+
+[[host]]
+name = "nat +30ms"
+kind = "nat"
+rtt_ms = 10
+extra_delay_ms = 30
+"""
+
+
+@pytest.fixture(autouse=True)
+def _needs_netns() -> None:
+    if reason := unavailable_reason():
+        pytest.skip(reason)
+
+
+def _ours(workdir: Path) -> list[str]:
+    """Processes whose command line mentions the run's folder (Redis, services, drivers)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(workdir) in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def assert_nothing_left(lab: Lab) -> None:
+    namespaces = lab.net.namespaces  # emptied by close(); check the kernel's list too
+    assert namespaces == []
+    listed = os.popen("ip netns list").read()
+    assert f"sst{lab.net.tag}" not in listed, listed
+    assert all(c.proc.poll() is not None for c in lab.children.children)
+    assert lab.redis_server.proc is None
+    assert _ours(lab.workdir) == []
+    assert not lab.workdir.exists()
+    # The components only ever touch their own namespaces: the host's tables and routes are clean.
+    tables = os.popen("nft list tables").read()
+    assert not any(t in tables for t in ("stepstone_responder", "stepstone_persona", "stepstone_lab")), tables
+    assert "198.18." not in os.popen("ip route show table all").read()
+
+
+def _run(sc: Scenarios) -> tuple[Lab, dict]:
+    preflight(sc)
+    lab = Lab(sc)
+    try:
+        lab.build()
+        lab.start_services()
+        lab.start_traffic()
+        finished = lab.wait_verdicts(sc.traffic_s + sc.settle_s)
+        assert finished, f"still without verdict: {lab.pending_verdicts()}"
+        return lab, lab.report()
+    finally:
+        lab.close()
+
+
+def test_small_scenario_verdicts_and_table3() -> None:
+    sc = parse(SMALL, "small")
+    lab, report = _run(sc)
+    assert_nothing_left(lab)
+    hosts = {h["scenario"]: h for h in report["hosts"]}
+    for h in hosts.values():
+        assert h["evidence"]["connections_ok"] == 3, h
+    assert hosts["direct"]["relay"] is False
+    nat = hosts["nat +50ms other OS"]
+    assert nat["relay"] is True
+    assert nat["evidence"]["verdict"]["cond_os"] and nat["evidence"]["verdict"]["cond_timing"]
+    assert nat["evidence"]["fp"] == ["win:Windows:7 or 8"]
+    # The proxy is reported as what it is: the method sees the relay's own handshake.
+    assert hosts["proxy"]["truth"] == "proxy" and hosts["proxy"]["relay"] is False
+    assert report["table3"] == {"darknet_addresses": 256, "answered_requests": 9, "unique_sources": 3,
+                                "relays_cond1": 1, "relays_cond2": 1, "relays_total": 1}
+    assert report["truth"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 1, "precision": 1.0, "recall": 0.5}
+    assert report["latency_s"]["verdicts"] == 9 and report["latency_s"]["p95"] < 10
+
+
+def test_prober_and_analyzer_killed_mid_run_lose_nothing() -> None:
+    sc = parse(CRASH, "crash")
+    preflight(sc)
+    lab = Lab(sc)
+    try:
+        lab.build()
+        lab.start_services()
+        lab.start_traffic()
+        wait_for(lambda: len(lab.records()) >= 2, 30, "the first verdicts", alive=lab.service_died)
+        lab.kill("analyzer")
+        lab.kill("prober")
+        at_kill = len(lab.handshakes())
+        # The responder keeps feeding Redis while both are dead.
+        wait_for(lambda: len(lab.handshakes()) >= at_kill + 3, 30, "handshakes while they are down")
+        assert len(lab.pending_verdicts()) >= 3
+        lab.start_service("analyzer")
+        lab.start_service("prober")
+        assert lab.wait_verdicts(sc.traffic_s + sc.settle_s), f"lost: {lab.pending_verdicts()}"
+        hids = [r["hid"] for r in lab.records()]
+        handshakes = lab.handshakes()
+    finally:
+        lab.close()
+    assert_nothing_left(lab)
+    assert len(handshakes) == 16
+    assert Counter(hids) == Counter(h["hid"] for h in handshakes), "one stepstone.log line per handshake"
