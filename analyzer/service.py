@@ -40,6 +40,7 @@ from prober.job import JobError
 log = logging.getLogger("stepstone.analyzer")
 
 GROUP = "analyzers"
+JOB_SCAN = 2000  # newest jobs searched for an address whose job id was never recorded
 OS_LEVELS = ("class", "name", "flavor")
 # Entry failures that retrying cannot fix: log, count, acknowledge.
 POISON = (HandshakeError, JobError, StateError)
@@ -417,6 +418,11 @@ class Service:
             if job is not None:
                 return job
             await asyncio.sleep(0.02)
+        # Or an analyzer died between enqueueing and recording the job: the job is on the stream.
+        entries = await self.redis.xrevrange(self.config.prefix + "jobs", count=JOB_SCAN)
+        for job_id, fields in entries:
+            if fields.get("src") == src:
+                return str(job_id)
         return None
 
     async def handle_result(self, entry_id: str, fields: dict[str, str]) -> None:

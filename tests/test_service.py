@@ -364,3 +364,20 @@ async def test_two_analyzers_share_the_work_without_duplicates(harness: Harness,
     hids = [x["hid"] for x in out]
     assert len(hids) == len(set(hids)) == 3 * len(srcs)
     assert all(x["ping_max_us"] == 20_000 for x in out)  # every handshake got its source's probe
+
+
+async def test_job_enqueued_by_a_crashed_analyzer_is_found_on_the_stream(harness: Harness) -> None:
+    """An analyzer died after enqueueing and before recording the job: the redelivered handshake
+    is deduped, and finds its job on the `jobs` stream instead of going unprobed."""
+    from prober.queue import ProbeQueue
+
+    h = handshake("198.18.50.1", "198.19.0.1", t=time.time())
+    job_id = await ProbeQueue(harness.r).enqueue(h.src, h.t)
+    assert job_id is not None
+    async with service(harness):
+        await harness.send(h)
+        await until(lambda: harness.r.scard(P + "job:" + job_id), what="attached to the earlier job")
+        await harness.answer(result(job_id, h.src, h.t, ping_max=30_000, fa=None))
+        (line,) = await harness.verdicts(1)
+    assert line["job"] == job_id and line["ping_max_us"] == 30_000
+    assert await harness.r.xlen(P + "jobs") == 1
