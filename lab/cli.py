@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from lab.netns import NetnsError, remove_stale
+from lab.netns import PREFIX, NetnsError, remove_stale
 from lab.process import LabError
 from lab.scenarios import DEFAULT_FILE, ScenarioError, load
 
@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the report as one JSON object")
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="keep the run's logs (stepstone.log, probes, every process's output) in DIR")
-    sub.add_parser("clean", help="remove namespaces, nftables tables and processes a killed run left")
+    clean = sub.add_parser("clean", help="remove namespaces, nftables tables and processes a killed run left")
+    clean.add_argument("--prefix", default=PREFIX,
+                       help="remove namespaces whose name starts with this (default %(default)s: every "
+                       "lab's and test's; a run's own prefix is in its progress output)")
     return parser
 
 
@@ -43,8 +46,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def clean() -> int:
-    removed = remove_stale()
+def clean(prefix: str) -> int:
+    removed = remove_stale(prefix)
     for name in removed:
         print(f"removed namespace {name}")
     for table in TABLES:
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     try:
         if args.command == "clean":
-            return clean()
+            return clean(args.prefix)
         from lab.demo import run_demo
         from lab.report import render
 

@@ -108,7 +108,8 @@ class Lab:
         self._client = redis.Redis(unix_socket_path=str(self.redis_server.socket), decode_responses=True)
         n = len(self.scenarios.hosts)
         relays = sum(h.kind != "direct" for h in self.scenarios.hosts)
-        self.say(f"building the network: router, sensor, prober, {n} hosts, {relays} attackers behind relays")
+        self.say(f"building the network (namespaces sst{self.net.tag}*): router, sensor, prober, {n} hosts, "
+                 f"{relays} attackers behind relays")
         self.topology.build()
 
     @property
