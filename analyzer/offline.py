@@ -180,7 +180,7 @@ class _FingerprintCache:
         try:
             self._fp = Fingerprinter(db_path=db_path)
         except (OSError, ValueError) as exc:
-            raise InputError(f"--p0f-db {db_path}: cannot load the p0f database: {exc}") from None
+            raise InputError(f"--p0f-db: {exc}") from None  # the message names the file and line
         self._json: dict[Fingerprint, str] = {}
 
     def lookup(self, ip: bytes) -> tuple[str, str | None]:

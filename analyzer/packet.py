@@ -133,8 +133,10 @@ def _trim(frame: bytes, offset: int) -> bytes:
                 return frame[offset : offset + total]
     elif version == 6:
         if len(frame) >= offset + 6:
-            total = 40 + ((frame[offset + 4] << 8) | frame[offset + 5])
-            if total < len(frame) - offset:
+            payload = (frame[offset + 4] << 8) | frame[offset + 5]
+            total = 40 + payload
+            # Payload length 0 with more bytes: a jumbogram or segmentation offload; keep them.
+            if payload and total < len(frame) - offset:
                 return frame[offset : offset + total]
     else:
         raise PacketError(f"IP version {version} after the link layer")

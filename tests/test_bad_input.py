@@ -70,6 +70,9 @@ def test_missing_file_and_bad_options(tmp_path: Path) -> None:
     path = tmp_path / "ok.pcap"
     path.write_bytes(pcap_bytes(GOOD))
     assert_clean_failure(cli("fingerprint", str(path), "--p0f-db", str(tmp_path / "none.fp")), "none.fp")
+    garbage = tmp_path / "garbage.fp"
+    garbage.write_bytes(b"[tcp:request]\nlabel = s:unix:Linux:x\nsig = 1:2:3\n")
+    assert_clean_failure(cli("fingerprint", str(path), "--p0f-db", str(garbage)), "garbage.fp", "line 3")
     # argparse's own errors: usage plus one line, exit 2, no traceback.
     proc = cli("replay", str(path), "--darknet", "300.1.2.0/24")
     assert proc.returncode == 2 and "not an IPv4 or IPv6 network" in proc.stderr
