@@ -431,8 +431,7 @@ class Service:
         result = Result.from_fields(fields)
         self.metrics.results.inc()
         outcome, hids = await self.state.settle(result.job, Outcome(result=result))
-        for hid in hids:
-            await self.close_handshake(hid, result.job, outcome)
+        await self._close_all(hids, result.job, outcome)
 
     async def handle_dead(self, entry_id: str, fields: dict[str, str]) -> None:
         job = fields.get("job", "")
@@ -441,8 +440,16 @@ class Service:
         reason = fields.get("reason") or "no reason given"
         self.metrics.dead.inc()
         outcome, hids = await self.state.settle(job, Outcome(result=None, dead=reason))
+        await self._close_all(hids, job, outcome)
+
+    async def _close_all(self, hids: list[str], job: str, outcome: Outcome) -> None:
         for hid in hids:
-            await self.close_handshake(hid, job, outcome)
+            try:
+                await self.close_handshake(hid, job, outcome)
+            except StateError as exc:
+                # One unreadable handshake must not keep the others of this job from closing.
+                log.warning("handshake %s of job %s not closed: %s", hid, job, exc)
+                self.metrics.errors.labels("malformed").inc()
 
     async def close_handshake(
         self, hid: str, job: str | None, outcome: Outcome | None, reason: str | None = None
@@ -462,7 +469,11 @@ class Service:
         record: Record = stored.record
         result = outcome.result if outcome is not None else None
         if result is not None:
-            record = with_probe(record, result)
+            try:
+                record = with_probe(record, result)
+            except ValueError as exc:  # a result for another address: keep the passive half
+                result, reason = None, f"probe result unusable: {exc}"
+                self.metrics.errors.labels("malformed").inc()
         elif outcome is not None:
             reason = f"probe gave up: {outcome.dead}"
         records = await self.state.add_record(hid, record)

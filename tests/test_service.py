@@ -381,3 +381,30 @@ async def test_job_enqueued_by_a_crashed_analyzer_is_found_on_the_stream(harness
         (line,) = await harness.verdicts(1)
     assert line["job"] == job_id and line["ping_max_us"] == 30_000
     assert await harness.r.xlen(P + "jobs") == 1
+
+
+async def test_redis_restart_mid_run_loses_nothing(redis_aof: RedisServer, tmp_path: Path) -> None:
+    async with open_harness(redis_aof, tmp_path / "logs") as h, service(h):
+        first = handshake("198.18.60.1", "198.19.0.1", t=time.time())
+        await h.send(first)
+        (job1, _), = await h.jobs(1)
+        await asyncio.to_thread(redis_aof.restart)  # kill -9 and start again, AOF on
+        await h.answer(result(job1, first.src, first.t, ping_max=30_000, fa=None))
+        second = handshake("198.18.60.2", "198.19.0.1", t=time.time())
+        await h.send(second)
+        jobs = await h.jobs(2)
+        await h.answer(result(jobs[1][0], second.src, second.t, ping_max=30_000, fa=None))
+        out = await h.verdicts(2)
+    assert sorted(x["src"] for x in out) == [first.src, second.src]
+    assert all(x["ping_max_us"] == 30_000 for x in out)
+
+
+async def test_result_for_another_address_keeps_the_passive_half(harness: Harness) -> None:
+    h = handshake("198.18.61.1", "198.19.0.1", t=time.time(), tp_us=15_000)
+    async with service(harness):
+        await harness.send(h)
+        (job_id, _), = await harness.jobs(1)
+        await harness.answer(result(job_id, "198.18.61.99", h.t, ping_max=30_000, fa=None))
+        (line,) = await harness.verdicts(1)
+    assert line["ping_max_us"] is None and line["tp_us"] == 15_000
+    assert line["reason"].startswith("probe result unusable")
