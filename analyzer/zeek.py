@@ -339,11 +339,14 @@ class ZeekClient:
         self.ping_interval = ping_interval
         self.app_name = app_name
         self.stats = ClientStats()
-        self.connected = asyncio.Event()
+        self.connected = asyncio.Event()  # subscribed (acked) and sending
+        self.disconnected = asyncio.Event()  # the opposite, for those who wait on an outage
+        self.disconnected.set()
         self.server_version: str | None = None
         self._outbox: deque[str] = deque(maxlen=resend_limit)
         self._outbox_ready = asyncio.Event()
-        self._inbox: asyncio.Queue[Handshake] = asyncio.Queue(maxsize=inbox_size)
+        # None wakes a consumer waiting in handshakes() when the client is closed.
+        self._inbox: asyncio.Queue[Handshake | None] = asyncio.Queue(maxsize=inbox_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -353,7 +356,10 @@ class ZeekClient:
         """Every valid handshake Zeek publishes, across reconnects, until `close()`."""
         self.start()
         while not self._closed:
-            yield await self._inbox.get()
+            handshake = await self._inbox.get()
+            if handshake is None:
+                return
+            yield handshake
 
     async def publish_verdict(self, verdict: Mapping[str, Any], record: Mapping[str, Any]) -> None:
         """Queue a verdict for Zeek; sent now if connected, else after the next reconnect."""
@@ -387,6 +393,8 @@ class ZeekClient:
                 await self._task
             self._task = None
         self.connected.clear()
+        with contextlib.suppress(asyncio.QueueFull):  # full: the consumer sees _closed on its next turn
+            self._inbox.put_nowait(None)
 
     async def __aenter__(self) -> ZeekClient:
         self.start()
@@ -406,6 +414,7 @@ class ZeekClient:
                     additional_headers={"X-Application-Name": self.app_name},
                     ping_interval=self.ping_interval,
                     open_timeout=self.ack_timeout,
+                    close_timeout=2.0,
                     max_queue=64,
                 ) as ws:
                     if await self._subscribe(ws):
@@ -415,8 +424,12 @@ class ZeekClient:
                 raise
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 log.warning("Zeek at %s: %s", self.url, exc or type(exc).__name__)
+            except Exception:
+                # A bug of ours must not end the link for good: log it and reconnect.
+                log.exception("Zeek client failed; reconnecting")
             finally:
                 self.connected.clear()
+                self.disconnected.set()
             if self._closed:
                 return
             # Jitter keeps a fleet of analyzers from reconnecting in lockstep after a Zeek restart.
@@ -446,6 +459,7 @@ class ZeekClient:
 
     async def _session(self, ws: ClientConnection) -> None:
         self.connected.set()
+        self.disconnected.clear()
         reader = asyncio.create_task(self._read(ws), name="zeek-read")
         writer = asyncio.create_task(self._write(ws), name="zeek-write")
         try:

@@ -1,0 +1,593 @@
+"""ZeekClient against a WebSocket server in the test that speaks Zeek's protocol (JSON v1): the
+subscription and ack, data-messages, the errors a real Zeek 8.0.10 answered (shared/zeek-ws),
+frames replayed byte for byte (invalid UTF-8 included), pings, and a server restart mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import ipaddress
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from analyzer import broker
+from analyzer.broker import Count, Enum, Event, Port, Timespan, Timestamp
+from analyzer.handshake import Handshake, HandshakeError
+from analyzer.record import Record
+from analyzer.rules import Verdict
+from analyzer.zeek import (
+    HANDSHAKE_EVENT,
+    HANDSHAKE_TOPIC,
+    VERDICT_EVENT,
+    VERDICT_TOPIC,
+    ZeekClient,
+    handshake_from_event,
+    verdict_event,
+)
+from tests.conftest import shared_dir
+
+TIMEOUT = 10.0
+ZEEK_WS = shared_dir() / "zeek-ws"
+RECEIVED = (ZEEK_WS / "received.bin").read_bytes().splitlines()
+ACK, REC_EVENT, ERR_EVENT, ERR_JSON, _ = RECEIVED
+
+
+def _mkpcap() -> ModuleType:
+    path = Path(__file__).resolve().parent / "btest" / "Scripts" / "mkpcap.py"
+    spec = importlib.util.spec_from_file_location("mkpcap", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mkpcap"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+MK = _mkpcap()
+
+
+def with_metadata(frame: bytes) -> bytes:
+    """The recorded event frame as Zeek sends it with EventMetadata::add_network_timestamp = T:
+    the metadata element spliced in before the closing brackets, the raw bytes left as they are."""
+    meta = (
+        b',{"@data-type":"vector","data":[{"@data-type":"vector","data":[{"@data-type":"count","data":1},'
+        b'{"@data-type":"timestamp","data":"2026-11-27T03:54:33.363"}]}]}'
+    )
+    assert frame.endswith(b"]}]}]}")
+    return frame[: -len(b"]}]}")] + meta + b"]}]}"
+
+
+# --- handshake events as the Zeek script sends them ----------------------------------------------
+
+
+def handshake_info(
+    segments: list[Any],
+    *,
+    uid: str = "CSX9Em2wk0FT25qJ8f",
+    vlan: int | None = None,
+    link_type: int = 1,
+    encap: str = "LINK_ETHERNET",
+    tp_override: Any = "auto",
+) -> tuple[Any, ...]:
+    """The HandshakeInfo record (positional) for one mkpcap case, computed like handshake.zeek."""
+    syn = segments[0]
+    synacks = [s for s in segments if s.flags == "SA"]
+    replies = [s for s in segments[1:] if s.flags in ("A", "PA", "R")]
+    reply = replies[0] if replies else None
+    kind = "" if reply is None else ("rst" if reply.flags == "R" else "ack")
+    tp = None
+    if reply is not None and len(synacks) == 1:
+        tp = Timespan(round((reply.t - synacks[0].t) * 1e6) * 1000)
+    if tp_override != "auto":
+        tp = tp_override
+    v6 = ":" in syn.src
+    return (
+        uid,
+        Timestamp(round(syn.t * 1000) * 1_000_000),  # a time crosses with milliseconds only
+        Timespan.from_seconds(syn.t),
+        ipaddress.ip_address(syn.src),
+        Port(syn.sport, "tcp"),
+        ipaddress.ip_address(syn.dst),
+        Port(syn.dport, "tcp"),
+        base64.b64encode(syn.frame()).decode(),
+        link_type,
+        Enum(encap),
+        Enum("L3_IPV6" if v6 else "L3_IPV4"),
+        None if vlan is None else Count(vlan),
+        None,
+        Count(0x86DD if v6 else 0x0800),
+        Count(len(synacks)),
+        tuple(Timespan.from_seconds(s.t) for s in synacks),
+        kind,
+        None if reply is None else Timespan.from_seconds(reply.t),
+        tp,
+    )
+
+
+def case(name: str, sport: int | None = None) -> Any:
+    return next(c for c in MK.CASES if c.name == name and (sport is None or c.sport == sport))
+
+
+def hs_frame(info: tuple[Any, ...], *, metadata: bool = False) -> bytes:
+    meta = ((Count(1), Timestamp(1764215673_363_000_000)),) if metadata else None
+    return broker.event_frame(HANDSHAKE_TOPIC, Event(HANDSHAKE_EVENT, (info,), meta)).encode()
+
+
+# --- a Zeek stand-in -----------------------------------------------------------------------------
+
+VERDICT_TYPES = (
+    ipaddress.IPv4Address | ipaddress.IPv6Address,
+    bool,
+    bool,
+    bool,
+    Timespan | None,
+    Timespan | None,
+    Count,
+    Timestamp | None,
+    ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    Timespan | None,
+    Timespan | None,
+    Timespan | None,
+    Timespan | None,
+    str | None,
+    str | None,
+    str,
+)
+
+
+def zeek_would_accept(event: Event) -> bool:
+    """What Zeek checks when it turns a client's event into a StepStone::verdict: arity and types."""
+    if event.name != VERDICT_EVENT or len(event.args) != 1 or not isinstance(event.args[0], tuple):
+        return False
+    fields = event.args[0]
+    return len(fields) == len(VERDICT_TYPES) and all(
+        isinstance(v, t) and (isinstance(v, bool) == (t is bool))
+        for v, t in zip(fields, VERDICT_TYPES, strict=True)
+    )
+
+
+@dataclass
+class FakeZeek:
+    """Speaks the client side of Zeek's WebSocket API: ack, data-messages, errors, pings."""
+
+    port: int = 0
+    script: list[bytes] = field(default_factory=list)  # frames sent (as text frames) after the ack
+    refuse_first: int = 0  # answer this many subscriptions with an error
+    subscriptions: list[Any] = field(default_factory=list)
+    received: list[Event] = field(default_factory=list)
+    connections: int = 0
+    server: Server | None = None
+    live: set[ServerConnection] = field(default_factory=set)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def start(self) -> None:
+        self.server = await serve(self._handler, "127.0.0.1", self.port)
+        self.port = next(iter(self.server.sockets)).getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        self.server = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/messages/json"
+
+    async def send(self, frame: bytes) -> None:
+        for ws in list(self.live):
+            await ws.send(frame, text=True)  # bytes as they are, in a text frame, like Zeek
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            async with self.changed:
+                await self.changed.wait_for(predicate)
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        first = json.loads(await ws.recv())
+        self.subscriptions.append(first)
+        if self.refuse_first > 0:
+            self.refuse_first -= 1
+            await ws.send(
+                b'{"type":"error","code":"invalid_subscription","context":"test refuses"}', text=True
+            )
+            await ws.close()
+            await self._notify()
+            return
+        await ws.send(ACK, text=True)
+        self.live.add(ws)
+        await self._notify()
+        try:
+            for frame in self.script:
+                await ws.send(frame, text=True)
+            async for text in ws:
+                await self._client_message(ws, text)
+        finally:
+            self.live.discard(ws)
+            await self._notify()
+
+    async def _client_message(self, ws: ServerConnection, text: str | bytes) -> None:
+        try:
+            message = broker.parse_frame(text)
+            event = message.event if isinstance(message, broker.DataMessage) else None
+            if event is None:
+                raise broker.BrokerError("not an event")
+        except broker.BrokerError:
+            await ws.send(ERR_JSON, text=True)  # recorded: "failed to decode JSON object"
+            return
+        if not zeek_would_accept(event):
+            await ws.send(ERR_EVENT, text=True)  # recorded: "failed to create Zeek event"
+            return
+        assert isinstance(message, broker.DataMessage) and message.topic == VERDICT_TOPIC
+        self.received.append(event)
+        await self._notify()
+
+
+@pytest.fixture
+async def zeek() -> AsyncIterator[FakeZeek]:
+    server = FakeZeek()
+    await server.start()
+    try:
+        yield server
+    finally:
+        if server.server is not None:
+            await server.stop()
+
+
+@pytest.fixture
+async def client_for() -> AsyncIterator[Callable[..., ZeekClient]]:
+    clients: list[ZeekClient] = []
+
+    def make(url: str, **kwargs: Any) -> ZeekClient:
+        kwargs.setdefault("backoff_initial", 0.02)
+        kwargs.setdefault("backoff_max", 0.1)
+        client = ZeekClient(url, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def take(stream: AsyncIterator[Handshake], n: int) -> list[Handshake]:
+    async with asyncio.timeout(TIMEOUT):
+        return [await anext(stream) for _ in range(n)]
+
+
+# --- handshake conversion -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "sport", "reply", "tp_us", "synacks"),
+    [
+        ("direct", 40001, "ack", 20_000, 1),
+        ("relayed", 40010, "ack", 150_000, 1),
+        ("karn", 40002, "ack", None, 2),
+        ("rst", 40003, "rst", 30_000, 1),
+        ("unanswered", 40004, None, None, 1),
+        ("ipv6", 40005, "ack", 40_000, 1),
+        ("vlan", 40006, "ack", 10_000, 1),
+    ],
+)
+def test_handshake_events_become_the_same_handshake_as_the_pcap_path(
+    name: str, sport: int, reply: str | None, tp_us: int | None, synacks: int
+) -> None:
+    c = case(name, sport)
+    info = handshake_info(c.segments, vlan=42 if name == "vlan" else None)
+    message = broker.parse_frame(hs_frame(info))
+    assert isinstance(message, broker.DataMessage) and message.event is not None
+    h = handshake_from_event(message.event)
+    syn = c.segments[0]
+    assert h.feed == "zeek"
+    assert (h.src, h.sport, h.dst, h.dport) == (syn.src, syn.sport, syn.dst, syn.dport)
+    assert round(h.t * 1e6) == round(syn.t * 1e6)  # microseconds kept (the ts field has ms only)
+    assert h.reply == reply
+    assert h.tp_us == tp_us
+    assert len(h.synack_times) == synacks
+    # The IP packet, without link layer, VLAN tag or Ethernet padding.
+    assert h.syn == syn.ip()
+    if reply is None:
+        assert h.reply_time is None and not h.answered
+    else:
+        assert h.reply_time is not None and h.reply_time > h.synack_times[-1]
+        assert h.ambiguous == (tp_us is None)
+
+
+def test_syn_bytes_on_other_link_layers_use_the_packet_sources_dlt() -> None:
+    c = case("direct")
+    syn = c.segments[0]
+    sll = bytes.fromhex("0000000100060200000000010000") + b"\x08\x00" + syn.ip()  # DLT_LINUX_SLL
+    info = list(handshake_info(c.segments, link_type=113, encap="LINK_UNKNOWN"))
+    info[7] = base64.b64encode(sll).decode()
+    h = handshake_from_event(Event(HANDSHAKE_EVENT, (tuple(info),)))
+    assert h.syn == syn.ip()
+
+
+def test_unusable_syn_bytes_keep_the_timing() -> None:
+    c = case("direct")
+    info = list(handshake_info(c.segments))
+    info[7] = base64.b64encode(b"\x02\x00short").decode()
+    h = handshake_from_event(Event(HANDSHAKE_EVENT, (tuple(info),)))
+    assert h.syn is None and h.tp_us == 20_000
+
+
+def _bad(index: int, value: Any) -> tuple[Any, ...]:
+    info = list(handshake_info(case("direct").segments))
+    info[index] = value
+    return tuple(info)
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        _bad(0, ""),  # uid
+        _bad(1, Timestamp(0)),  # ts far from syn_epoch: fields out of order
+        _bad(2, Timespan(-5)),  # negative epoch
+        _bad(3, "203.0.113.10"),  # address as a string
+        _bad(4, Port(40001, "udp")),
+        _bad(7, "not base64!"),
+        _bad(8, "1"),  # link_type must be an int
+        _bad(14, 3),  # synack_count as integer, not count
+        _bad(15, (Timespan(1), "x")),
+        _bad(16, "fin"),
+        _bad(17, None),  # reply without reply time
+        _bad(18, Timespan(-1)),
+        handshake_info(case("unanswered").segments, tp_override=Timespan(1000)),  # tp without reply
+        handshake_info(case("direct").segments)[:10],  # too few fields
+    ],
+)
+def test_invalid_handshake_events_are_refused(info: tuple[Any, ...]) -> None:
+    with pytest.raises((HandshakeError, broker.BrokerError)):
+        handshake_from_event(Event(HANDSHAKE_EVENT, (info,)))
+
+
+def test_trailing_fields_of_a_newer_script_are_ignored() -> None:
+    info = (*handshake_info(case("direct").segments), "future field")
+    assert handshake_from_event(Event(HANDSHAKE_EVENT, (info,))).tp_us == 20_000
+
+
+# --- verdict events -------------------------------------------------------------------------------
+
+RECORD = Record(
+    t=1764212880.123456,
+    src="203.0.113.20",
+    dst="198.18.0.6",
+    tp_us=150_000,
+    ping_min_us=4_000,
+    ping_avg_us=8_000,
+    ping_max_us=12_500,
+    ping_var_us2=4.0,
+    syn_rtt_us=9_000,
+    fp="unix:Linux:3.11 and newer",
+    fa=None,
+)
+VERDICT = Verdict(
+    src="203.0.113.20",
+    cond_os=False,
+    cond_timing=True,
+    relay=True,
+    tp_mean_us=155_000.0,
+    ta_max_mean_us=12_250.25,
+    samples=2,
+    records=2,
+    with_ping=2,
+    tp_exceeds_ta_max=2,
+    os_pair=None,
+    window_start=1764200000.0,
+    window_end=1764212880.2,
+)
+
+
+def test_verdict_event_carries_verdict_and_measurement() -> None:
+    event = verdict_event(VERDICT.to_dict(), RECORD.to_dict())
+    assert zeek_would_accept(event)
+    (v,) = event.args
+    assert v[0] == ipaddress.ip_address("203.0.113.20")
+    assert v[1:4] == (False, True, True)
+    assert v[4] == Timespan(155_000_000) and v[5] == Timespan(12_250_250)
+    assert v[6] == Count(2)
+    # Sent to Zeek, a timestamp keeps microseconds (zeek-stdout.txt shows them decoded exactly).
+    assert broker.encode(v[7])["data"] == "2025-11-27T03:08:00.123456"
+    assert v[8] == ipaddress.ip_address("198.18.0.6")
+    assert v[9:13] == (Timespan(150_000_000), Timespan(4_000_000), Timespan(8_000_000), Timespan(12_500_000))
+    assert v[13:15] == ("unix:Linux:3.11 and newer", None)
+    assert "timing: mean T^p 155.000 ms > mean max ping 12.250 ms over 2 samples" in v[15]
+    # It survives the wire.
+    again = broker.parse_frame(broker.event_frame(VERDICT_TOPIC, event))
+    assert isinstance(again, broker.DataMessage) and again.event == event
+
+
+def test_verdict_reasons_name_the_os_pair() -> None:
+    verdict = VERDICT.to_dict() | {"cond_os": True, "os_pair": ["unix:Linux:3.x", "win:Windows:7 or 8"]}
+    (v,) = verdict_event(verdict, RECORD.to_dict()).args
+    assert "OS mismatch: SYN unix:Linux:3.x vs probe win:Windows:7 or 8" in v[15]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "record"),
+    [
+        (VERDICT.to_dict() | {"src": "203.0.113.99"}, RECORD.to_dict()),  # another source's record
+        (VERDICT.to_dict() | {"relay": "yes"}, RECORD.to_dict()),
+        (VERDICT.to_dict() | {"samples": -1}, RECORD.to_dict()),
+        (VERDICT.to_dict() | {"tp_mean_us": float("nan")}, RECORD.to_dict()),
+        (VERDICT.to_dict(), RECORD.to_dict() | {"dst": "nowhere"}),
+    ],
+)
+def test_verdicts_that_do_not_fit_are_refused(verdict: dict[str, Any], record: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        verdict_event(verdict, record)
+
+
+# --- the client against the stand-in --------------------------------------------------------------
+
+
+async def test_recorded_frames_are_replayed_and_the_connection_survives_them(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    direct = hs_frame(handshake_info(case("direct").segments))
+    # Zeek's real frames: an event with a raw binary string (invalid UTF-8), then the three errors
+    # it answered; then a handshake. A client that closed on invalid UTF-8 would miss it.
+    zeek.script = [REC_EVENT, *RECEIVED[2:], direct]
+    client = client_for(zeek.url)
+    stream = client.handshakes()
+    (h,) = await take(stream, 1)
+    assert h.src == "203.0.113.10" and h.tp_us == 20_000
+    assert zeek.subscriptions == [[HANDSHAKE_TOPIC]]
+    assert zeek.connections == 1 and client.stats.connects == 1
+    assert client.stats.rejected == 1  # the invalid UTF-8 frame
+    assert client.stats.zeek_errors == 3
+    assert client.server_version == "8.0.10"
+
+
+async def test_frames_with_the_metadata_element_are_understood(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    zeek.script = [
+        with_metadata(REC_EVENT),  # the recorded frame with metadata: still invalid UTF-8
+        hs_frame(handshake_info(case("relayed", 40010).segments), metadata=True),
+        hs_frame(handshake_info(case("ipv6").segments), metadata=False),
+    ]
+    client = client_for(zeek.url)
+    hs = await take(client.handshakes(), 2)
+    assert [h.tp_us for h in hs] == [150_000, 40_000]
+    assert client.stats.rejected == 1 and zeek.connections == 1
+
+
+async def test_bad_frames_and_unknown_events_are_skipped(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    bad_record = _bad(16, "fin")
+    zeek.script = [
+        b"{not json",
+        b'{"type":"gossip"}',
+        broker.event_frame(HANDSHAKE_TOPIC, Event("Other::event", ())).encode(),
+        hs_frame(bad_record),
+        json.dumps({"type": "data-message", "topic": HANDSHAKE_TOPIC, **broker.encode("x")}).encode(),
+        hs_frame(handshake_info(case("rst").segments)),
+    ]
+    client = client_for(zeek.url)
+    (h,) = await take(client.handshakes(), 1)
+    assert h.reply == "rst"
+    assert client.stats.rejected == 5 and client.stats.handshakes == 1 and zeek.connections == 1
+
+
+async def test_verdicts_reach_zeek_and_zeeks_errors_are_reported(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    client = client_for(zeek.url)
+    await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    await zeek.wait_for(lambda: len(zeek.received) == 1)
+    assert zeek.received[0] == verdict_event(VERDICT.to_dict(), RECORD.to_dict())
+    # An event Zeek cannot use: it answers with the recorded error and keeps the connection.
+    await client.publish(VERDICT_TOPIC, Event(VERDICT_EVENT, (True, Count(42), -7)))
+    await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    await zeek.wait_for(lambda: len(zeek.received) == 2)
+    # Frames arrive in order: once this handshake is out, the error before it has been handled.
+    await zeek.send(hs_frame(handshake_info(case("direct").segments)))
+    await take(client.handshakes(), 1)
+    assert client.stats.zeek_errors == 1
+    assert zeek.connections == 1 and client.pending == 0
+
+
+async def test_a_refused_subscription_is_retried(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    zeek.refuse_first = 2
+    zeek.script = [hs_frame(handshake_info(case("direct").segments))]
+    client = client_for(zeek.url)
+    (h,) = await take(client.handshakes(), 1)
+    assert h.tp_us == 20_000
+    assert zeek.connections == 3 and client.stats.zeek_errors == 2 and client.stats.connects == 1
+
+
+async def test_the_client_answers_zeeks_pings(zeek: FakeZeek, client_for: Callable[..., ZeekClient]) -> None:
+    client = client_for(zeek.url, ping_interval=None)
+    client.start()
+    await zeek.wait_for(lambda: len(zeek.live) == 1)
+    (ws,) = zeek.live
+    pong = await ws.ping(b"are you there")
+    async with asyncio.timeout(TIMEOUT):
+        await pong
+
+
+async def test_full_exchange_with_a_zeek_restart_loses_nothing(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    first = [
+        hs_frame(handshake_info(case("direct").segments)),
+        hs_frame(handshake_info(case("karn").segments)),
+    ]
+    zeek.script = first
+    client = client_for(zeek.url)
+    stream = client.handshakes()
+    got = await take(stream, 2)
+    assert [h.src for h in got] == ["203.0.113.10", "203.0.113.11"]
+    await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    await zeek.wait_for(lambda: len(zeek.received) == 1)
+
+    # Zeek goes away; verdicts produced meanwhile wait in the client.
+    await zeek.stop()
+    async with asyncio.timeout(TIMEOUT):
+        await client.disconnected.wait()
+    during = []
+    for i in range(5):
+        record = RECORD.to_dict() | {"tp_us": 100_000 + i}
+        during.append(verdict_event(VERDICT.to_dict(), record))
+        await client.publish_verdict(VERDICT.to_dict(), record)
+    assert client.pending == 5
+
+    # Zeek comes back on the same port, with more handshakes.
+    zeek.script = [hs_frame(handshake_info(case("ipv6").segments))]
+    await zeek.start()
+    got += await take(stream, 1)
+    await zeek.wait_for(lambda: len(zeek.received) == 6)
+    assert zeek.received[1:] == during  # every queued verdict, in order, once
+    assert [h.src for h in got] == ["203.0.113.10", "203.0.113.11", "2001:db8::10"]
+    assert client.stats.connects == 2 and client.pending == 0 and client.stats.dropped == 0
+    await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    await zeek.wait_for(lambda: len(zeek.received) == 7)
+
+
+async def test_the_resend_queue_is_bounded(zeek: FakeZeek, client_for: Callable[..., ZeekClient]) -> None:
+    await zeek.stop()
+    client = client_for(zeek.url, resend_limit=3)
+    records = [RECORD.to_dict() | {"tp_us": 1000 * i} for i in range(5)]
+    for record in records:
+        await client.publish_verdict(VERDICT.to_dict(), record)
+    assert client.pending == 3 and client.stats.dropped == 2
+    await zeek.start()
+    await zeek.wait_for(lambda: len(zeek.received) == 3)
+    assert zeek.received == [verdict_event(VERDICT.to_dict(), r) for r in records[2:]]  # the newest kept
+
+
+async def test_close_ends_the_handshake_stream(zeek: FakeZeek, client_for: Callable[..., ZeekClient]) -> None:
+    client = client_for(zeek.url)
+    stream = client.handshakes()
+    waiting = asyncio.create_task(anext(stream, None))
+    await zeek.wait_for(lambda: len(zeek.live) == 1)
+    await client.close()
+    async with asyncio.timeout(TIMEOUT):
+        assert await waiting is None
+    with pytest.raises(RuntimeError):
+        await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+
+
+def test_bad_urls_and_topics_are_refused() -> None:
+    with pytest.raises(ValueError):
+        ZeekClient("http://127.0.0.1:27759/v1/messages/json")
+    with pytest.raises(ValueError):
+        ZeekClient("ws://127.0.0.1:27759/v1/messages/json", topics=("",))
