@@ -117,3 +117,14 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     broken.write_text("[tcp:request]\nlabel = s:unix:Linux:x\nsig = *:64:0:*:mss*10,*:mss:df:zz\n")
     with pytest.raises(DatabaseLoadError, match=r"broken\.fp"):
         Fingerprinter(broken)
+
+
+def test_explain_names_the_matching_line() -> None:
+    from osfp.craft import Shape, build
+
+    where = Fingerprinter().explain(build(Shape()))
+    assert where is not None
+    path, line, text = where.split(":", 2)
+    assert path == str(default_database_path())
+    assert default_database_path().read_text().splitlines()[int(line) - 1].endswith(text.strip())
+    assert "mss*44" in text

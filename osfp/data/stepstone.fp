@@ -353,8 +353,10 @@ sig   = *:64:0:1460:mss*4,2:mss,sok,nop,nop,nop,nop,nop,nop,nop,nop,nop,nop,nop,
 ; section is not in p0f 3.09b's database. Specific signatures only; they
 ; come after the stock ones, so every stock specific signature keeps
 ; priority and only packets the stock file labelled generically, fuzzily
-; or not at all get the labels below. `p0f -f` accepts this file (no
-; signature is covered by an earlier one): tests/test_osfp_database.py.
+; or not at all get the labels below. p0f 3.09b loads this file with -f,
+; each addition labels its own crafted packets (no earlier signature
+; shadows it) and p0f agrees with us on all of them:
+; tests/test_osfp_database.py.
 ; ======================================================================
 
 ; Linux 4.19 and newer. The SYN window is 65535 rounded down to a multiple
