@@ -82,6 +82,8 @@ class Pinger:
                     continue  # no IPv6 on this host: IPv6 targets then count as lost
                 raise PingPermissionError(str(exc)) from None
             sock.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            # Hundreds of replies can arrive in one burst; the default buffer holds ~300.
+            grow_buffer(sock.sock)
             sock.sock.setblocking(False)
             self._socks[family] = sock
             loop.add_reader(sock.sock.fileno(), self._on_readable, family)
@@ -155,6 +157,14 @@ class Pinger:
             fut = self._waiting.get((_canonical(addr[0]), ident, seq))
             if fut is not None and not fut.done():
                 fut.set_result(stamp)
+
+
+def grow_buffer(sock: socket.socket, size: int = 8 << 20) -> None:
+    """A large receive buffer; SO_RCVBUFFORCE passes net.core.rmem_max when we hold CAP_NET_ADMIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def _canonical(address: str) -> str:

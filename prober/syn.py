@@ -27,6 +27,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from prober.ping import grow_buffer
+
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -139,7 +141,7 @@ class SynProber:
             raise SynPermissionError("raw sockets (SYN probes) need root or CAP_NET_RAW") from None
         attach_filter(recv, _TCP_IN)
         recv.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        recv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        grow_buffer(recv)
         recv.setblocking(False)
         for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
             try:
