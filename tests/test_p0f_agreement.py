@@ -210,3 +210,38 @@ def test_bad_packets_are_not_labelled_by_p0f_either(tmp_path: Path) -> None:
         assert "bad" in theirs[port].raw_sig.split(":")[6]
         with pytest.raises(FingerprintError):
             Fingerprinter(stock_database_path()).fingerprint(packet)
+
+
+def test_header_oddities_match_p0f(tmp_path: Path) -> None:
+    """The corners where p0f's C differs from a plain reading of the headers, checked on p0f itself:
+    the `ack+` bit test, non-zero EOL padding (last byte or not), `mss-12` only with TSval != 0."""
+    from dataclasses import replace
+
+    from osfp.craft import Shape, build
+
+    base = Shape()
+    packets: list[bytes] = []
+
+    def add(packet: bytes) -> None:
+        packets.append(packet)
+
+    for i, ack in enumerate((0x0000_0001, 0x0100_0000, 0xFE00_0000, 0xFFFF_FFFF)):
+        p = build(base, sport=6000 + i)
+        add(p[:28] + struct.pack("!I", ack) + p[32:])
+    eol = replace(base, layout=(2, 4, 8, 1, 3, 0), eol_pad=3)  # 20 + 1 + 3 bytes of options
+    for i, where in enumerate((1, 3)):
+        p = bytearray(build(eol, sport=6100 + i))
+        p[40 + 20 + where] = 9
+        add(bytes(p))
+    # MSS 1400, window 1388 * 47: a multiple of mss-12 only; with TSval 0 p0f must not use it.
+    for i, quirks in enumerate((set(), {"ts1-"})):
+        add(build(replace(base.with_quirks(add=quirks), mss=1400, win=1388 * 47), sport=6200 + i))
+    pcap = tmp_path / "odd.pcap"
+    write_pcap(pcap, ((1.0 + i, p) for i, p in enumerate(packets)))
+    theirs = {e.sport: e.raw_sig for e in run_p0f(pcap, db=stock_database_path())}
+    fp = Fingerprinter(stock_database_path())
+    ours = {struct.unpack_from("!H", p, 20)[0]: fp.fingerprint(p).sig for p in packets}
+    assert ours == theirs
+    assert "ack+" not in theirs[6000] and "ack+" in theirs[6001]  # what the comparison covered
+    assert "opt+" in theirs[6100] and "opt+" not in theirs[6101]
+    assert ":mss*47," in theirs[6200] and ":65236," in theirs[6201]
