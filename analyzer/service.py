@@ -349,6 +349,7 @@ class Service:
         while not stop.is_set():
             try:
                 await zeek_to_stream(self.zeek, self.redis, self.config.prefix + "handshakes")
+                return  # the client was closed
             except TRANSIENT as exc:
                 log.warning("Redis unavailable for the Zeek feed (%s); retrying", exc)
                 self.metrics.errors.labels("redis").inc()
@@ -420,7 +421,10 @@ class Service:
             await asyncio.sleep(0.02)
         # Or an analyzer died between enqueueing and recording the job: the job is on the stream.
         entries = await self.redis.xrevrange(self.config.prefix + "jobs", count=JOB_SCAN)
+        oldest_ms = (time.time() - self.config.dedup_window) * 1000
         for job_id, fields in entries:
+            if int(str(job_id).split("-")[0]) < oldest_ms:
+                break  # older than the dedup window: its outcome may be gone, never wait on it
             if fields.get("src") == src:
                 return str(job_id)
         return None
