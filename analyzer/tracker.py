@@ -14,7 +14,7 @@ Rules (the Zeek scripts implement the same ones):
 - A reply that appears in the file before the SYN+ACK (out-of-order capture) is held until the
   SYN+ACK arrives, then timed by the rules above. Likewise a SYN+ACK (and reply) that appears
   before its SYN — captures merged from two taps do this — waits for the SYN it acknowledges; if
-  that SYN never comes, it ends as `stray` and yields nothing.
+  that SYN never comes, it ends as `stray` and gives no handshake.
 - Repeated SYNs: the darknet's first SYN+ACK answers the latest SYN before it, so `t` and the SYN
   bytes are those of the last SYN seen before the first SYN+ACK. A SYN repeated after a SYN+ACK
   (the client missed it) provokes another SYN+ACK, which makes the timing ambiguous by the rule
@@ -22,7 +22,7 @@ Rules (the Zeek scripts implement the same ones):
   new connection: the old one ends as it stands.
 - A SYN+ACK never answered: the connection ends as unanswered (a `Handshake` with `reply` None)
   once idle for `idle_timeout` seconds, or at `flush()`. A SYN the darknet never answered ends as
-  `no_synack` and yields nothing (there is no handshake to measure).
+  `no_synack` and gives no handshake (there is no handshake to measure).
 - Time is capture time: the latest timestamp seen. Idle connections are expired against it, and
   `max_connections` bounds the table whatever the timestamps do.
 """
@@ -32,13 +32,14 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from analyzer.handshake import Handshake
-from analyzer.packet import ACK, RST, SYN, tcp_header
+from analyzer.packet import ACK, RST, SYN, TcpHeader, tcp_header
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NOTHING: tuple[Handshake, ...] = ()
 
 
 @dataclass(slots=True)
@@ -91,9 +92,9 @@ class _Conn:
 
 
 class HandshakeTracker:
-    """Follows TCP handshakes towards `darknets` and yields each one when it ends.
+    """Follows TCP handshakes towards `darknets` and hands out each one when it ends.
 
-    Feed it `packet(ts_ns, ip)` (or `packet_at(ts_seconds, ip)`) in capture order; each call yields
+    Feed it `packet(ts_ns, ip)` (or `packet_at(ts_seconds, ip)`) in capture order; each call returns
     the handshakes that ended (answered now, or expired). Call `flush()` at the end of input.
     Packets that are not TCP raise `analyzer.packet.NotTCPError`, malformed ones `PacketError`:
     the caller counts or reports them.
@@ -117,6 +118,7 @@ class HandshakeTracker:
         self._max = max_connections
         self._now = 0
         self._feed = feed
+        self._out: list[Handshake] = []  # handshakes ended by the packet in hand
         self.stats = TrackerStats()
 
     @property
@@ -135,19 +137,31 @@ class HandshakeTracker:
             self._dark[addr] = known
         return known
 
-    def packet_at(self, ts: float, ip: bytes) -> Iterator[Handshake]:
+    def packet_at(self, ts: float, ip: bytes) -> Sequence[Handshake]:
         """`packet` with the timestamp in epoch seconds."""
         return self.packet(round(ts * 1e9), ip)
 
-    def packet(self, ts_ns: int, ip: bytes) -> Iterator[Handshake]:
-        """Take one IP packet stamped `ts_ns` (epoch nanoseconds); yield handshakes that ended."""
+    def packet(self, ts_ns: int, ip: bytes) -> Sequence[Handshake]:
+        """Take one IP packet stamped `ts_ns` (epoch nanoseconds); return the handshakes it ended.
+
+        Eager (not a generator): the packet is accounted for whether or not the caller looks at
+        the result. Usually the result is empty.
+        """
         h = tcp_header(ip)
-        stats = self.stats
-        stats.packets += 1
+        self.stats.packets += 1
         if ts_ns > self._now:
             self._now = ts_ns
             if self._conns:
-                yield from self._expire()
+                self._expire()
+        self._track(ts_ns, ip, h)
+        if not self._out:
+            return _NOTHING
+        out, self._out = self._out, []
+        return out
+
+    def _track(self, ts_ns: int, ip: bytes, h: TcpHeader) -> None:
+        stats = self.stats
+        emit = self._out.append
         flags = h.flags
         conns = self._conns
         if flags & SYN:
@@ -163,7 +177,7 @@ class HandshakeTracker:
                     # for the SYN (which it acknowledges) to claim.
                     conn = _Conn(key, 0, None, (h.ack - 1) & 0xFFFFFFFF)
                     conns[key] = conn
-                    yield from self._bound()
+                    self._bound()
                 elif (conn.seq + 1) & 0xFFFFFFFF != h.ack:
                     # It acknowledges another sequence number: it answers some other SYN.
                     stats.stray += 1
@@ -172,7 +186,7 @@ class HandshakeTracker:
                 conn.last = max(conn.last, ts_ns)
                 conns.move_to_end(key)
                 if conn.reply is not None and conn.syn is not None:
-                    yield self._finish(conn)  # a reply seen earlier in the file waited for this
+                    emit(self._finish(conn))  # a reply seen earlier in the file waited for this
                 return
             # SYN from a client.
             if not self._is_dark(h.dst):
@@ -184,7 +198,7 @@ class HandshakeTracker:
                     if conn.syn is None:  # claims a SYN+ACK that came first in the file
                         self._open(conn, ts_ns, ip, h.dst)
                         if conn.reply is not None:
-                            yield self._finish(conn)
+                            emit(self._finish(conn))
                         return
                     stats.repeated_syns += 1
                     if not conn.synacks and conn.reply is None:
@@ -197,11 +211,11 @@ class HandshakeTracker:
                 del conns[key]
                 ended = self._end(conn)
                 if ended is not None:
-                    yield ended
+                    emit(ended)
             conn = _Conn(key, ts_ns, None, h.seq)
             conns[key] = conn
             self._open(conn, ts_ns, ip, h.dst)
-            yield from self._bound()
+            self._bound()
             return
         if flags & (ACK | RST):
             # Possibly the client's reply to our SYN+ACK.
@@ -213,7 +227,7 @@ class HandshakeTracker:
             conn.reply_ns = ts_ns
             conn.last = max(conn.last, ts_ns)
             if conn.synacks and conn.syn is not None:
-                yield self._finish(conn)
+                emit(self._finish(conn))
             else:
                 conns.move_to_end(key)
 
@@ -224,14 +238,14 @@ class HandshakeTracker:
         self.stats.connections += 1
         self.stats.darknet_addresses.add(dst)
 
-    def _bound(self) -> Iterator[Handshake]:
+    def _bound(self) -> None:
         """Keep the table within max_connections: the least recently active connection goes."""
         while len(self._conns) > self._max:
             _, oldest = self._conns.popitem(last=False)
             self.stats.evicted += 1
             ended = self._end(oldest)
             if ended is not None:
-                yield ended
+                self._out.append(ended)
 
     def _finish(self, conn: _Conn) -> Handshake:
         """The reply and at least one SYN+ACK are known: time it and drop the state."""
@@ -280,7 +294,7 @@ class HandshakeTracker:
             feed=self._feed,  # type: ignore[arg-type]
         )
 
-    def _expire(self) -> Iterator[Handshake]:
+    def _expire(self) -> None:
         limit = self._now - self._idle_ns
         conns = self._conns
         while conns:
@@ -290,12 +304,14 @@ class HandshakeTracker:
             del conns[key]
             ended = self._end(conn)
             if ended is not None:
-                yield ended
+                self._out.append(ended)
 
-    def flush(self) -> Iterator[Handshake]:
-        """End of input: every connection still open ends as it stands."""
+    def flush(self) -> list[Handshake]:
+        """End of input: every connection still open ends as it stands; returns those handshakes."""
+        out: list[Handshake] = []
         while self._conns:
             _, conn = self._conns.popitem(last=False)
             ended = self._end(conn)
             if ended is not None:
-                yield ended
+                out.append(ended)
+        return out

@@ -11,6 +11,8 @@ one in twenty connections with a retransmitted SYN+ACK and one in twenty answere
 from __future__ import annotations
 
 import argparse
+import math
+import resource
 import struct
 import subprocess
 import sys
@@ -77,6 +79,11 @@ def write_capture(path: Path, handshakes: int) -> int:
     return packets
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,18 +100,20 @@ def main() -> int:
         t0 = time.perf_counter()
         subprocess.run(startup, check=True, stdout=subprocess.DEVNULL)
         base = time.perf_counter() - t0  # interpreter start and imports, for reference
-        best = None
+        best = best_cpu = math.inf
+        records = 0
         for _ in range(args.runs):
+            cpu0 = _children_cpu()
             t0 = time.perf_counter()
             proc = subprocess.run(command, check=True, stdout=subprocess.PIPE)
-            elapsed = time.perf_counter() - t0
-            best = elapsed if best is None else min(best, elapsed)
-        records = proc.stdout.count(b"\n")
-        assert best is not None
-        print(f"replay: {records} records, best of {args.runs}: {best:.3f} s wall "
-              f"(process start and imports {base:.3f} s)")
-        print(f"replay: {packets / best:,.0f} packets/s end to end; "
-              f"{packets / max(best - base, 1e-9):,.0f} packets/s excluding start-up")
+            best = min(best, time.perf_counter() - t0)
+            # CPU time is what the machine's other jobs disturb least (2 shared cores).
+            best_cpu = min(best_cpu, _children_cpu() - cpu0)
+            records = proc.stdout.count(b"\n")
+        print(f"replay: {records} records, best of {args.runs}: {best:.3f} s wall, {best_cpu:.3f} s CPU "
+              f"(process start and imports {base:.3f} s wall)")
+        print(f"replay: {packets / best:,.0f} packets/s end to end (wall); "
+              f"{packets / best_cpu:,.0f} packets/s per CPU second")
         print("goal: >= 100,000 packets/s")
     return 0
 
