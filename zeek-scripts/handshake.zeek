@@ -56,10 +56,12 @@ function in_darknet(a: addr): bool
 function start(c: connection)
 	{
 	local now = network_time();
+	# A typed empty vector: the record constructor gets no untyped vector().
+	local synacks: vector of interval = vector();
 	local info = HandshakeInfo($uid=c$uid, $ts=now, $syn_epoch=since_epoch(now),
 	    $orig_h=c$id$orig_h, $orig_p=c$id$orig_p, $resp_h=c$id$resp_h,
 	    $resp_p=c$id$resp_p, $syn="", $link_type=-1, $encap=LINK_UNKNOWN,
-	    $l3=L3_UNKNOWN, $synack_count=0, $synacks=vector(), $reply="");
+	    $l3=L3_UNKNOWN, $synack_count=0, $synacks=synacks, $reply="");
 
 	local pkt = get_current_packet();
 	local hdr = get_current_packet_header();
