@@ -3,19 +3,25 @@ and the good input around the bad still processed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from capfiles import Conn, ethernet, ip_packet, pcap_bytes, pcapng_epb, pcapng_idb, pcapng_shb
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
+from analyzer.capture import CaptureError, read_capture
 from analyzer.cli import main
 from analyzer.offline import MAX_REPORTED
+from analyzer.packet import PacketError, ip_from_frame, tcp_header
 
 DARK = "198.18.0.0/15"
 S = 1_000_000_000
@@ -237,3 +243,40 @@ def test_capture_on_stdin(tmp_path: Path) -> None:
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
     proc = cli("replay", "-", "--darknet", DARK, stdin=b"junk")
     assert_clean_failure(proc, "standard input: byte offset 0: not a pcap")
+
+
+# Fuzzing: whatever the bytes, only the documented errors come out.
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([0, 1, 12, 14, 101, 108, 113, 228, 229, 276, 147]), st.binary(max_size=120))
+def test_decoding_arbitrary_bytes_raises_only_packet_errors(linktype: int, frame: bytes) -> None:
+    with contextlib.suppress(PacketError):
+        tcp_header(ip_from_frame(linktype, frame))
+
+
+_SEED_PCAP = pcap_bytes(GOOD)
+_SEED_PCAPNG = pcapng_shb() + pcapng_idb(1, tsresol=9) + b"".join(pcapng_epb(0, ts, f) for ts, f in GOOD)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([_SEED_PCAP, _SEED_PCAPNG]),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    st.integers(0, 10**6),
+)
+def test_corrupted_captures_raise_only_capture_errors(
+    seed: bytes, flips: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(seed)
+    for position, value in flips:
+        data[position % len(data)] = value
+    data = data[: max(1, len(data) - cut % 64)]
+    reported: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.cap"
+        path.write_bytes(bytes(data))
+        try:
+            for number, _ts, _lt, frame in read_capture(path, on_error=reported.append):
+                assert number >= 1 and isinstance(frame, bytes)
+        except CaptureError as exc:
+            assert str(path) in str(exc)
+    assert all(str(path) in line for line in reported)

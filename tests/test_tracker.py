@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from capfiles import Conn, ethernet, handshake_cases, write_pcap
 from conftest import shared_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analyzer.capture import read_capture
 from analyzer.handshake import Handshake
@@ -183,3 +185,27 @@ def test_packet_at_takes_seconds() -> None:
     out = [*tracker.packet_at(5.0, c.syn()), *tracker.packet_at(5.000_1, c.synack()),
            *tracker.packet_at(5.030_1, c.ack())]
     assert [(h.src, h.tp_us) for h in out] == [("2001:db8::1", 30_000)]
+
+
+_CONNS = [Conn(f"203.0.113.{i}", "198.18.0.1", 40000 + i, 23, isn=1000 * i, server_isn=77 * i)
+          for i in range(1, 4)]
+_KINDS = ["syn", "synack", "ack", "rst"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(_KINDS), st.integers(0, 60 * S)), max_size=14))
+def test_any_order_of_packets_keeps_the_invariants(events: list[tuple[int, str, int]]) -> None:
+    """Shuffled, repeated, out-of-order packets: never a negative T^p, every connection accounted."""
+    tracker = HandshakeTracker(DARK, idle_timeout=30)
+    out = run(((ts, getattr(_CONNS[i], kind)()) for i, kind, ts in events), tracker)
+    for h in out:
+        if h.tp_us is not None:
+            assert h.tp_us >= 0 and h.reply_time is not None
+            assert sum(1 for t in h.synack_times if t <= h.reply_time) == 1
+            answered = max(t for t in h.synack_times if t <= h.reply_time)
+            assert abs(h.tp_us - (h.reply_time - answered) * 1e6) <= 1
+        assert h.synack_times  # a handshake always has the darknet's answer
+    s = tracker.stats
+    assert s.connections == s.answered + s.unanswered + s.no_synack
+    assert s.answered == s.timed + s.ambiguous + s.misordered
+    assert len(out) == s.answered + s.unanswered and tracker.active == 0
