@@ -348,6 +348,7 @@ class ZeekClient:
         # None wakes a consumer waiting in handshakes() when the client is closed.
         self._inbox: asyncio.Queue[Handshake | None] = asyncio.Queue(maxsize=inbox_size)
         self._task: asyncio.Task[None] | None = None
+        self._ws: ClientConnection | None = None
         self._closed = False
 
     # public API
@@ -387,6 +388,10 @@ class ZeekClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._ws is not None:
+            # A normal close (1000) rather than the 1011 a cancelled connection would send.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ws.close(), 2.0)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -428,6 +433,7 @@ class ZeekClient:
                 # A bug of ours must not end the link for good: log it and reconnect.
                 log.exception("Zeek client failed; reconnecting")
             finally:
+                self._ws = None
                 self.connected.clear()
                 self.disconnected.set()
             if self._closed:
@@ -458,6 +464,7 @@ class ZeekClient:
                 log.warning("Zeek sent a %s before its ack; ignored", type(message).__name__)
 
     async def _session(self, ws: ClientConnection) -> None:
+        self._ws = ws
         self.connected.set()
         self.disconnected.clear()
         reader = asyncio.create_task(self._read(ws), name="zeek-read")

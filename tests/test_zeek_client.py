@@ -164,6 +164,7 @@ class FakeZeek:
     subscriptions: list[Any] = field(default_factory=list)
     received: list[Event] = field(default_factory=list)
     connections: int = 0
+    close_codes: list[int | None] = field(default_factory=list)
     server: Server | None = None
     live: set[ServerConnection] = field(default_factory=set)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -217,6 +218,7 @@ class FakeZeek:
                 await self._client_message(ws, text)
         finally:
             self.live.discard(ws)
+            self.close_codes.append(ws.close_code)
             await self._notify()
 
     async def _client_message(self, ws: ServerConnection, text: str | bytes) -> None:
@@ -582,6 +584,8 @@ async def test_close_ends_the_handshake_stream(zeek: FakeZeek, client_for: Calla
     await client.close()
     async with asyncio.timeout(TIMEOUT):
         assert await waiting is None
+    await zeek.wait_for(lambda: len(zeek.close_codes) == 1)
+    assert zeek.close_codes == [1000]  # a normal close, not 1011
     with pytest.raises(RuntimeError):
         await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
 
