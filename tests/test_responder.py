@@ -4,6 +4,8 @@ SYN and the kernel's RTT sample; nothing is left behind when it stops."""
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
 import signal
 import subprocess
@@ -158,3 +160,29 @@ def test_restore_destination_rewrites_address_port_and_checksums() -> None:
     redirected.dst, redirected[TCP].dport = "198.19.0.1", 4
     del redirected.chksum, redirected[TCP].chksum
     assert restore_destination(bytes(redirected), "203.0.113.9", 80) == bytes(sent)
+
+
+def test_ipv6_darknet(net: Network, tmp_path: Path) -> None:
+    sensor, client = net.add("sn"), net.add("cl")
+    net.link(sensor, "2001:db8:1::1/64", client, "2001:db8:1::2/64")
+    client.run("ip", "-6", "route", "add", "2001:db8:ff::/64", "via", "2001:db8:1::1")
+    out = tmp_path / "handshakes.jsonl"
+    with out.open("wb") as sink:
+        proc = sensor.python("-m", "responder.cli", "run", "--darknet", "2001:db8:ff::/64", stdout=sink,
+                             stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: "2001:db8:ff::/64" in sensor.run("ip", "-6", "route", "show", "table", "local"), 15,
+                 "the IPv6 local route", alive=lambda: None if proc.poll() is None else "responder exited")
+        made = json.loads(client.run(sys.executable, "-c", CLIENT.replace("create_connection((addr",
+                                                                          "create_connection((addr.strip('[]')"),
+                                     "[2001:db8:ff::7]:8080"))
+        wait_for(lambda: out.read_text().strip(), 10, "the handshake")
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    expected = ("2001:db8:1::2", "2001:db8:ff::7", 8080, made[0][2])
+    assert (line["src"], line["dst"], line["dport"], line["sport"]) == expected
+    syn = base64.b64decode(line["syn"])
+    assert syn[0] >> 4 == 6 and syn[24:40] == ipaddress.IPv6Address("2001:db8:ff::7").packed
+    assert "2001:db8:ff::" not in sensor.run("ip", "-6", "route", "show", "table", "local")
