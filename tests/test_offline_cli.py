@@ -197,3 +197,36 @@ def test_replay_piped_into_judge(cases_pcap: Path) -> None:
     assert len(verdicts) == 4  # four IPv4 sources answered
     assert not any(v["relay"] for v in verdicts)  # no ping data, no fa: nothing to decide on
     assert all(v["samples"] == 0 and v["records"] == 1 for v in verdicts)
+
+
+def test_replay_pcapng_mixed_link_types(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """One file, three interfaces (SLL2, raw IP, Ethernet+QinQ), packets interleaved."""
+    from capfiles import sll2 as wrap_sll2
+
+    wraps = [(0, wrap_sll2), (1, lambda ip: ip), (2, lambda ip: ethernet(ip, vlans=[10, 20], tpid=0x88A8))]
+    blocks = pcapng_shb() + pcapng_idb(276) + pcapng_idb(101, tsresol=9) + pcapng_idb(1, tsresol=3)
+    for n, (ts, ip) in enumerate(handshake_cases()):
+        iface, wrap = wraps[n % 3]
+        units = {0: ts // 1000, 1: ts, 2: ts // 1_000_000}[iface]
+        blocks += pcapng_epb(iface, units, wrap(ip))
+    path = tmp_path / "mixed.pcapng"
+    path.write_bytes(blocks)
+    code, lines, err = run(capsys, "replay", str(path), "--darknet", "198.18.0.0/15", "--darknet",
+                           "2001:db8:ffff::/48")
+    assert code == 0 and err == ""
+    tp = {r["src"]: r["tp_us"] for r in jsonl(lines)}
+    # Interface 2 keeps only milliseconds: SYN+ACKs stamped .0001 there read .000, and ACKs stamped
+    # x.0201 read x.020, so each T^p shows exactly which interface's clock it came from.
+    assert tp == {"203.0.113.10": 19_900, "203.0.113.11": None, "203.0.113.12": 30_100,
+                  "2001:db8::10": 39_900, "203.0.113.14": 9_900}
+
+
+def test_replay_real_scan_capture_without_replies(capsys: pytest.CaptureFixture[str]) -> None:
+    """A border tap with SYNs only (shared/data/captures/scan-ng-23-tcp.pcap): no handshakes."""
+    path = shared_dir() / "data" / "captures" / "scan-ng-23-tcp.pcap"
+    code, lines, err = run(capsys, "replay", str(path), "--darknet", "0.0.0.0/0", "--summary", "--json")
+    assert code == 0 and err == ""
+    (table,) = jsonl(lines)
+    # 1,497 connection requests: the SYN flows Debian's p0f logs on the same file.
+    assert table["connection_requests"] == 1497 and table["no_synack"] == 1497 and table["answered"] == 0
+    assert table["packets"] == 1557 and table["repeated_syns"] == 59
