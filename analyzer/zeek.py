@@ -422,6 +422,7 @@ class ZeekClient:
                     close_timeout=2.0,
                     max_queue=64,
                 ) as ws:
+                    self._ws = ws
                     if await self._subscribe(ws):
                         delay = self.backoff_initial
                         await self._session(ws)
@@ -464,7 +465,6 @@ class ZeekClient:
                 log.warning("Zeek sent a %s before its ack; ignored", type(message).__name__)
 
     async def _session(self, ws: ClientConnection) -> None:
-        self._ws = ws
         self.connected.set()
         self.disconnected.clear()
         reader = asyncio.create_task(self._read(ws), name="zeek-read")
