@@ -23,6 +23,8 @@ from analyzer.handshake import Handshake
 from analyzer.measurement import passive_record
 from analyzer.packet import (
     ACK,
+    FIN,
+    RST,
     SYN,
     NotTCPError,
     PacketError,
@@ -256,6 +258,9 @@ def _packets(
         problems.report(str(exc))
 
 
+_SHAPE_BITS = SYN | ACK | FIN | RST
+
+
 def run_fingerprint(args: argparse.Namespace) -> int:
     cache = _FingerprintCache(args.p0f_db)
     problems = _Problems()
@@ -267,14 +272,20 @@ def run_fingerprint(args: argparse.Namespace) -> int:
     def handle(number: int, ts_ns: int, ip: bytes) -> None:
         h = tcp_header(ip)
         flags = h.flags
-        if not flags & SYN:
+        # As p0f: exactly SYN or SYN+ACK among SYN/ACK/FIN/RST (ECN and PSH bits may be set);
+        # SYN+FIN or SYN+RST scanner oddities are not fingerprinted, and not errors either.
+        shape = flags & _SHAPE_BITS
+        if shape == SYN:
+            kind = "syn"
+        elif shape == SYN | ACK:
+            kind = "synack"
+        else:
             return
         try:
             fragment, _label = cache.lookup(ip)
         except FingerprintError as exc:
             problems.report(f"{path}: packet {number}: {exc}")
             return
-        kind = "synack" if flags & ACK else "syn"
         out.line(
             f'{{"ts":{_ts(ts_ns)},"src":"{addr(h.src)}","sport":{h.sport},"dst":"{addr(h.dst)}",'
             f'"dport":{h.dport},"kind":"{kind}",{fragment}}}'

@@ -280,3 +280,13 @@ def test_corrupted_captures_raise_only_capture_errors(
         except CaptureError as exc:
             assert str(path) in str(exc)
     assert all(str(path) in line for line in reported)
+
+
+def test_syn_with_fin_or_rst_is_not_fingerprinted_nor_an_error(tmp_path: Path) -> None:
+    odd = [ip_packet("203.0.113.8", "198.18.0.1", 1, 2, flags) for flags in ("SF", "SR", "SEC", "SP")]
+    path = tmp_path / "odd.pcap"
+    path.write_bytes(pcap_bytes([(S, ethernet(ip)) for ip in odd]))
+    proc = cli("fingerprint", str(path))
+    assert proc.returncode == 0 and proc.stderr == ""
+    # SYN+ECE+CWR (ECN setup) and SYN+PSH are still SYNs to p0f; SYN+FIN and SYN+RST are not.
+    assert [json.loads(line)["kind"] for line in proc.stdout.splitlines()] == ["syn", "syn"]
