@@ -195,6 +195,10 @@ class ProbeQueue:
                     for entry_id, result in await self._read(consumer, group, ">", block_ms):
                         if result is not None:
                             yield entry_id, result
+            except ResponseError as exc:
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                log.warning("results: consumer group missing (%s); recreating it", exc)
             except TRANSIENT as exc:
                 log.warning("results: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation

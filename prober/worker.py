@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from prober.audit import AuditLog
 from prober.job import Job, JobError, Result
@@ -108,6 +109,13 @@ class Worker:
                                 for entry_id, fields in entries:
                                     self._spawn(entry_id, fields, 1)
                         backoff = 0.1
+                except ResponseError as exc:
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                        raise
+                    # The stream or group vanished (deleted, or Redis restarted without
+                    # persistence): create them again and carry on.
+                    log.warning("consumer group missing (%s); recreating it", exc)
+                    resume = True
                 except TRANSIENT as exc:
                     log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                     self.stats["redis_errors"] += 1
@@ -207,7 +215,7 @@ class Worker:
 
     async def _leave(self) -> None:
         """On a clean exit: drop the heartbeat, and the consumer if nothing is pending for it."""
-        with contextlib.suppress(*TRANSIENT):
+        with contextlib.suppress(ResponseError, *TRANSIENT):
             await self.redis.delete(self.keys.worker(self.settings.name))
             mine = await self.redis.xpending_range(self.keys.jobs, PROBERS, min="-", max="+", count=1,
                                                    consumername=self.settings.name)

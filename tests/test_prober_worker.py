@@ -194,3 +194,23 @@ async def test_status_reports_queue_state(conn: aioredis.Redis, redis_server: Re
     rc = await asyncio.to_thread(main, ["status", "--redis", redis_server.url, "--json"])
     assert rc == 0
     assert await asyncio.to_thread(main, ["status", "--redis", "unix:///nonexistent.sock"]) == 2
+
+
+async def test_group_deleted_under_a_running_worker(conn: aioredis.Redis, tmp_path: Path) -> None:
+    queue = ProbeQueue(conn, dedup_window=0)
+    await queue.enqueue("10.0.0.1", time.time())
+    worker = Worker(conn, must_not_probe, policy=TargetPolicy(), audit=AuditLog(tmp_path / "a", worker="w1"),
+                    settings=WorkerSettings(name="w1", block_ms=50))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        async def dead(n: int) -> bool:
+            return await conn.xlen("stepstone:dead") == n
+        await wait_for(lambda: dead(1))
+        await conn.delete("stepstone:jobs")  # stream and group gone (an operator's mistake)
+        await queue.enqueue("10.0.0.2", time.time())
+        await wait_for(lambda: dead(2))
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
