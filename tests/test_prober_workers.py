@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -235,3 +236,11 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad_cidr = run("probe", "1.2.3.4", "--allow", "10.0.0.0/33", "--audit-log", str(tmp_path / "a"))
     assert bad_cidr.returncode == 2 and "--allow '10.0.0.0/33'" in bad_cidr.stderr
     assert "--allow CIDR" in run("run", "--help").stdout
+    if os.geteuid() != 0:
+        return  # the rest needs root to drop a capability
+    # Without CAP_NET_RAW (dropped from the bounding set, so even root lacks it): one line, exit 2.
+    no_raw = subprocess.run(["setpriv", "--bounding-set=-net_raw", sys.executable, "-m", "prober.cli",
+                             "probe", "127.0.0.1", "--allow", "127.0.0.0/8", "--audit-log",
+                             str(tmp_path / "a")], capture_output=True, text=True, check=False, timeout=60)
+    assert no_raw.returncode == 2 and "need root or CAP_NET_RAW" in no_raw.stderr, no_raw.stderr
+    assert no_raw.stderr.count("\n") == 1 and no_raw.stdout == ""
