@@ -46,7 +46,7 @@ def test_the_trace_is_what_the_baselines_assume(tmp_path: Path) -> None:
     with PcapReader(str(path)) as reader:
         assert reader.linktype == 1
         packets = list(reader)
-    assert len(packets) == 27
+    assert len(packets) == 32
     times = [float(p.time) for p in packets]
     assert times == sorted(times)
     for p in packets:
@@ -83,3 +83,44 @@ def test_the_trace_cases_match_the_baseline_timings() -> None:
     assert [s.flags for s in karn] == ["S", "SA", "SA", "A"]
     rst = cases[("rst", 40003)].segments
     assert rst[-1].flags == "R" and round((rst[-1].t - rst[1].t) * 1e6) == 30_000
+
+
+def _baseline_handshakes() -> dict[tuple[str, int], dict[str, str]]:
+    lines = (BTEST / "Baseline" / "tests.handshakes" / "output").read_text().splitlines()[1:]
+    out: dict[tuple[str, int], dict[str, str]] = {}
+    for head, tail in zip(lines[::2], lines[1::2], strict=True):
+        words = head.split()
+        fields = dict(w.split("=", 1) for w in words[5:] + tail.split())
+        out[(words[0], int(words[1]))] = fields | {"dst": words[3], "dport": words[4]}
+    return out
+
+
+def test_the_handshakes_baseline_agrees_with_the_capture_path(tmp_path: Path) -> None:
+    """The Zeek scripts implement the capture path's rules (analyzer/tracker.py); the baseline,
+    written by reasoning about the scripts, must say what the tracker says on the same trace."""
+    import ipaddress
+
+    from analyzer.packet import ip_from_frame
+    from analyzer.tracker import HandshakeTracker
+
+    mk = _mkpcap()
+    darknets = [ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8:ffff::/48")]
+    tracker = HandshakeTracker(darknets, idle_timeout=2.0)
+    found = []
+    for t, frame in mk.packets():
+        found += tracker.packet_at(t, ip_from_frame(1, frame))
+    found += tracker.flush()
+    expected = _baseline_handshakes()
+    assert {(h.src, h.sport) for h in found} == set(expected)
+    for h in found:
+        want = expected[(h.src, h.sport)]
+        assert (h.dst, str(h.dport)) == (want["dst"], want["dport"])
+        assert (h.reply or "none") == want["reply"]
+        assert (f"{h.tp_us / 1e6:.6f}" if h.tp_us is not None else "-") == want["tp"]
+        assert f"{len(h.synack_times)}/{len(h.synack_times)}" == want["synacks"]
+        assert f"{h.t:.6f}" == want["syn"]
+        assert (f"{h.reply_time:.6f}" if h.reply_time is not None else "-") == want["reply_at"]
+        # The SYN Zeek sends is the frame of the timed SYN; the tracker keeps its IP packet.
+        timed = [s for c in mk.CASES for s in c.segments if s.flags == "S" and abs(s.t - h.t) < 1e-9]
+        assert len(timed) == 1 and h.syn == timed[0].ip()
+        assert len(timed[0].frame()) == int(want["frame"])

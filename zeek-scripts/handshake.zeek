@@ -4,8 +4,9 @@
 ##! What the events do, as measured on Zeek 8.0.10 (shared/zeek-ws/README.md)
 ##! and checked against zeek/zeek src/analyzer/protocol/tcp/events.bif:
 ##! - connection_SYN_packet fires for the SYN (is_orig=T) and for every
-##!   SYN+ACK, retransmissions included (is_orig=F). SYN_packet$TSval is
-##!   optional; this script does not read it.
+##!   SYN+ACK, retransmissions included (is_orig=F); a repeated SYN fires it
+##!   again (TCPSessionAdapter.cc raises it for every SYN-flagged segment).
+##!   SYN_packet$TSval is optional; this script does not read it.
 ##! - connection_first_ACK fires on the originator's first ACK, also when it
 ##!   carries data; connection_reset on a RST (either side: the sender is the
 ##!   endpoint whose state is TCP_RESET); an unanswered connection only ends
@@ -15,7 +16,11 @@
 ##!   right. Ethernet pads short frames: the analyzer finds the IP header from
 ##!   the link layer, never from the captured length.
 ##! Only SYNs to the darknet create state; every other event is one table
-##! lookup for connections outside it.
+##! lookup for connections outside it. The rules are those of the capture
+##! path (analyzer/tracker.py): T^p = reply - the SYN+ACK it answers; more
+##! than one SYN+ACK before the reply leaves T^p unset (Karn); the SYN timed
+##! is the last one before the first SYN+ACK; a SYN never answered by the
+##! darknet gives no handshake. *reply_wait* counts from the first SYN.
 
 @load base/frameworks/cluster
 @load ./main
@@ -53,15 +58,12 @@ function in_darknet(a: addr): bool
 	return |darknet_subnets| == 0 || a in darknet_subnets;
 	}
 
-function start(c: connection)
+# The SYN's time, bytes and link-layer facts, from the packet in hand.
+function take_syn(c: connection, info: HandshakeInfo)
 	{
 	local now = network_time();
-	# A typed empty vector: the record constructor gets no untyped vector().
-	local synacks: vector of interval = vector();
-	local info = HandshakeInfo($uid=c$uid, $ts=now, $syn_epoch=since_epoch(now),
-	    $orig_h=c$id$orig_h, $orig_p=c$id$orig_p, $resp_h=c$id$resp_h,
-	    $resp_p=c$id$resp_p, $syn="", $link_type=-1, $encap=LINK_UNKNOWN,
-	    $l3=L3_UNKNOWN, $synack_count=0, $synacks=synacks, $reply="");
+	info$ts = now;
+	info$syn_epoch = since_epoch(now);
 
 	local pkt = get_current_packet();
 	local hdr = get_current_packet_header();
@@ -89,7 +91,18 @@ function start(c: connection)
 		if ( hdr$l2?$eth_type )
 			info$eth_type = hdr$l2$eth_type;
 		}
+	}
 
+function start(c: connection)
+	{
+	local now = network_time();
+	# A typed empty vector: the record constructor gets no untyped vector().
+	local synacks: vector of interval = vector();
+	local info = HandshakeInfo($uid=c$uid, $ts=now, $syn_epoch=since_epoch(now),
+	    $orig_h=c$id$orig_h, $orig_p=c$id$orig_p, $resp_h=c$id$resp_h,
+	    $resp_p=c$id$resp_p, $syn="", $link_type=-1, $encap=LINK_UNKNOWN,
+	    $l3=L3_UNKNOWN, $synack_count=0, $synacks=synacks, $reply="");
+	take_syn(c, info);
 	tracks[c$uid] = Track($info=info);
 	schedule reply_wait { StepStone::reply_timeout(c$uid) };
 	}
@@ -98,6 +111,16 @@ function finish(t: Track, reply: string)
 	{
 	if ( t$published )
 		return;
+
+	if ( t$info$synack_count == 0 )
+		{
+		# The darknet never answered this SYN: there is no handshake to
+		# measure (analyzer/tracker.py's no_synack). A reply now answers
+		# nothing of ours; at the end, nothing is published.
+		if ( reply == "" )
+			t$published = T;
+		return;
+		}
 
 	t$published = T;
 
@@ -120,9 +143,20 @@ event connection_SYN_packet(c: connection, pkt: SYN_packet)
 	{
 	if ( pkt$is_orig )
 		{
-		# The first SYN only; a retransmitted SYN changes nothing.
-		if ( c$uid !in tracks && in_darknet(c$id$resp_h) )
-			start(c);
+		if ( c$uid !in tracks )
+			{
+			if ( in_darknet(c$id$resp_h) )
+				start(c);
+			return;
+			}
+
+		# A repeated SYN before the darknet answered: its first SYN+ACK
+		# answers the latest SYN, so that one is the SYN to time and
+		# fingerprint (as analyzer/tracker.py). After a SYN+ACK, a repeated
+		# SYN only provokes another SYN+ACK, which Karn's rule handles.
+		local pending = tracks[c$uid];
+		if ( ! pending$published && pending$info$synack_count == 0 )
+			take_syn(c, pending$info);
 		return;
 		}
 

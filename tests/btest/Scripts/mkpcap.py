@@ -13,13 +13,15 @@ Cases (darknet 198.18.0.0/15 and 2001:db8:ffff::/48; the pytest suite reads CASE
   ipv6        direct over IPv6, ACK after 40 ms
   outside     a full handshake to an address outside the darknet
   vlan        802.1Q-tagged (VLAN 42), first ACK carries data, 10 ms
+  synretx     SYN repeated after 1 s, then answered: the second SYN is the one timed; ACK 25 ms
+  nosynack    a SYN the darknet never answered: no handshake at all
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DLT_EN10MB = 1
 MAC_CLIENT = bytes.fromhex("020000000001")
@@ -199,7 +201,11 @@ CASES = [
         vlan=42,
         payload=b"GET / HTTP/1.0\r\n\r\n",
     ),
+    _handshake("synretx", "203.0.113.15", DARK, 40007, 3389, 1010.0, [1011.0001], ("ack", 1011.0251)),
+    _handshake("nosynack", "203.0.113.16", DARK, 40008, 25, 1012.0, [], None),
 ]
+_retx = CASES[-2].segments
+_retx.insert(1, replace(_retx[0], t=1011.0))  # the same SYN (same sequence number) again
 
 
 def packets() -> list[tuple[float, bytes]]:
