@@ -59,27 +59,28 @@ class StreamConsumer:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
 
-    async def entries(self, stop: asyncio.Event) -> AsyncIterator[Entry]:
-        """Own pending entries, then new ones and claimed ones, until `stop` is set."""
+    async def batches(self, stop: asyncio.Event) -> AsyncIterator[list[Entry]]:
+        """Own pending entries, then new ones and claimed ones, a read's worth at a time, until
+        `stop` is set (a batch already read is in hand: it is still yielded)."""
         await self.ensure_group()
         last = "0"
         while not stop.is_set():
             batch = await self._read(last)
             if not batch:
                 break
-            for entry_id, fields in batch:
-                last = entry_id
-                yield entry_id, fields
+            last = batch[-1][0]
+            yield batch
         next_claim = 0.0
         while not stop.is_set():
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + self.claim_every
-                for entry in await self._claim():
-                    yield entry
-                    if stop.is_set():
-                        return
-            for entry in await self._read(">", block=True):
-                yield entry
+                claimed = await self._claim()
+                if claimed:
+                    yield claimed
+                    continue
+            batch = await self._read(">", block=True)
+            if batch:
+                yield batch
 
     async def _read(self, start: str, *, block: bool = False) -> list[Entry]:
         try:
@@ -122,8 +123,9 @@ class StreamConsumer:
             log.info("claimed %d entries of %s left by another consumer", len(out), self.stream)
         return out
 
-    async def ack(self, entry_id: str) -> None:
-        await self.redis.xack(self.stream, self.group, entry_id)
+    async def ack(self, *entry_ids: str) -> None:
+        if entry_ids:
+            await self.redis.xack(self.stream, self.group, *entry_ids)
 
     async def lag(self) -> int | None:
         """Entries not yet delivered to the group plus delivered but unacknowledged."""

@@ -35,12 +35,17 @@ from analyzer.record import Record
 from analyzer.state import Outcome, State, StateError, Stored
 from analyzer.verdicts import JsonLog
 from osfp import FingerprintError
-from prober.job import JobError
+from prober.job import JobError, Result
 
 log = logging.getLogger("stepstone.analyzer")
 
 GROUP = "analyzers"
 JOB_SCAN = 2000  # newest jobs searched for an address whose job id was never recorded
+ENQUEUE_CONCURRENCY = 32  # enqueues of one batch in flight at once (one Redis connection each)
+RECORD_FIELDS = tuple(Record.__dataclass_fields__)
+Entry = tuple[str, dict[str, str]]
+# A handshake to close: (hid, job, how the job ended, why the active half is missing).
+Closing = tuple[str, str | None, Outcome | None, str | None]
 OS_LEVELS = ("class", "name", "flavor")
 # Entry failures that retrying cannot fix: log, count, acknowledge.
 POISON = (HandshakeError, JobError, StateError)
@@ -285,8 +290,8 @@ class Service:
         log.info("running as consumer %r of group %r, prefix %r, logs in %s", self.config.consumer,
                  GROUP, self.config.prefix, self.config.log_dir)
         loops = [
-            asyncio.create_task(self._consume(self.hs_stream, self.handle_handshake, stop)),
-            asyncio.create_task(self._consume(self.results_stream, self.handle_result, stop)),
+            asyncio.create_task(self._consume(self.hs_stream, self.handle_handshakes, stop)),
+            asyncio.create_task(self._consume(self.results_stream, self.handle_results, stop)),
             asyncio.create_task(self._consume(self.dead_stream, self.handle_dead, stop)),
         ]
         side = [asyncio.create_task(self._watch_lag(stop))]
@@ -303,27 +308,24 @@ class Service:
     async def _consume(
         self,
         consumer: StreamConsumer,
-        handle: Callable[[str, dict[str, str]], Awaitable[None]],
+        handle: Callable[[list[Entry]], Awaitable[None]],
         stop: asyncio.Event,
     ) -> None:
         backoff = 0.5
         while not stop.is_set():
             try:
-                async for entry_id, fields in consumer.entries(stop):
+                async for batch in consumer.batches(stop):
                     try:
-                        await handle(entry_id, fields)
-                    except POISON as exc:
-                        log.warning("%s %s rejected: %s", consumer.stream, entry_id, exc)
-                        self.metrics.errors.labels("malformed").inc()
+                        await handle(batch)
                     except TRANSIENT:
                         raise
-                    except Exception:
-                        # A bug or an unexpected reply: leave it pending (retried after a restart
-                        # or a claim), keep serving the rest.
-                        log.exception("%s %s failed; left pending", consumer.stream, entry_id)
-                        self.metrics.errors.labels("failed").inc()
-                        continue
-                    await consumer.ack(entry_id)
+                    except Exception as exc:
+                        # Find the entry at fault: the others still get done and acknowledged.
+                        log.warning("%s: a batch of %d failed (%s); retrying one by one",
+                                    consumer.stream, len(batch), exc)
+                        await self._one_by_one(consumer, handle, batch)
+                    else:
+                        await consumer.ack(*(entry_id for entry_id, _ in batch))
                     backoff = 0.5
             except TRANSIENT as exc:
                 log.warning("Redis unavailable reading %s (%s); retrying in %.1fs", consumer.stream,
@@ -332,6 +334,28 @@ class Service:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 10.0)
+
+    async def _one_by_one(
+        self, consumer: StreamConsumer, handle: Callable[[list[Entry]], Awaitable[None]], batch: list[Entry]
+    ) -> None:
+        for entry in batch:
+            try:
+                await handle([entry])
+            except POISON as exc:
+                self._reject(consumer.stream, entry[0], exc)
+            except TRANSIENT:
+                raise
+            except Exception:
+                # A bug or an unexpected reply: leave it pending (retried after a restart or a
+                # claim), keep serving the rest.
+                log.exception("%s %s failed; left pending", consumer.stream, entry[0])
+                self.metrics.errors.labels("failed").inc()
+                continue
+            await consumer.ack(entry[0])
+
+    def _reject(self, stream: str, entry_id: str, exc: Exception) -> None:
+        log.warning("%s %s rejected: %s", stream, entry_id, exc)
+        self.metrics.errors.labels("malformed").inc()
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -373,49 +397,90 @@ class Service:
         address = ipaddress.ip_address(dst)
         return any(address in net for net in self.config.darknets)
 
-    async def handle_handshake(self, hid: str, fields: dict[str, str]) -> None:
+    async def handle_handshakes(self, batch: list[Entry]) -> None:
+        """Store, log and enqueue a batch of handshakes (a few round trips for the whole batch)."""
         from analyzer.measurement import passive_record
 
-        h = Handshake.from_fields(fields)
-        if not self._in_darknet(h.dst):
-            self.metrics.ignored.inc()
+        items: list[tuple[str, Handshake, str | None, Record | None]] = []
+        for hid, fields in batch:
+            try:
+                h = Handshake.from_fields(fields)
+            except HandshakeError as exc:
+                self._reject(self.hs_stream.stream, hid, exc)
+                continue
+            if not self._in_darknet(h.dst):
+                self.metrics.ignored.inc()
+                continue
+            fp = self._fingerprint(h.syn)
+            items.append((hid, h, fp, passive_record(h, fp) if h.answered else None))
+        if not items:
             return
-        fp = self._fingerprint(h.syn)
-        record = passive_record(h, fp) if h.answered else None
-        # A previous delivery (before a crash) may have enqueued already: reuse its job.
-        job, hs_logged = await self.state.save(Stored(hid=hid, record=record, sport=h.sport,
-                                                      dport=h.dport, feed=h.feed, job=None))
-        own = deduped = False
-        if record is not None and job is None:
-            job = await self.queue.enqueue(h.src, h.t, ports=self.config.ports)
-            if job is not None:
-                own = True
-                self.metrics.enqueued.inc()
-            else:
-                deduped = True
-                self.metrics.deduped.inc()
-                job = await self._earlier_probe(h.src)
-        if not hs_logged and await self.handshakes_log.write(hid, _handshake_line(h, fp, job, deduped),
-                                                             checked=True):
-            self.metrics.handshakes.inc()
-            if h.answered:
-                self.metrics.answered.inc()
-        if record is None:
-            return
-        if job is None:
-            # Deduped by a probe this analyzer never heard of (e.g. `stepstone-prober probe`, or
-            # its record expired): still a record and a verdict, on the passive half only.
-            await self.close_handshake(hid, None, None, "deduped: no earlier probe of this address is known")
-            return
-        outcome = await self.state.attach(hid, job, h.src, own=own)
-        if outcome is not None:
-            await self.close_handshake(hid, job, outcome)
+        # A previous delivery (before a crash) may have enqueued already: its job is reused.
+        prior = await self.state.save([Stored(hid=hid, record=record, sport=h.sport, dport=h.dport,
+                                              feed=h.feed, job=None) for hid, h, _, record in items])
+        jobs = {hid: job for (hid, *_), (job, _) in zip(items, prior, strict=True)}
+        fresh = [(hid, h) for hid, h, _, record in items if record is not None and jobs[hid] is None]
+        own = await self._enqueue(fresh, jobs)
+        deduped = {hid for hid, _ in fresh} - own
+
+        written = await self.handshakes_log.write_many(
+            [(hid, _handshake_line(h, fp, jobs[hid], hid in deduped))
+             for (hid, h, fp, _), (_, logged) in zip(items, prior, strict=True) if not logged],
+            checked=True,
+        )
+        for hid, h, _, _ in items:
+            if hid in written:
+                self.metrics.handshakes.inc()
+                if h.answered:
+                    self.metrics.answered.inc()
+
+        waiting = [(hid, job, h.src, hid in own) for hid, h, _, record in items
+                   if record is not None and (job := jobs[hid]) is not None]
+        outcomes = await self.state.attach(waiting)
+        closing: list[Closing] = [(hid, job, outcome, None)
+                                  for (hid, job, _, _), outcome in zip(waiting, outcomes, strict=True)
+                                  if outcome is not None]
+        # Deduped by a probe this analyzer never heard of (e.g. `stepstone-prober probe`, or its
+        # state expired): still a record and a verdict, on the passive half only.
+        closing += [(hid, None, None, "deduped: no earlier probe of this address is known")
+                    for hid, _, _, record in items if record is not None and jobs[hid] is None]
+        await self.close_many(closing)
+
+    async def _enqueue(self, todo: list[tuple[str, Handshake]], jobs: dict[str, str | None]) -> set[str]:
+        """Enqueue a probe per handshake (the queue dedups by address); fills `jobs` with the job
+        each handshake waits for; returns the handshakes whose enqueue created their job."""
+        by_src: dict[str, list[tuple[str, Handshake]]] = {}
+        for hid, h in todo:
+            by_src.setdefault(h.src, []).append((hid, h))
+        own: set[str] = set()
+        gate = asyncio.Semaphore(ENQUEUE_CONCURRENCY)
+
+        async def one_source(entries: list[tuple[str, Handshake]]) -> None:
+            # In order within an address, so its first handshake is the one that gets the job.
+            batch_job: str | None = None
+            for hid, h in entries:
+                async with gate:
+                    job = await self.queue.enqueue(h.src, h.t, ports=self.config.ports)
+                if job is not None:
+                    own.add(hid)
+                    batch_job = job
+                    self.metrics.enqueued.inc()
+                else:
+                    self.metrics.deduped.inc()
+                jobs[hid] = job or batch_job
+
+        await asyncio.gather(*(one_source(v) for v in by_src.values()))
+        unknown = [(hid, h.src) for hid, h in todo if jobs[hid] is None]
+        for (hid, src), job in zip(unknown, await self.state.last_probes([s for _, s in unknown]),
+                                   strict=True):
+            jobs[hid] = job if job is not None else await self._earlier_probe(src)
+        return own
 
     async def _earlier_probe(self, src: str) -> str | None:
         # Another analyzer may have enqueued this address a moment ago and not yet said which job
         # it is: give it a moment (a condition polled briefly, not a fixed wait).
         for _ in range(10):
-            job = await self.state.last_probe(src)
+            (job,) = await self.state.last_probes([src])
             if job is not None:
                 return job
             await asyncio.sleep(0.02)
@@ -429,87 +494,106 @@ class Service:
                 return str(job_id)
         return None
 
-    async def handle_result(self, entry_id: str, fields: dict[str, str]) -> None:
-        from prober.job import Result
-
-        result = Result.from_fields(fields)
-        self.metrics.results.inc()
-        outcome, hids = await self.state.settle(result.job, Outcome(result=result))
-        await self._close_all(hids, result.job, outcome)
-
-    async def handle_dead(self, entry_id: str, fields: dict[str, str]) -> None:
-        job = fields.get("job", "")
-        if not job:
-            raise JobError("dead entry without a job id")
-        reason = fields.get("reason") or "no reason given"
-        self.metrics.dead.inc()
-        outcome, hids = await self.state.settle(job, Outcome(result=None, dead=reason))
-        await self._close_all(hids, job, outcome)
-
-    async def _close_all(self, hids: list[str], job: str, outcome: Outcome) -> None:
-        for hid in hids:
+    async def handle_results(self, batch: list[Entry]) -> None:
+        settling: list[tuple[str, Outcome]] = []
+        for entry_id, fields in batch:
             try:
-                await self.close_handshake(hid, job, outcome)
-            except StateError as exc:
-                # One unreadable handshake must not keep the others of this job from closing.
-                log.warning("handshake %s of job %s not closed: %s", hid, job, exc)
-                self.metrics.errors.labels("malformed").inc()
+                result = Result.from_fields(fields)
+            except JobError as exc:
+                self._reject(self.results_stream.stream, entry_id, exc)
+                continue
+            self.metrics.results.inc()
+            settling.append((result.job, Outcome(result=result)))
+        await self._settle(settling)
 
-    async def close_handshake(
-        self, hid: str, job: str | None, outcome: Outcome | None, reason: str | None = None
-    ) -> None:
-        """Record + verdict for one handshake: one line in stepstone.log (once), and to Zeek."""
+    async def handle_dead(self, batch: list[Entry]) -> None:
+        settling: list[tuple[str, Outcome]] = []
+        for entry_id, fields in batch:
+            job = fields.get("job", "")
+            if not job:
+                self._reject(self.dead_stream.stream, entry_id, JobError("dead entry without a job id"))
+                continue
+            self.metrics.dead.inc()
+            settling.append((job, Outcome(result=None, dead=fields.get("reason") or "no reason given")))
+        await self._settle(settling)
+
+    async def _settle(self, settling: list[tuple[str, Outcome]]) -> None:
+        if not settling:
+            return
+        settled = await self.state.settle(settling)
+        await self.close_many([(hid, job, outcome, None)
+                               for (job, _), (outcome, hids) in zip(settling, settled, strict=True)
+                               for hid in hids])
+
+    async def close_many(self, closing: list[Closing]) -> None:
+        """Record + verdict per handshake: one line in stepstone.log (once), and to Zeek."""
         from analyzer.measurement import with_probe
         from analyzer.rules import judge
 
-        stored = await self.state.load(hid, unless_logged="stepstone")
-        if stored is None:
-            # Closed before (a redelivery), or expired: waited longer than handshakes are kept.
+        if not closing:
             return
-        if stored.record is None:
-            log.warning("handshake %s of job %s was never answered; not closed", hid, job)
-            self.metrics.errors.labels("unanswered").inc()
-            return
-        record: Record = stored.record
-        result = outcome.result if outcome is not None else None
-        if result is not None:
-            try:
-                record = with_probe(record, result)
-            except ValueError as exc:  # a result for another address: keep the passive half
-                result, reason = None, f"probe result unusable: {exc}"
-                self.metrics.errors.labels("malformed").inc()
-        elif outcome is not None:
-            reason = f"probe gave up: {outcome.dead}"
-        records = await self.state.add_record(hid, record)
-        verdict = judge(records, window=self.config.window, os_level=self.config.os_level)
-        verdict_dict = verdict.to_dict()
-        now = time.time()
-        line = {
-            **record.to_dict(),
-            "verdict": verdict_dict,
-            "job": job,
-            "sport": stored.sport,
-            "dport": stored.dport,
-            "feed": stored.feed,
-            "probe": None if result is None else {
-                "ping_loss": result.ping_loss, "fa_port": result.fa_port, "probed_at": result.probed_at,
-            },
-            "reason": reason,
-            "verdict_at": now,
-        }
-        if not await self.stepstone_log.write(hid, line, checked=True):
-            return
-        self.metrics.verdicts.inc()
-        if verdict_dict.get("relay"):
-            self.metrics.relays.inc()
-        self.metrics.latency.observe(max(0.0, now - record.t))
-        if self.zeek is not None:
-            try:
-                await self.zeek.publish_verdict(verdict_dict, record.to_dict())
-            except Exception:
-                # The log line is written; Zeek missing one verdict must not stall the pipeline.
-                log.exception("could not hand verdict of %s to Zeek", record.src)
-                self.metrics.errors.labels("zeek").inc()
+        loaded = await self.state.load([hid for hid, *_ in closing], unless_logged="stepstone")
+        ready: list[tuple[str, str | None, Stored, Record, Result | None, str | None]] = []
+        for (hid, job, outcome, why), stored in zip(closing, loaded, strict=True):
+            reason = why
+            if stored is None:
+                continue  # closed before (a redelivery), or expired: waited longer than kept
+            if isinstance(stored, StateError):
+                # One unreadable handshake must not keep the others from closing.
+                self._reject("state", hid, stored)
+                continue
+            if stored.record is None:
+                log.warning("handshake %s of job %s was never answered; not closed", hid, job)
+                self.metrics.errors.labels("unanswered").inc()
+                continue
+            record = stored.record
+            result = outcome.result if outcome is not None else None
+            if result is not None:
+                try:
+                    record = with_probe(record, result)
+                except ValueError as exc:  # a result for another address: keep the passive half
+                    result, reason = None, f"probe result unusable: {exc}"
+                    self.metrics.errors.labels("malformed").inc()
+            elif outcome is not None:
+                reason = f"probe gave up: {outcome.dead}"
+            ready.append((hid, job, stored, record, result, reason))
+        windows = await self.state.add_records([(hid, record) for hid, _, _, record, _, _ in ready])
+        lines: list[tuple[str, dict[str, Any]]] = []
+        for (hid, job, stored, record, result, reason), window in zip(ready, windows, strict=True):
+            if isinstance(window, StateError):
+                self._reject("state", hid, window)
+                continue
+            verdict = judge(window, window=self.config.window, os_level=self.config.os_level)
+            lines.append((hid, {
+                **record.to_dict(),
+                "verdict": verdict.to_dict(),
+                "job": job,
+                "sport": stored.sport,
+                "dport": stored.dport,
+                "feed": stored.feed,
+                "probe": None if result is None else {
+                    "ping_loss": result.ping_loss, "fa_port": result.fa_port, "probed_at": result.probed_at,
+                },
+                "reason": reason,
+                "verdict_at": time.time(),
+            }))
+        written = await self.stepstone_log.write_many(lines, checked=True)
+        for hid, line in lines:
+            if hid not in written:
+                continue
+            verdict_dict = line["verdict"]
+            record_dict = {name: line[name] for name in RECORD_FIELDS}
+            self.metrics.verdicts.inc()
+            if verdict_dict.get("relay"):
+                self.metrics.relays.inc()
+            self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
+            if self.zeek is not None:
+                try:
+                    await self.zeek.publish_verdict(verdict_dict, record_dict)
+                except Exception:
+                    # The log line is written; Zeek missing one verdict must not stall the pipeline.
+                    log.exception("could not hand the verdict of %s to Zeek", line["src"])
+                    self.metrics.errors.labels("zeek").inc()
 
 
 def _handshake_line(h: Handshake, fp: str | None, job: str | None, deduped: bool) -> dict[str, Any]:

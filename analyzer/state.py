@@ -20,6 +20,7 @@ itself; everything attached before is closed by whoever stored the outcome.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,25 @@ def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _chunks(replies: list[Any], n: int) -> list[list[Any]]:
+    return [replies[i : i + n] for i in range(0, len(replies), n)]
+
+
+def _stored(hid: str, fields: dict[str, str]) -> Stored | StateError:
+    try:
+        record = Record.from_json(json.loads(fields["record"])) if fields.get("record") else None
+        return Stored(
+            hid=hid,
+            record=record,
+            sport=int(fields["sport"]),
+            dport=int(fields["dport"]),
+            feed=fields.get("feed", ""),
+            job=fields.get("job") or None,
+        )
+    except (KeyError, ValueError, RecordError) as exc:
+        return StateError(f"stored handshake {hid} does not decode: {exc}")
+
+
 class State:
     def __init__(
         self,
@@ -119,95 +139,105 @@ class State:
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def save(self, stored: Stored) -> tuple[str | None, bool]:
-        """Store a handshake (again: a redelivery keeps the job it got before); returns that
+    # Every operation takes a batch and costs one round trip (a pipeline), whatever its size.
+
+    async def save(self, batch: Sequence[Stored]) -> list[tuple[str | None, bool]]:
+        """Store handshakes (again: a redelivery keeps the job it got before); per handshake, that
         earlier job, if any, and whether its handshakes.log line was written already."""
-        fields = {
-            "record": "" if stored.record is None else json.dumps(stored.record.to_dict()),
-            "sport": str(stored.sport),
-            "dport": str(stored.dport),
-            "feed": stored.feed,
-        }
-        key = self.key("hs", stored.hid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(key, "job")
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.hs_ttl)
-            pipe.exists(self.key("logged", "handshakes", stored.hid))
-            job, _, _, logged = await pipe.execute()
-        return job or None, bool(logged)
-
-    async def load(self, hid: str, *, unless_logged: str | None = None) -> Stored | None:
-        """The stored handshake; None if it is gone, or if `unless_logged` names a log that has
-        its line already."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.key("hs", hid))
-            if unless_logged:
+            for stored in batch:
+                key = self.key("hs", stored.hid)
+                pipe.hget(key, "job")
+                pipe.hset(key, mapping={
+                    "record": "" if stored.record is None else json.dumps(stored.record.to_dict()),
+                    "sport": str(stored.sport),
+                    "dport": str(stored.dport),
+                    "feed": stored.feed,
+                })
+                pipe.expire(key, self.hs_ttl)
+                pipe.exists(self.key("logged", "handshakes", stored.hid))
+            replies = await pipe.execute()
+        return [(job or None, bool(logged)) for job, _, _, logged in _chunks(replies, 4)]
+
+    async def load(self, hids: Sequence[str], *, unless_logged: str) -> list[Stored | StateError | None]:
+        """The stored handshakes; None for one that is gone or whose line `unless_logged` (a log
+        name) has already; a StateError for one that does not decode."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hid in hids:
+                pipe.hgetall(self.key("hs", hid))
                 pipe.exists(self.key("logged", unless_logged, hid))
-            fields, *logged = await pipe.execute()
-        if not fields or any(logged):
-            return None
-        try:
-            record = Record.from_json(json.loads(fields["record"])) if fields.get("record") else None
-            return Stored(
-                hid=hid,
-                record=record,
-                sport=int(fields["sport"]),
-                dport=int(fields["dport"]),
-                feed=fields.get("feed", ""),
-                job=fields.get("job") or None,
-            )
-        except (KeyError, ValueError, RecordError) as exc:
-            raise StateError(f"stored handshake {hid} does not decode: {exc}") from None
+            replies = await pipe.execute()
+        out: list[Stored | StateError | None] = []
+        for hid, (fields, logged) in zip(hids, _chunks(replies, 2), strict=True):
+            out.append(None if not fields or logged else _stored(hid, fields))
+        return out
 
-    async def last_probe(self, src: str) -> str | None:
-        value: str | None = await self.redis.get(self.key("probe", src))
-        return value
+    async def last_probes(self, srcs: Sequence[str]) -> list[str | None]:
+        """The latest job of each address (None: no probe known)."""
+        if not srcs:
+            return []
+        return list(await self.redis.mget([self.key("probe", src) for src in srcs]))
 
-    async def attach(self, hid: str, job: str, src: str, *, own: bool) -> Outcome | None:
-        """Wait for `job` with `hid` (`own`: this handshake's enqueue created the job, so it is now
-        the address's latest probe); if the job already ended, its outcome (close `hid` now)."""
-        keys = [self.key("outcome", job), self.key("job", job), self.key("hs", hid), self.key("probe", src)]
-        flat = await self._attach(keys=keys, args=[hid, job, self.outcome_ttl, int(own)])
-        return Outcome.from_fields(_pairs(flat)) if flat else None
+    async def attach(self, batch: Sequence[tuple[str, str, str, bool]]) -> list[Outcome | None]:
+        """For each (hid, job, src, own): wait for `job` with `hid` (`own`: this handshake's
+        enqueue created the job, so it is now the address's latest probe). Per handshake, None,
+        or the job's outcome if it already ended (close the handshake now)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hid, job, src, own in batch:
+                keys = [self.key("outcome", job), self.key("job", job), self.key("hs", hid),
+                        self.key("probe", src)]
+                await self._attach(keys=keys, args=[hid, job, self.outcome_ttl, int(own)], client=pipe)
+            replies = await pipe.execute()
+        return [Outcome.from_fields(_pairs(flat)) if flat else None for flat in replies]
 
-    async def settle(self, job: str, outcome: Outcome) -> tuple[Outcome, list[str]]:
-        """Store how `job` ended; returns the outcome that counts (the first) and the handshakes
-        waiting for it."""
-        args: list[Any] = [self.outcome_ttl]
-        for name, value in outcome.fields().items():
-            args += [name, value]
-        members, flat = await self._settle(keys=[self.key("outcome", job), self.key("job", job)],
-                                           args=args)
-        return Outcome.from_fields(_pairs(flat)), sorted(members)
+    async def settle(self, batch: Sequence[tuple[str, Outcome]]) -> list[tuple[Outcome, list[str]]]:
+        """Store how each job ended; per job, the outcome that counts (the first one stored) and
+        the handshakes waiting for it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job, outcome in batch:
+                args: list[Any] = [self.outcome_ttl]
+                for name, value in outcome.fields().items():
+                    args += [name, value]
+                await self._settle(keys=[self.key("outcome", job), self.key("job", job)], args=args,
+                                   client=pipe)
+            replies = await pipe.execute()
+        return [(Outcome.from_fields(_pairs(flat)), sorted(members)) for members, flat in replies]
 
-    async def add_record(self, hid: str, record: Record) -> list[Record]:
-        """Add a closed record to its source's window; returns the source's records in Redis
-        (the rules apply the window themselves; older ones are trimmed here)."""
-        key = self.key("src", record.src)
-        # The member is deterministic for a handshake, so closing it twice adds nothing.
-        member = json.dumps({"hid": hid, "record": record.to_dict()}, sort_keys=True)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {member: record.t})
-            # Keep one extra window of slack: records may arrive out of order.
-            pipe.zremrangebyscore(key, "-inf", f"({record.t - 2 * self.window}")
-            pipe.expire(key, int(2 * self.window) + 3600)
-            pipe.zrange(key, 0, -1)
-            *_, members = await pipe.execute()
-        records = []
-        for text in members:
+    async def add_records(self, batch: Sequence[tuple[str, Record]]) -> list[list[Record] | StateError]:
+        """Add closed records (hid, record) to their sources' windows; per record, its source's
+        records in Redis right after it was added (the rules apply the window themselves; much
+        older ones are trimmed here)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hid, record in batch:
+                key = self.key("src", record.src)
+                # The member is deterministic for a handshake, so closing it twice adds nothing.
+                member = json.dumps({"hid": hid, "record": record.to_dict()}, sort_keys=True)
+                pipe.zadd(key, {member: record.t})
+                # Keep one extra window of slack: records may arrive out of order.
+                pipe.zremrangebyscore(key, "-inf", f"({record.t - 2 * self.window}")
+                pipe.expire(key, int(2 * self.window) + 3600)
+                pipe.zrange(key, 0, -1)
+            replies = await pipe.execute()
+        out: list[list[Record] | StateError] = []
+        for (_hid, record), (*_, members) in zip(batch, _chunks(replies, 4), strict=True):
             try:
-                records.append(Record.from_json(json.loads(text)["record"]))
+                out.append([Record.from_json(json.loads(text)["record"]) for text in members])
             except (ValueError, KeyError, TypeError, RecordError) as exc:
-                raise StateError(f"record of {record.src} in Redis does not decode: {exc}") from None
-        return records
+                out.append(StateError(f"a record of {record.src} in Redis does not decode: {exc}"))
+        return out
 
-    async def is_logged(self, log: str, hid: str) -> bool:
-        return bool(await self.redis.exists(self.key("logged", log, hid)))
+    async def logged(self, log: str, hids: Sequence[str]) -> list[bool]:
+        """Whether each handshake's line is in `log` already."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hid in hids:
+                pipe.exists(self.key("logged", log, hid))
+            return [bool(x) for x in await pipe.execute()]
 
     async def mark_logged(self, log: str, *hids: str) -> None:
         # One key per line with a TTL (not one ever-growing set): a handshake is only re-closed
         # while its own keys live.
+        if not hids:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for hid in hids:
                 pipe.set(self.key("logged", log, hid), "1", ex=self.hs_ttl)

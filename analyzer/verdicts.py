@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,27 +71,37 @@ class JsonLog:
         return len(hids)
 
     async def write(self, hid: str, obj: dict[str, Any], *, checked: bool = False) -> bool:
-        """Append one line for `hid` unless one was written before; True if written.
-        `checked`: the caller has just seen in Redis that it was not (saves a round trip)."""
+        """Append one line for `hid` unless one was written before; True if written."""
+        return hid in await self.write_many([(hid, obj)], checked=checked)
+
+    async def write_many(self, items: Sequence[tuple[str, dict[str, Any]]], *, checked: bool = False
+                         ) -> set[str]:
+        """Append one line per (hid, object) unless one was written before; the hids written.
+        `checked`: the caller has just seen in Redis that they were not (saves a round trip)."""
         if self._fd is None:
             raise RuntimeError(f"{self.path} is not open")
-        if hid in self._writing or hid in self._recent:
-            return False
-        self._writing.add(hid)
+        todo = [(hid, obj) for hid, obj in items if hid not in self._writing and hid not in self._recent]
+        if todo and not checked:
+            seen = await self.state.logged(self.name, [hid for hid, _ in todo])
+            todo = [item for item, done in zip(todo, seen, strict=True) if not done]
+        if not todo:
+            return set()
+        hids = [hid for hid, _ in todo]
+        self._writing.update(hids)
         try:
-            if not checked and await self.state.is_logged(self.name, hid):
-                return False
-            line = json.dumps({"hid": hid, **obj}, separators=(",", ":")) + "\n"
-            # One write() per line on an O_APPEND file: a killed process leaves whole lines (the
-            # kernel finishes a write syscall once it has started), never two lines interleaved.
-            os.write(self._fd, line.encode())
-            self._recent[hid] = None
-            if len(self._recent) > RECENT:
+            data = "".join(json.dumps({"hid": hid, **obj}, separators=(",", ":")) + "\n"
+                           for hid, obj in todo).encode()
+            # One write() on an O_APPEND file: a killed process leaves whole lines (the kernel
+            # finishes a write syscall to a local file once it has started), never a mix.
+            os.write(self._fd, data)
+            for hid in hids:
+                self._recent[hid] = None
+            while len(self._recent) > RECENT:
                 del self._recent[next(iter(self._recent))]
-            await self.state.mark_logged(self.name, hid)
-            return True
+            await self.state.mark_logged(self.name, *hids)
+            return set(hids)
         finally:
-            self._writing.discard(hid)
+            self._writing.difference_update(hids)
 
     def close(self) -> None:
         if self._fd is not None:

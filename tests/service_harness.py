@@ -70,9 +70,11 @@ async def until(check: Callable[[], Awaitable[Any]], within: float = 20.0, what:
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a log (a reader can catch the service in the middle of a write)."""
     if not path.exists():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    text = path.read_text()
+    return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines() if x.strip()]
 
 
 class Harness:
