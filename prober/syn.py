@@ -37,20 +37,29 @@ SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF + SKF_AD_PKTTYPE as an unsigned of
 
 SYN, RST, ACK = 0x02, 0x04, 0x10
 
-# Classic BPF over the network header (cooked socket): accept incoming TCP over IPv4 or IPv6.
+# Classic BPF over the network header (cooked socket): accept only incoming IPv4/IPv6 TCP segments
+# with ACK and SYN or RST set, so the host's other TCP traffic (its Redis connection, say) never
+# wakes us up.
+_DROP = 17
 _TCP_IN = (
-    (0x20, 0, 0, SKF_AD_PKTTYPE),  # ld  pkttype
-    (0x15, 9, 0, PACKET_OUTGOING),  # jeq OUTGOING -> drop
-    (0x30, 0, 0, 0),  # ldb [0]
-    (0x74, 0, 0, 4),  # rsh #4 (IP version)
-    (0x15, 0, 2, 4),  # jeq #4 ? v4 : check 6
-    (0x30, 0, 0, 9),  # ldb [9] (IPv4 protocol)
-    (0x15, 3, 4, 6),  # jeq TCP -> accept : drop
-    (0x15, 0, 3, 6),  # jeq #6 ? v6 : drop
-    (0x30, 0, 0, 6),  # ldb [6] (IPv6 next header)
-    (0x15, 0, 1, 6),  # jeq TCP -> accept : drop
-    (0x06, 0, 0, 0xFFFF),  # accept
-    (0x06, 0, 0, 0),  # drop
+    (0x20, 0, 0, SKF_AD_PKTTYPE),  # 0  ld  pkttype
+    (0x15, _DROP - 2, 0, PACKET_OUTGOING),  # 1  our own packets -> drop
+    (0x30, 0, 0, 0),  # 2  ldb [0]
+    (0x74, 0, 0, 4),  # 3  rsh #4: IP version
+    (0x15, 0, 4, 4),  # 4  v4 ? 5 : 9
+    (0x30, 0, 0, 9),  # 5  ldb [9]: IPv4 protocol
+    (0x15, 0, _DROP - 7, 6),  # 6  TCP ? 7 : drop
+    (0xB1, 0, 0, 0),  # 7  ldx 4*([0]&0xf): IPv4 header length
+    (0x05, 0, 0, 4),  # 8  ja 13
+    (0x15, 0, _DROP - 10, 6),  # 9  v6 ? 10 : drop
+    (0x30, 0, 0, 6),  # 10 ldb [6]: IPv6 next header
+    (0x15, 0, _DROP - 12, 6),  # 11 TCP ? 12 : drop
+    (0x01, 0, 0, 40),  # 12 ldx #40
+    (0x50, 0, 0, 13),  # 13 ldb [x+13]: TCP flags
+    (0x45, 0, _DROP - 15, ACK),  # 14 ACK ? 15 : drop
+    (0x45, 0, 1, SYN | RST),  # 15 SYN or RST ? accept : drop
+    (0x06, 0, 0, 0xFFFF),  # 16 accept
+    (0x06, 0, 0, 0),  # 17 drop
 )
 _DROP_ALL = ((0x06, 0, 0, 0),)
 

@@ -189,3 +189,37 @@ def test_refusals_are_audited_and_probes_logged(lab: Lab) -> None:
     probes = [e for e in events if e["event"] == "probe"]
     assert probes and all({"ts", "worker", "host", "target", "ports", "echo_count", "job"} <= set(e)
                           for e in probes)
+
+
+# Opens the prober's filtered capture socket, then makes one full connection (SYN+ACK, then the
+# peer's data-less FIN) and one refused connection (RST), and prints the TCP flags that got through.
+FILTER_CHECK = r"""
+import socket, sys
+from prober.syn import ETH_P_ALL, _TCP_IN, attach_filter
+cap = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+attach_filter(cap, _TCP_IN)
+cap.setblocking(False)
+host, open_port = sys.argv[1], int(sys.argv[2])
+with socket.create_connection((host, open_port), timeout=5) as c:
+    while c.recv(100):
+        pass
+try:
+    socket.create_connection((host, 1), timeout=5)
+except ConnectionRefusedError:
+    pass
+flags = []
+while True:
+    try:
+        data = cap.recv(2048)
+    except BlockingIOError:
+        break
+    off = (data[0] & 15) * 4 if data[0] >> 4 == 4 else 40
+    flags.append(data[off + 13])
+print(flags)
+"""
+
+
+def test_capture_filter_passes_only_synack_and_rst(lab: Lab) -> None:
+    out = lab.prober.run(sys.executable, "-c", FILTER_CHECK, "10.61.1.2", str(OPEN_PORT))
+    # SYN+ACK (0x12) and RST+ACK (0x14) only: no FIN, no data, no pure ACK, none of our own packets.
+    assert json.loads(out) == [0x12, 0x14]
