@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "%(default)s)")
     run.add_argument("--max-deliveries", type=int, default=5,
                      help="dead-letter a job delivered more often than this (default %(default)s)")
+    run.add_argument("--max-ports", type=int, default=32,
+                     help="refuse jobs asking for more SYN ports than this (default %(default)s)")
     _add_safety(run)
     _add_probe(run)
     run.set_defaults(func=cmd_run)
@@ -181,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = WorkerSettings(prefix=args.prefix, name=name, concurrency=args.concurrency,
                                   rate=args.rate, target_interval=args.target_interval,
                                   claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
-                                  echo_count=probe_settings.count)
+                                  echo_count=probe_settings.count, max_ports=args.max_ports)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.rate < 0 or args.target_interval < 0:

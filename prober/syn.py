@@ -198,7 +198,7 @@ class SynProber:
             self._waiting[key] = probe
             try:
                 tsval = int(time.monotonic() * 1000) & 0xFFFFFFFF
-                for port in ports:
+                for port in dict.fromkeys(ports):
                     segment = syn_segment(src, address, sport, port, seq=probe.seq, tsval=tsval)
                     probe.sent_at[port] = time.time()
                     try:

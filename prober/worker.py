@@ -51,10 +51,11 @@ class WorkerSettings:
     block_ms: int = 1000
     heartbeat: float = 5.0
     echo_count: int = 5  # for the audit log
+    max_ports: int = 32  # SYNs one job may ask for: a job is not a port scan
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.max_deliveries < 1 or self.block_ms < 1:
-            raise ValueError("concurrency, max deliveries and block time must be positive")
+        if min(self.concurrency, self.max_deliveries, self.block_ms, self.max_ports) < 1:
+            raise ValueError("concurrency, max deliveries, max ports and block time must be positive")
         if self.claim_idle <= 0 or self.heartbeat <= 0:
             raise ValueError("claim idle time and heartbeat must be positive")
 
@@ -247,6 +248,8 @@ class Worker:
                                  "deadline_dropped")
                 return
             refusal = self.policy.refusal(job.src)
+            if refusal is None and len(set(job.ports)) > s.max_ports:
+                refusal = f"{len(set(job.ports))} ports asked, at most {s.max_ports} per job (--max-ports)"
             if refusal is None:
                 left = await self.target_limit.check(self.keys.target(job.src), entry_id)
                 if left is not None:

@@ -214,3 +214,19 @@ async def test_group_deleted_under_a_running_worker(conn: aioredis.Redis, tmp_pa
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_job_asking_for_too_many_ports_is_refused(conn: aioredis.Redis, tmp_path: Path) -> None:
+    queue = ProbeQueue(conn)
+    job_id = await queue.enqueue("198.18.0.7", time.time(), ports=range(1, 101))
+
+    async def dead() -> bool:
+        return await conn.xlen("stepstone:dead") == 1
+
+    await run_worker(conn, tmp_path / "audit.jsonl", dead, max_ports=32,
+                     policy=TargetPolicy(allow=parse_networks(["198.18.0.0/15"], "--allow")))
+    [entry] = await dead_entries(conn)
+    assert entry["job"] == job_id
+    assert entry["reason"] == "refused: 100 ports asked, at most 32 per job (--max-ports)"
+    [audit] = audit_lines(tmp_path / "audit.jsonl")
+    assert audit["event"] == "refused" and audit["job"] == job_id
