@@ -408,3 +408,21 @@ async def test_result_for_another_address_keeps_the_passive_half(harness: Harnes
         (line,) = await harness.verdicts(1)
     assert line["ping_max_us"] is None and line["tp_us"] == 15_000
     assert line["reason"].startswith("probe result unusable")
+
+
+async def test_a_bad_entry_does_not_hold_up_its_batch(harness: Harness) -> None:
+    t = time.time()
+    bad, good = (handshake(f"198.18.62.{i}", "198.19.0.1", t=t) for i in (1, 2))
+    async with service(harness):
+        await harness.send(bad)
+        await harness.send(good)
+        jobs = {f["src"]: job_id for job_id, f in await harness.jobs(2)}
+    # Someone wrote garbage where the analyzer keeps the bad job's outcome; both results arrive
+    # while the analyzer is down, so it reads them as one batch.
+    await harness.r.hset(P + "outcome:" + jobs[bad.src], "ping_max_us", "lots")
+    for h in (bad, good):
+        await harness.answer(result(jobs[h.src], h.src, t, ping_max=30_000, fa=None))
+    async with service(harness):
+        (line,) = await harness.verdicts(1)
+        await until(lambda: _group_drained(harness.r, P + "results"), what="both results acknowledged")
+    assert line["src"] == good.src and line["ping_max_us"] == 30_000
