@@ -79,7 +79,6 @@ VERDICT_TOPIC = "stepstone/verdict"
 HANDSHAKE_EVENT = "StepStone::handshake"
 VERDICT_EVENT = "StepStone::verdict"
 DLT_EN10MB = 1  # pcap's Ethernet link type
-MAX_SYNACKS = 16  # the script sends at most this many SYN+ACK times
 
 HANDSHAKE_FIELDS = (
     "uid",
@@ -118,7 +117,7 @@ def handshake_from_event(event: Event) -> Handshake:
         raise HandshakeError(f"HandshakeInfo has {len(values)} fields, expected {len(HANDSHAKE_FIELDS)}")
     h = dict(zip(HANDSHAKE_FIELDS, values, strict=False))
 
-    def need(name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    def need(name: str, kind: Any, optional: bool = False) -> Any:
         value = h[name]
         if value is None and optional:
             return None
@@ -157,7 +156,9 @@ def handshake_from_event(event: Event) -> Handshake:
         need(name, Count, optional=True)
     synack_count = need("synack_count", Count)
     synacks = need("synacks", tuple)
-    if len(synacks) > max(int(synack_count), MAX_SYNACKS):
+    if synack_count == 0:
+        raise HandshakeError("HandshakeInfo without a SYN+ACK: nothing to measure")
+    if len(synacks) > synack_count:
         raise HandshakeError("more SYN+ACK times than SYN+ACKs")
     synack_times: list[float] = []
     for i, span in enumerate(synacks):
@@ -171,8 +172,9 @@ def handshake_from_event(event: Event) -> Handshake:
     if (reply_time is None) != (reply == ""):
         raise HandshakeError("HandshakeInfo.reply_epoch must be set exactly when there is a reply")
     tp = need("tp", Timespan, optional=True)
-    if tp is not None and (reply == "" or tp.ns < 0):
-        raise HandshakeError(f"HandshakeInfo.tp {tp!r} without a reply, or negative")
+    if tp is not None and (reply == "" or tp.ns < 0 or synack_count != 1):
+        # Karn's rule: a T^p exists only for a reply to the one and only SYN+ACK.
+        raise HandshakeError(f"HandshakeInfo.tp {tp!r} without a reply, negative, or ambiguous")
     return Handshake(
         t=t,
         src=str(orig_h),
@@ -244,7 +246,8 @@ def verdict_reasons(verdict: Mapping[str, Any]) -> str:
             parts.append(f"OS mismatch: SYN {pair[0]} vs probe {pair[1]}")
         else:
             parts.append("OS mismatch between the SYN and the probe's SYN+ACK")
-    tp, ta = _us(verdict.get("tp_mean_us"), "tp_mean_us"), _us(verdict.get("ta_max_mean_us"), "x")
+    tp = _us(verdict.get("tp_mean_us"), "tp_mean_us")
+    ta = _us(verdict.get("ta_max_mean_us"), "ta_max_mean_us")
     if verdict.get("cond_timing"):
         parts.append(
             f"timing: mean T^p {_ms(tp)} > mean max ping {_ms(ta)} over {verdict.get('samples')} samples"

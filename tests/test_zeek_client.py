@@ -349,6 +349,8 @@ def _bad(index: int, value: Any) -> tuple[Any, ...]:
         _bad(17, None),  # reply without reply time
         _bad(18, Timespan(-1)),
         handshake_info(case("unanswered").segments, tp_override=Timespan(1000)),  # tp without reply
+        handshake_info(case("karn").segments, tp_override=Timespan(1000)),  # tp against Karn's rule
+        _bad(14, Count(0)),  # no SYN+ACK: the script never sends that
         handshake_info(case("direct").segments)[:10],  # too few fields
     ],
 )
