@@ -156,14 +156,15 @@ def test_statistics_against_known_delay(lab: Lab) -> None:
     rtts = r["ping_rtts_us"]
     assert isinstance(rtts, list) and len(rtts) == 8 and r["ping_loss"] == 0.0
     floor = DELAY_MS * 1000
-    # Every sample carries the responder's delay; a loaded 2-core machine may add a few ms.
-    assert all(floor <= x < floor + 15_000 for x in rtts), rtts
+    # Every sample carries the responder's delay; its userspace timer on a loaded 2-core machine
+    # may add some ms, never remove any.
+    assert all(floor <= x < floor + 40_000 for x in rtts), rtts
     assert r["ping_min_us"] == min(rtts) and r["ping_max_us"] == max(rtts)
     assert abs(r["ping_avg_us"] - sum(rtts) / 8) <= 1  # type: ignore[operator]
     mean = sum(rtts) / 8
     var = sum((x - mean) ** 2 for x in rtts) / 8
     assert r["ping_var_us2"] == pytest.approx(var, rel=0.01, abs=50)
-    assert r["ping_var_us2"] < 15_000 ** 2  # type: ignore[operator]
+    assert r["ping_var_us2"] < 20_000 ** 2  # type: ignore[operator]
 
 
 def test_ipv6_target(lab: Lab) -> None:

@@ -194,9 +194,10 @@ async def test_global_rate_limit_holds_across_two_workers(workers: Workers) -> N
                         for e in workers.events(name))
         per_worker = [len(workers.events(name)) for name in ("w1", "w2")]
         assert sum(per_worker) == jobs and min(per_worker) > 0, per_worker  # both took work
-        # Never more than `rate` probes (+1 for timer jitter at the edges) in any one second.
-        for i in range(len(stamps) - rate - 1):
-            assert stamps[i + rate + 1] - stamps[i] >= 1.0, (i, stamps)
+        # Never more than `rate` probes in any one second (+2: a late timer on a loaded machine can
+        # squeeze the audit stamps of two slots together). Unlimited, all 25 would go in ~0.1 s.
+        for i in range(len(stamps) - rate - 2):
+            assert stamps[i + rate + 2] - stamps[i] >= 1.0, (i, stamps)
         assert stamps[-1] - stamps[0] >= (jobs - 1) / rate * 0.9
         assert set(await results_for(conn)) == set(ids)
     finally:
