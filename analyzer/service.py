@@ -147,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise InputError("run: give a feed: --handshakes (Redis stream) and/or --zeek URL")
     url = urlsplit(args.redis)
     if url.scheme not in ("redis", "rediss", "unix"):
-        raise InputError(f"--redis: not a Redis URL (redis://, rediss://, unix://): {args.redis!r}")
+        raise InputError(f"--redis: not a Redis URL (redis://, rediss://, unix://): {url.scheme}://...")
     if args.zeek is not None:
         zurl = urlsplit(args.zeek)
         if zurl.scheme not in ("ws", "wss") or not zurl.hostname:
@@ -234,7 +234,7 @@ class Service:
         """Check every piece of configuration against reality; InputError (one line) if wrong."""
         from analyzer import measurement, rules  # noqa: F401  (fail early if the core is missing)
         from osfp.fingerprinter import Fingerprinter
-        from prober.queue import ProbeQueue
+        from prober.queue import ProbeQueue, redact
 
         try:
             fingerprinter = Fingerprinter(config.p0f_db)
@@ -250,7 +250,7 @@ class Service:
             await asyncio.wait_for(client.ping(), 10)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             await client.aclose()
-            raise InputError(f"--redis: cannot reach Redis at {config.redis_url}: {exc}") from None
+            raise InputError(f"--redis: cannot reach Redis at {redact(config.redis_url)}: {exc}") from None
         queue = ProbeQueue(client, prefix=config.prefix, dedup_window=config.dedup_window,
                            deadline=config.deadline)
         service = cls(config, client, queue, fingerprinter)

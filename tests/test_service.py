@@ -308,6 +308,7 @@ async def test_entries_of_a_dead_analyzer_are_claimed(harness: Harness) -> None:
     ("argv", "message"),
     [
         (["--redis", "unix:///nonexistent/redis.sock", "--handshakes"], "cannot reach Redis"),
+        (["--redis", "redis://:hunter2@127.0.0.1:1/0", "--handshakes"], "cannot reach Redis"),
         (["--redis", "http://localhost", "--handshakes"], "not a Redis URL"),
         (["--redis", "redis://localhost"], "give a feed"),
         (["--redis", "redis://localhost", "--zeek", "http://x/v1"], "not a WebSocket URL"),
@@ -321,6 +322,7 @@ def test_bad_configuration_is_one_line_and_exit_2(
     assert cli_main(["run", "--log-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "hunter2" not in err  # no password in messages
 
 
 def test_unwritable_log_dir(redis_server: RedisServer, tmp_path: Path,
