@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenarios", type=Path, default=DEFAULT_FILE, metavar="FILE",
                       help=f"scenario file (default: {DEFAULT_FILE})")
     demo.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    demo.add_argument("--sensor", choices=("zeek", "responder"), default=None,
+                      help="who reports the handshakes: a real Zeek with the project's package on the "
+                      "sensor's interface, or the built-in responder (default: zeek if a zeek binary is "
+                      "on PATH, else responder); the responder answers the SYNs either way")
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="keep the run's logs (stepstone.log, probes, every process's output) in DIR")
     clean = sub.add_parser("clean", help="remove namespaces, nftables tables and processes a killed run left")
@@ -70,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lab.report import render
 
         scenarios = load(args.scenarios)
-        result = run_demo(scenarios, progress=sys.stderr, keep=args.keep)
+        result = run_demo(scenarios, progress=sys.stderr, keep=args.keep, sensor=args.sensor)
         if args.json:
             print(json.dumps(result, indent=None, sort_keys=False))
         else:

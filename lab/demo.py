@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import redis
 
@@ -27,20 +27,31 @@ from lab.netns import Network, unavailable_reason
 from lab.process import Child, Children, LabError, wait_for
 from lab.redis import RedisServer, RedisServerError
 from lab.scenarios import Scenarios
-from lab.topology import LISTEN_PORTS, PROXY_BASE_PORT, Topology
+from lab.topology import LISTEN_PORTS, PROXY_BASE_PORT, SENSOR_ADDR, Topology
 
 PREFIX = "stepstone:"
 ALLOW = "198.18.0.0/15"
-SERVICES = ("responder", "analyzer", "prober")
+ZEEK_WS_PORT = 9997
+ZEEK_SCRIPTS = Path(__file__).resolve().parents[1] / "zeek-scripts"
+Sensor = Literal["responder", "zeek"]
 
 
-def preflight(scenarios: Scenarios) -> None:
+def default_sensor() -> Sensor:
+    """Zeek when a zeek binary is on PATH (the operators' setup), else the built-in responder."""
+    return "zeek" if shutil.which("zeek") else "responder"
+
+
+def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
     """Refuse clearly, before building anything, when the machine cannot run the lab."""
     if os.geteuid() != 0:
         raise LabError("needs root: network namespaces, TUN devices and nftables (try: sudo scripts/demo)")
     tools = ["ip", "nft", "redis-server"]
     if any(h.kind == "proxy" for h in scenarios.hosts):
         tools.append("socat")
+    if sensor == "zeek":
+        tools.append("zeek")
+        if not (ZEEK_SCRIPTS / "__load__.zeek").is_file():
+            raise LabError(f"--sensor zeek: the Zeek package is not at {ZEEK_SCRIPTS}")
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise LabError(f"missing programs: {', '.join(missing)} (run scripts/install, or apt-get install "
@@ -63,7 +74,10 @@ class Lab:
     """One lab run. Use as a context manager; `close()` is idempotent and removes everything."""
 
     def __init__(self, scenarios: Scenarios, *, workdir: Path | None = None, seed: int = 1,
-                 progress: TextIO | None = None, dedup_window: float = 5.0) -> None:
+                 progress: TextIO | None = None, dedup_window: float = 5.0,
+                 sensor: Sensor = "responder") -> None:
+        # With Zeek as the sensor the responder still answers the SYNs, but Zeek reports them.
+        self.sensor = sensor
         self.scenarios = scenarios
         self.own_workdir = workdir is None
         # Short path: the Redis unix socket path must stay under 108 bytes.
@@ -118,10 +132,15 @@ class Lab:
         return self._client
 
     def start_services(self) -> None:
-        for name in SERVICES:
-            self.start_service(name)
         sensor = self.topology.sensor
         assert sensor is not None
+        if self.sensor == "zeek":
+            # Zeek first: the analyzer connects to its WebSocket.
+            self.start_service("zeek")
+            wait_for(lambda: ZEEK_WS_PORT in _listening(sensor), 60, "Zeek's WebSocket listener",
+                     alive=self.service_died)
+        for name in ("responder", "analyzer", "prober"):
+            self.start_service(name)
         self.say("waiting for the responder, the analyzer and the prober")
         wait_for(lambda: sensor.run("nft", "list", "table", "inet", "stepstone_responder", check=False),
                  20, "the responder's nftables table", alive=self.service_died)
@@ -146,11 +165,20 @@ class Lab:
         url = self.redis_server.url
         darknet = str(self.scenarios.darknet)
         if name == "responder":
-            return ["-m", "responder.cli", "run", "--darknet", darknet, "--redis", url, "--prefix", PREFIX]
+            report = ["--redis", url, "--prefix", PREFIX] if self.sensor == "responder" else []
+            return ["-m", "responder.cli", "run", "--darknet", darknet, *report]
         if name == "analyzer":
-            return ["-m", "analyzer.cli", "run", "--handshakes", "--redis", url, "--prefix", PREFIX,
+            feed = (["--handshakes"] if self.sensor == "responder" else
+                    ["--zeek", f"ws://{SENSOR_ADDR}:{ZEEK_WS_PORT}/v1/messages/json"])
+            return ["-m", "analyzer.cli", "run", *feed, "--redis", url, "--prefix", PREFIX,
                     "--log-dir", str(self.logdir), "--consumer", "lab-analyzer", "--darknet", darknet,
                     "--dedup-window", str(self.dedup_window), "--claim-after", "5"]
+        if name == "zeek":
+            site = self.workdir / "lab-site.zeek"
+            site.write_text(f"redef StepStone::darknet_subnets += {{ {darknet} }};\n"
+                            f"redef StepStone::websocket_addr = {SENSOR_ADDR};\n"
+                            f"redef StepStone::websocket_port = {ZEEK_WS_PORT}/tcp;\n")
+            return ["zeek", "-C", "-i", self.topology.sensor_if, str(ZEEK_SCRIPTS), str(site)]
         if name == "prober":
             # The analyzer's dedup window spaces the probes of an address; the prober need not.
             return ["-m", "prober.cli", "run", "--redis", url, "--prefix", PREFIX, "--allow", ALLOW,
@@ -159,10 +187,15 @@ class Lab:
         raise KeyError(name)
 
     def start_service(self, name: str) -> Child:
-        ns = self.topology.sensor if name == "responder" else self.topology.prober
+        ns = self.topology.sensor if name in ("responder", "zeek") else self.topology.prober
         runs = sum(1 for c in self.children.children if c.name.split(".")[0] == name)
         label = name if runs == 0 else f"{name}.{runs}"
-        self.services[name] = self.children.start(label, self.service_args(name), ns, python=True)
+        if name == "zeek":
+            zeek_dir = self.workdir / "zeek"
+            zeek_dir.mkdir(exist_ok=True)  # Zeek writes its logs in its working directory
+            self.services[name] = self.children.start(label, self.service_args(name), ns, cwd=zeek_dir)
+        else:
+            self.services[name] = self.children.start(label, self.service_args(name), ns, python=True)
         return self.services[name]
 
     def kill(self, name: str) -> None:
@@ -249,6 +282,16 @@ class Lab:
     def records(self) -> list[dict[str, Any]]:
         return _json_lines(self.logdir / "stepstone.log")
 
+    def all_seen(self) -> bool:
+        """Every connection a driver completed is on the handshakes stream: the client is done a
+        one-way delay before the sensor sees its ACK, so "traffic done" alone is too early."""
+        seen: dict[str, int] = {}
+        for h in self.handshakes():
+            seen[h["src"]] = seen.get(h["src"], 0) + 1
+        made = self.attempts()
+        return bool(made) and all(seen.get(addr, 0) >= sum(1 for a in tries if a.get("ok"))
+                                  for addr, tries in made.items())
+
     def pending_verdicts(self) -> set[str]:
         """Handshake ids that have no stepstone.log line yet."""
         done = {r.get("hid") for r in self.records()}
@@ -271,7 +314,7 @@ class Lab:
         while True:
             if reason := self.service_died():
                 raise LabError(reason)
-            done = self.traffic_done() and not self.pending_verdicts() and self.handshakes()
+            done = self.traffic_done() and self.all_seen() and not self.pending_verdicts()
             now = time.monotonic()
             if done or now > deadline or now - last >= every:
                 last = now
@@ -314,10 +357,13 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def run_demo(
-    scenarios: Scenarios, *, progress: TextIO = sys.stderr, keep: Path | None = None
+    scenarios: Scenarios, *, progress: TextIO = sys.stderr, keep: Path | None = None,
+    sensor: Sensor | None = None,
 ) -> Mapping[str, Any]:
-    preflight(scenarios)
-    with Lab(scenarios, workdir=keep, progress=progress) as lab:
+    sensor = sensor or default_sensor()
+    preflight(scenarios, sensor)
+    with Lab(scenarios, workdir=keep, progress=progress, sensor=sensor) as lab:
+        lab.say(f"sensor: {sensor}")
         lab.build()
         lab.start_services()
         lab.start_traffic()

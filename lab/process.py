@@ -59,7 +59,7 @@ class Children:
     children: list[Child] = field(default_factory=list)
 
     def start(self, name: str, args: Sequence[str], ns: Namespace | None = None, *,
-              python: bool = False) -> Child:
+              python: bool = False, cwd: Path | None = None) -> Child:
         argv = [sys.executable, *args] if python else list(args)
         if ns is not None:
             argv = ["ip", "netns", "exec", ns.name, *argv]
@@ -67,7 +67,7 @@ class Children:
         with out.open("wb") as fout, err.open("wb") as ferr:
             # Own process group: a Ctrl-C in the terminal reaches the lab, which stops them in order.
             proc = subprocess.Popen(argv, stdout=fout, stderr=ferr, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=cwd)
         child = Child(name, proc, out, err)
         self.children.append(child)
         return child

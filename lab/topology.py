@@ -54,12 +54,13 @@ class Topology:
     sensor: Namespace | None = None
     prober: Namespace | None = None
     hosts: list[LabHost] = field(default_factory=list)
+    sensor_if: str = ""  # the sensor's interface towards the router (Zeek listens on it)
 
     def build(self) -> None:
         net = self.net
         self.router, self.sensor, self.prober = net.add("rt"), net.add("sn"), net.add("pr")
         self.router.sysctl("net.ipv4.ip_forward", 1)
-        net.link(self.router, "198.19.250.1/24", self.sensor, f"{SENSOR_ADDR}/24")
+        _, self.sensor_if = net.link(self.router, "198.19.250.1/24", self.sensor, f"{SENSOR_ADDR}/24")
         net.link(self.router, "198.19.251.1/24", self.prober, f"{PROBER_ADDR}/24")
         self.sensor.run("ip", "route", "add", "default", "via", "198.19.250.1")
         self.prober.run("ip", "route", "add", "default", "via", "198.19.251.1")

@@ -159,8 +159,10 @@ def test_prober_and_analyzer_killed_mid_run_lose_nothing() -> None:
         assert lab.wait_verdicts(sc.traffic_s + sc.settle_s), f"lost: {lab.pending_verdicts()}"
         hids = [r["hid"] for r in lab.records()]
         handshakes = lab.handshakes()
+        attempts = [a for made in lab.attempts().values() for a in made]
     finally:
         lab.close()
     assert_nothing_left(lab)
-    assert len(handshakes) == 16
+    assert len(attempts) == 16
+    assert len(handshakes) == sum(1 for a in attempts if a["ok"]) >= 14, attempts
     assert Counter(hids) == Counter(h["hid"] for h in handshakes), "one stepstone.log line per handshake"

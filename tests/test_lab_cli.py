@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,3 +111,14 @@ def test_clean_removes_stray_namespaces(net: Network) -> None:
         assert sleeper.wait(10) == -9
     finally:
         stray.close()
+
+
+def test_zeek_sensor_without_zeek_is_refused() -> None:
+    if shutil.which("zeek"):
+        pytest.skip("zeek is installed here")
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "demo", "--sensor", "zeek"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2
+    assert "missing programs: zeek" in proc.stderr and "Traceback" not in proc.stderr
