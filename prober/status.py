@@ -75,8 +75,9 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"group {label}: not created yet")
             continue
         age = g["oldest_pending_age_s"]
+        oldest = "none" if age is None else f"{age:.1f}s old"
         lines.append(f"group {label}: pending {g['pending']}, not yet delivered {g['lag']}, "
-                     f"oldest pending {'-' if age is None else f'{age:.1f}s'} old")
+                     f"oldest pending: {oldest}")
         for c in g["consumers"]:
             lines.append(f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_s']:.1f}s")
     workers = status["workers_alive"]
