@@ -158,6 +158,9 @@ def _open(prober: Prober) -> None:
         prober.open()
     except PermissionError as exc:
         raise UsageError(f"{exc} (run as root, or setcap cap_net_raw+ep on the interpreter)") from None
+    except (OSError, ValueError) as exc:
+        prober.close()
+        raise UsageError(f"--db: cannot load the p0f database: {exc}") from None
 
 
 def _audit(args: argparse.Namespace, name: str) -> AuditLog:
