@@ -92,6 +92,7 @@ class Config:
     dedup_window: float = 3600.0
     deadline: float = 60.0
     claim_after: float = 30.0
+    max_records: int = 1000
 
 
 def register(sub: Any) -> None:
@@ -139,6 +140,8 @@ def register(sub: Any) -> None:
                    help="a probe not started S seconds after the SYN is dropped (default 60)")
     p.add_argument("--claim-after", type=float, default=30.0, metavar="S",
                    help="take over entries another analyzer left unacknowledged this long (default 30)")
+    p.add_argument("--max-records", type=int, default=1000, metavar="N",
+                   help="judge a source on at most its N newest records in the window (default 1000)")
     p.set_defaults(func=run_command)
 
 
@@ -169,6 +172,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in ("window", "dedup_window", "deadline", "claim_after"):
         if not getattr(args, name) > 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_records < 1:
+        raise InputError("--max-records must be at least 1")
     if not 0 <= args.metrics_port < 65536:
         raise InputError(f"--metrics-port: not a port: {args.metrics_port}")
     if not args.consumer or not args.prefix:
@@ -178,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, prefix=args.prefix,
         window=args.window, os_level=args.os_level, p0f_db=args.p0f_db, consumer=args.consumer,
         ports=ports, darknets=tuple(darknets), dedup_window=args.dedup_window, deadline=args.deadline,
-        claim_after=args.claim_after,
+        claim_after=args.claim_after, max_records=args.max_records,
     )
 
 
@@ -214,8 +219,9 @@ class Service:
         self.fingerprinter = fingerprinter
         self.metrics = Metrics()
         self.state = State(redis, prefix=config.prefix, window=config.window,
-                           dedup_window=config.dedup_window)
-        self.stepstone_log = JsonLog(config.log_dir / "stepstone.log", "stepstone", self.state)
+                           dedup_window=config.dedup_window, max_records=config.max_records)
+        self.stepstone_log = JsonLog(config.log_dir / "stepstone.log", "stepstone", self.state,
+                                     ttl_after=self.state.closed_ttl)
         self.handshakes_log = JsonLog(config.log_dir / "handshakes.log", "handshakes", self.state)
         self.zeek: Any = None
         self._stop_metrics: Callable[[], None] | None = None
@@ -416,8 +422,10 @@ class Service:
         if not items:
             return
         # A previous delivery (before a crash) may have enqueued already: its job is reused.
-        prior = await self.state.save([Stored(hid=hid, record=record, sport=h.sport, dport=h.dport,
-                                              feed=h.feed, job=None) for hid, h, _, record in items])
+        answered = [Stored(hid=hid, record=record, sport=h.sport, dport=h.dport, feed=h.feed, job=None)
+                    for hid, h, _, record in items if record is not None]
+        saved = dict(zip((x.hid for x in answered), await self.state.save(answered), strict=True))
+        prior = [saved.get(hid, (None, False)) for hid, *_ in items]
         jobs = {hid: job for (hid, *_), (job, _) in zip(items, prior, strict=True)}
         fresh = [(hid, h) for hid, h, _, record in items if record is not None and jobs[hid] is None]
         own = await self._enqueue(fresh, jobs)

@@ -4,13 +4,17 @@ Everything an analyzer needs to finish a handshake lives here, not in the proces
 loses nothing and several analyzers can share the work. Keys (all under the prefix, plain
 `redis-cli` can read them):
 
-- `hs:<hid>`     hash: one stored handshake (`hid` = its entry id on the `handshakes` stream):
-                 `record` (the passive `Record` JSON), `sport`, `dport`, `feed`, `job`.
+- `hs:<hid>`     hash: one answered handshake (`hid` = its entry id on the `handshakes` stream):
+                 `record` (the passive `Record` JSON), `sport`, `dport`, `feed`, `job`, and
+                 `logged_handshakes` / `logged_stepstone` = 1 once its line is in that log
+                 (crash-idempotent logging). Kept one hour after its verdict, for redeliveries.
 - `job:<job>`    set: the handshakes waiting for probe job `<job>` (its own, and deduped ones).
 - `outcome:<job>` hash: how the job ended: the prober's `Result` fields, or `dead` = the reason.
 - `probe:<src>`  string: the latest job probing `<src>` (deduped handshakes attach to it).
-- `src:<src>`    sorted set (score = SYN time): the source's closed records, for the rules' window.
-- `logged:<log>:<hid>` string: that handshake's line is in the log (crash-idempotent logging).
+- `src:<src>`    sorted set (score = SYN time): the source's closed records, for the rules' window
+                 (at most `max_records`, the newest).
+
+Unanswered handshakes are logged but not stored: nothing waits for them, and a darknet sees many.
 
 Attaching a handshake to a job and storing a job's outcome are each one Lua script, so every
 handshake is closed by exactly one side: whoever attaches after the outcome is stored closes it
@@ -54,6 +58,20 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return {redis.call('SMEMBERS', KEYS[2]), redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: hs:<hid> ...; ARGV: field, ttl seconds (0 = keep). Marks only handshakes still stored
+# (HSET on an expired one would leave a hash without its fields).
+_MARK = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, ARGV[1], '1')
+    if ARGV[2] ~= '0' then
+      redis.call('EXPIRE', key, ARGV[2])
+    end
+  end
+end
+return 0
 """
 
 
@@ -124,10 +142,15 @@ class State:
         prefix: str = "stepstone:",
         window: float = 86400.0,
         dedup_window: float = 3600.0,
+        max_records: int = 1000,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.window = window
+        self.max_records = max_records
+        # After its verdict a handshake is only looked at again by a redelivered entry (a crash
+        # before the acknowledgement, a claim after --claim-after): an hour covers that.
+        self.closed_ttl = 3600
         # A deduped handshake may attach to a probe up to one dedup window old: keep outcomes and
         # job sets at least that long, plus slack for a prober that is behind.
         self.outcome_ttl = int(max(2 * dedup_window, 3600))
@@ -135,6 +158,7 @@ class State:
         self.hs_ttl = int(max(window, 2 * dedup_window, 3600))
         self._attach = redis.register_script(_ATTACH)
         self._settle = redis.register_script(_SETTLE)
+        self._mark = redis.register_script(_MARK)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -142,12 +166,12 @@ class State:
     # Every operation takes a batch and costs one round trip (a pipeline), whatever its size.
 
     async def save(self, batch: Sequence[Stored]) -> list[tuple[str | None, bool]]:
-        """Store handshakes (again: a redelivery keeps the job it got before); per handshake, that
-        earlier job, if any, and whether its handshakes.log line was written already."""
+        """Store answered handshakes (again: a redelivery keeps the job it got before); per
+        handshake, that earlier job, if any, and whether its handshakes.log line was written."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for stored in batch:
                 key = self.key("hs", stored.hid)
-                pipe.hget(key, "job")
+                pipe.hmget(key, ["job", "logged_handshakes"])
                 pipe.hset(key, mapping={
                     "record": "" if stored.record is None else json.dumps(stored.record.to_dict()),
                     "sport": str(stored.sport),
@@ -155,9 +179,8 @@ class State:
                     "feed": stored.feed,
                 })
                 pipe.expire(key, self.hs_ttl)
-                pipe.exists(self.key("logged", "handshakes", stored.hid))
             replies = await pipe.execute()
-        return [(job or None, bool(logged)) for job, _, _, logged in _chunks(replies, 4)]
+        return [(job or None, bool(logged)) for (job, logged), _, _ in _chunks(replies, 3)]
 
     async def load(self, hids: Sequence[str], *, unless_logged: str) -> list[Stored | StateError | None]:
         """The stored handshakes; None for one that is gone or whose line `unless_logged` (a log
@@ -165,12 +188,9 @@ class State:
         async with self.redis.pipeline(transaction=False) as pipe:
             for hid in hids:
                 pipe.hgetall(self.key("hs", hid))
-                pipe.exists(self.key("logged", unless_logged, hid))
             replies = await pipe.execute()
-        out: list[Stored | StateError | None] = []
-        for hid, (fields, logged) in zip(hids, _chunks(replies, 2), strict=True):
-            out.append(None if not fields or logged else _stored(hid, fields))
-        return out
+        return [None if not fields or fields.get(f"logged_{unless_logged}") else _stored(hid, fields)
+                for hid, fields in zip(hids, replies, strict=True)]
 
     async def last_probes(self, srcs: Sequence[str]) -> list[str | None]:
         """The latest job of each address (None: no probe known)."""
@@ -215,11 +235,13 @@ class State:
                 pipe.zadd(key, {member: record.t})
                 # Keep one extra window of slack: records may arrive out of order.
                 pipe.zremrangebyscore(key, "-inf", f"({record.t - 2 * self.window}")
+                # A source that floods the darknet is judged on its newest records only.
+                pipe.zremrangebyrank(key, 0, -self.max_records - 1)
                 pipe.expire(key, int(2 * self.window) + 3600)
                 pipe.zrange(key, 0, -1)
             replies = await pipe.execute()
         out: list[list[Record] | StateError] = []
-        for (_hid, record), (*_, members) in zip(batch, _chunks(replies, 4), strict=True):
+        for (_hid, record), (*_, members) in zip(batch, _chunks(replies, 5), strict=True):
             try:
                 out.append([Record.from_json(json.loads(text)["record"]) for text in members])
             except (ValueError, KeyError, TypeError, RecordError) as exc:
@@ -227,18 +249,13 @@ class State:
         return out
 
     async def logged(self, log: str, hids: Sequence[str]) -> list[bool]:
-        """Whether each handshake's line is in `log` already."""
+        """Whether each handshake's line is in `log` already (as far as Redis knows)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for hid in hids:
-                pipe.exists(self.key("logged", log, hid))
+                pipe.hexists(self.key("hs", hid), f"logged_{log}")
             return [bool(x) for x in await pipe.execute()]
 
-    async def mark_logged(self, log: str, *hids: str) -> None:
-        # One key per line with a TTL (not one ever-growing set): a handshake is only re-closed
-        # while its own keys live.
-        if not hids:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for hid in hids:
-                pipe.set(self.key("logged", log, hid), "1", ex=self.hs_ttl)
-            await pipe.execute()
+    async def mark_logged(self, log: str, hids: Sequence[str], *, ttl: int = 0) -> None:
+        """Note that these handshakes' lines are in `log`; `ttl`: keep them only that long now."""
+        if hids:
+            await self._mark(keys=[self.key("hs", hid) for hid in hids], args=[f"logged_{log}", ttl])

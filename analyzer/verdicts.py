@@ -1,8 +1,10 @@
 """The live analyzer's JSON-lines logs (`stepstone.log`, `handshakes.log` in `--log-dir`).
 
 Each line carries `hid` (the handshake's entry id on the `handshakes` stream). A line is written
-only if Redis does not already say it was, and marked in Redis right after; a crash between the
-two is repaired on start by reading the file's tail back, so a restart writes no duplicate line.
+only if neither Redis (the stored handshake's `logged_<log>` field) nor this process says it was,
+and marked right after; a crash between the two is repaired on start by reading the file's tail
+back, so a restart writes no duplicate line. (Unanswered handshakes are not stored in Redis: for
+them the tail alone guards a restart.)
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ RECENT = 4096
 
 
 class JsonLog:
-    def __init__(self, path: Path, name: str, state: State) -> None:
+    def __init__(self, path: Path, name: str, state: State, *, ttl_after: int = 0) -> None:
         self.path = path
-        self.name = name  # the key under `logged:` in Redis
+        self.name = name  # the field `logged_<name>` of a stored handshake in Redis
         self.state = state
+        self.ttl_after = ttl_after  # keep a handshake only this long once its line is here (0: as is)
         self._fd: int | None = None
         self._writing: set[str] = set()  # hids between the Redis check and the mark, this process
         # Recently written hids: a second closer that checked Redis before the first one marked
         # (a claim racing a slow handler) must not write again.
         self._recent: dict[str, None] = {}
+        self._recovered: set[str] = set()  # hids found in the tail on start
 
     def open(self) -> None:
         """Open for appending (OSError if the directory is not writable) and repair the tail."""
@@ -67,7 +71,8 @@ class JsonLog:
     async def recover(self) -> int:
         """Mark every line in the tail as written (covers a crash after writing, before marking)."""
         hids = self.tail_hids()
-        await self.state.mark_logged(self.name, *hids)
+        self._recovered = set(hids)
+        await self.state.mark_logged(self.name, hids, ttl=self.ttl_after)
         return len(hids)
 
     async def write(self, hid: str, obj: dict[str, Any], *, checked: bool = False) -> bool:
@@ -80,7 +85,8 @@ class JsonLog:
         `checked`: the caller has just seen in Redis that they were not (saves a round trip)."""
         if self._fd is None:
             raise RuntimeError(f"{self.path} is not open")
-        todo = [(hid, obj) for hid, obj in items if hid not in self._writing and hid not in self._recent]
+        todo = [(hid, obj) for hid, obj in items
+                if hid not in self._writing and hid not in self._recent and hid not in self._recovered]
         if todo and not checked:
             seen = await self.state.logged(self.name, [hid for hid, _ in todo])
             todo = [item for item, done in zip(todo, seen, strict=True) if not done]
@@ -98,7 +104,7 @@ class JsonLog:
                 self._recent[hid] = None
             while len(self._recent) > RECENT:
                 del self._recent[next(iter(self._recent))]
-            await self.state.mark_logged(self.name, *hids)
+            await self.state.mark_logged(self.name, hids, ttl=self.ttl_after)
             return set(hids)
         finally:
             self._writing.difference_update(hids)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -25,8 +26,9 @@ import redis.asyncio as aioredis
 from service_harness import ROOT, Harness, P, handshake, label, lines, open_harness, result, until
 
 from analyzer.cli import main as cli_main
+from analyzer.record import Record
 from analyzer.service import Config, serve
-from analyzer.state import State
+from analyzer.state import State, Stored
 from analyzer.verdicts import JsonLog
 from lab.redis import RedisServer
 
@@ -207,10 +209,14 @@ async def test_log_written_but_not_marked_before_a_crash_is_not_written_again(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     r = aioredis.from_url(redis_server.url, decode_responses=True)
+    state = State(r)
+    record = Record(t=1.0, src="198.18.0.1", dst="198.19.0.1", tp_us=1000)
+    await state.save([Stored(hid=hid, record=record, sport=1, dport=2, feed="responder", job=None)
+                      for hid in ("1-0", "2-0", "3-0")])
     path = tmp_path / "stepstone.log"
     # What a crash can leave: a whole line never marked in Redis, and a line cut short.
     path.write_text(json.dumps({"hid": "1-0", "src": "198.18.0.1"}) + "\n" + '{"hid": "2-0", "sr')
-    log = JsonLog(path, "stepstone", State(r))
+    log = JsonLog(path, "stepstone", state, ttl_after=state.closed_ttl)
     log.open()
     assert await log.recover() == 1
     assert await log.write("1-0", {"src": "198.18.0.1"}) is False
@@ -218,6 +224,15 @@ async def test_log_written_but_not_marked_before_a_crash_is_not_written_again(
     assert await log.write("2-0", {"src": "198.18.0.2"}) is False
     log.close()
     assert [x["hid"] for x in lines(path)] == ["1-0", "2-0"]
+    # Another process (nothing in memory, no tail read) learns it from Redis.
+    other = JsonLog(path, "stepstone", state)
+    other.open()
+    assert await other.write("1-0", {}) is False and await other.write("2-0", {}) is False
+    assert await other.write("3-0", {"src": "198.18.0.3"}) is True
+    other.close()
+    assert [x["hid"] for x in lines(path)] == ["1-0", "2-0", "3-0"]
+    # Once closed, a handshake is kept only for redeliveries.
+    assert 0 < await r.ttl(P + "hs:2-0") <= state.closed_ttl
     await r.aclose()
 
 
@@ -428,3 +443,19 @@ async def test_a_bad_entry_does_not_hold_up_its_batch(harness: Harness) -> None:
         (line,) = await harness.verdicts(1)
         await until(lambda: _group_drained(harness.r, P + "results"), what="both results acknowledged")
     assert line["src"] == good.src and line["ping_max_us"] == 30_000
+
+
+async def test_darknet_filter_and_record_cap(harness: Harness) -> None:
+    t = time.time()
+    src = "198.18.63.1"
+    async with service(harness, darknets=(ipaddress.ip_network("198.19.0.0/16"),), max_records=2):
+        await harness.send(handshake(src, "203.0.113.9", t=t))  # not to the darknet: skipped
+        for i in range(4):
+            await harness.send(handshake(src, f"198.19.0.{i + 1}", t=t + i, sport=41000 + i))
+        (job_id, _), = await harness.jobs(1)
+        await until(lambda: _group_drained(harness.r, P + "handshakes"), what="handshakes done")
+        await harness.answer(result(job_id, src, t, ping_max=30_000, fa=None))
+        out = await harness.verdicts(4)
+    logged = {x["dst"] for x in lines(harness.log_dir / "handshakes.log")}
+    assert logged == {f"198.19.0.{i}" for i in range(1, 5)}
+    assert max(x["verdict"]["records"] for x in out) == 2  # judged on the newest two only
