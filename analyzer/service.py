@@ -194,7 +194,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or `stop`): finish the entries in hand, then return 0."""
+    """Run until SIGTERM/SIGINT (or `stop`): finish the entries in hand, then return 0 (1 if the
+    service had to stop on an internal failure)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -202,13 +203,13 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
     service = await Service.start(config)
     try:
-        await service.run(stop)
+        code = await service.run(stop)
     finally:
         await service.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
-    return 0
+    return code
 
 
 class Service:
@@ -292,7 +293,8 @@ class Service:
         self.handshakes_log.close()
         await self.redis.aclose()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> int:
+        """Work until `stop` is set; 0, or 1 if a stream loop failed."""
         log.info("running as consumer %r of group %r, prefix %r, logs in %s", self.config.consumer,
                  GROUP, self.config.prefix, self.config.log_dir)
         loops = [
@@ -303,13 +305,22 @@ class Service:
         side = [asyncio.create_task(self._watch_lag(stop))]
         if self.zeek is not None:
             side.append(asyncio.create_task(self._zeek_feed(stop)))
-        await stop.wait()
-        # The loops notice `stop` between entries: what is in hand is finished and acknowledged.
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
+        failed = [task for task in loops if task.done()]
+        for task in failed:
+            # A loop only ends early on a bug or an unexpected Redis reply: stop the whole service
+            # (a supervisor restarts it; its pending entries are redone) rather than limp on.
+            log.error("a stream loop ended: %r; stopping", task.exception())
+        stop.set()
+        await stopping
+        # The loops notice `stop` between batches: what is in hand is finished and acknowledged.
         await asyncio.gather(*loops, return_exceptions=True)
         for task in side:
             task.cancel()
         await asyncio.gather(*side, return_exceptions=True)
         log.info("stopped")
+        return 1 if failed else 0
 
     async def _consume(
         self,
