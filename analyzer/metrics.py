@@ -39,6 +39,13 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.zeek = Gauge(
+            f"{NS}_zeek",
+            "Zeek link: connected (1/0), verdicts queued for it, frames and events it sent that were "
+            "rejected, verdicts dropped from a full re-send queue",
+            ["what"],
+            registry=r,
+        )
         self.latency = Histogram(
             f"{NS}_verdict_latency_seconds",
             "Time from the SYN to its verdict",

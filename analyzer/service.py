@@ -383,6 +383,12 @@ class Service:
                     lag = None
                 if lag is not None:
                     self.metrics.lag.labels(consumer.stream.removeprefix(self.config.prefix)).set(lag)
+            if self.zeek is not None:
+                gauge = self.metrics.zeek
+                gauge.labels("connected").set(int(self.zeek.connected.is_set()))
+                gauge.labels("queued").set(self.zeek.pending)
+                gauge.labels("rejected").set(self.zeek.stats.rejected)
+                gauge.labels("dropped").set(self.zeek.stats.dropped)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -113,3 +115,20 @@ async def open_harness(server: RedisServer, log_dir: Path) -> AsyncIterator[Harn
         yield h
     finally:
         await h.r.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for row in text.splitlines():
+        if row and not row.startswith("#"):
+            name, value = row.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

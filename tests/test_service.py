@@ -12,18 +12,28 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from service_harness import ROOT, Harness, P, handshake, label, lines, open_harness, result, until
+from service_harness import (
+    ROOT,
+    Harness,
+    P,
+    free_port,
+    handshake,
+    label,
+    lines,
+    open_harness,
+    result,
+    scrape,
+    until,
+)
 
 from analyzer.cli import main as cli_main
 from analyzer.record import Record
@@ -149,7 +159,7 @@ async def _group_drained(r: aioredis.Redis, stream: str) -> bool:
 
 
 async def test_malformed_entries_are_acknowledged_and_counted(harness: Harness) -> None:
-    port = _free_port()
+    port = free_port()
     async with service(harness, metrics_port=port):
         await harness.r.xadd(P + "handshakes", {"t": "yesterday", "src": "x"})
         await harness.r.xadd(P + "results", {"job": "", "src": "1.2.3.4"})
@@ -160,30 +170,13 @@ async def test_malformed_entries_are_acknowledged_and_counted(harness: Harness) 
         await harness.verdicts(1)
         for stream in ("handshakes", "results"):
             await until(lambda s=stream: _group_drained(harness.r, P + s), what=f"{stream} drained")
-        metrics = await asyncio.to_thread(_scrape, port)
+        metrics = await asyncio.to_thread(scrape, port)
     assert metrics['stepstone_analyzer_errors_total{kind="malformed"}'] == 2
     assert metrics["stepstone_analyzer_handshakes_total"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for row in text.splitlines():
-        if row and not row.startswith("#"):
-            name, value = row.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 async def test_metrics_endpoint_counts_the_pipeline(harness: Harness) -> None:
-    port = _free_port()
+    port = free_port()
     t = time.time()
     async with service(harness, metrics_port=port):
         for i, src in enumerate(("198.18.9.1", "198.18.9.1", "198.18.9.2")):
@@ -193,7 +186,7 @@ async def test_metrics_endpoint_counts_the_pipeline(harness: Harness) -> None:
         for job_id, f in jobs:
             await harness.answer(result(job_id, f["src"], t, ping_max=10_000, fa=None))
         await harness.verdicts(3)
-        metrics = await asyncio.to_thread(_scrape, port)
+        metrics = await asyncio.to_thread(scrape, port)
     assert metrics["stepstone_analyzer_handshakes_total"] == 4
     assert metrics["stepstone_analyzer_answered_total"] == 3
     assert metrics["stepstone_analyzer_probes_enqueued_total"] == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import Harness, handshake, open_harness, result, syn
+from service_harness import Harness, free_port, handshake, open_harness, result, scrape, syn, until
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from analyzer.broker import (
@@ -100,8 +100,9 @@ async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Ha
 async def test_zeek_handshakes_get_verdicts_back_in_zeek(
     harness: Harness, zeek: FakeZeek
 ) -> None:
+    port = free_port()
     config = Config(redis_url=harness.url, handshakes=False, zeek_url=zeek.url, log_dir=harness.log_dir,
-                    consumer="z1")
+                    consumer="z1", metrics_port=port)
     stop = asyncio.Event()
     task = asyncio.create_task(serve_analyzer(config, stop=stop))
     try:
@@ -113,6 +114,12 @@ async def test_zeek_handshakes_get_verdicts_back_in_zeek(
         await harness.answer(result(job_id, "198.18.30.1", t, ping_max=15_000, fa=None))
         (line,) = await harness.verdicts(1)
         message = await asyncio.wait_for(zeek.published.get(), 20)
+
+        async def connected() -> bool:
+            metrics = await asyncio.to_thread(scrape, port)
+            return metrics.get('stepstone_analyzer_zeek{what="connected"}') == 1
+
+        await until(connected, what="the metrics to show the Zeek link")
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 20) == 0
