@@ -127,6 +127,12 @@ class StreamConsumer:
         if entry_ids:
             await self.redis.xack(self.stream, self.group, *entry_ids)
 
+    async def deliveries(self, entry_id: str) -> int:
+        """How often the group has delivered this entry (0 if it is not pending)."""
+        pending = await self.redis.xpending_range(self.stream, self.group, min=entry_id, max=entry_id,
+                                                  count=1)
+        return int(pending[0]["times_delivered"]) if pending else 0
+
     async def lag(self) -> int | None:
         """Entries not yet delivered to the group plus delivered but unacknowledged."""
         try:

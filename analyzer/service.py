@@ -41,6 +41,7 @@ log = logging.getLogger("stepstone.analyzer")
 
 GROUP = "analyzers"
 JOB_SCAN = 2000  # newest jobs searched for an address whose job id was never recorded
+MAX_DELIVERIES = 5  # an entry that fails this often is logged and acknowledged, not retried forever
 ENQUEUE_CONCURRENCY = 32  # enqueues of one batch in flight at once (one Redis connection each)
 RECORD_FIELDS = tuple(Record.__dataclass_fields__)
 Entry = tuple[str, dict[str, str]]
@@ -364,10 +365,14 @@ class Service:
                 raise
             except Exception:
                 # A bug or an unexpected reply: leave it pending (retried after a restart or a
-                # claim), keep serving the rest.
-                log.exception("%s %s failed; left pending", consumer.stream, entry[0])
+                # claim), keep serving the rest; give up on it after MAX_DELIVERIES tries.
                 self.metrics.errors.labels("failed").inc()
-                continue
+                if await consumer.deliveries(entry[0]) < MAX_DELIVERIES:
+                    log.exception("%s %s failed; left pending", consumer.stream, entry[0])
+                    continue
+                log.exception("%s %s failed %d times; abandoned: %s", consumer.stream, entry[0],
+                              MAX_DELIVERIES, entry[1])
+                self.metrics.errors.labels("abandoned").inc()
             await consumer.ack(entry[0])
 
     def _reject(self, stream: str, entry_id: str, exc: Exception) -> None:

@@ -452,3 +452,22 @@ async def test_darknet_filter_and_record_cap(harness: Harness) -> None:
     logged = {x["dst"] for x in lines(harness.log_dir / "handshakes.log")}
     assert logged == {f"198.19.0.{i}" for i in range(1, 5)}
     assert max(x["verdict"]["records"] for x in out) == 2  # judged on the newest two only
+
+
+async def test_an_entry_that_keeps_failing_is_abandoned_not_retried_forever(harness: Harness) -> None:
+    t = time.time()
+    stuck, fine = handshake("198.18.64.1", "198.19.0.1", t=t), handshake("198.18.64.2", "198.19.0.1", t=t)
+    # The source's window key holds the wrong type: every attempt to close `stuck` fails in Redis.
+    await harness.r.set(P + "src:" + stuck.src, "not a sorted set")
+    port = free_port()
+    async with service(harness, claim_after=0.1, metrics_port=port):
+        for h in (stuck, fine):
+            await harness.send(h)
+        jobs = {f["src"]: job_id for job_id, f in await harness.jobs(2)}
+        for h in (stuck, fine):
+            await harness.answer(result(jobs[h.src], h.src, t, ping_max=30_000, fa=None))
+        (line,) = await harness.verdicts(1)
+        await until(lambda: _group_drained(harness.r, P + "results"), what="the stuck result given up")
+        metrics = await asyncio.to_thread(scrape, port)
+    assert line["src"] == fine.src
+    assert metrics['stepstone_analyzer_errors_total{kind="abandoned"}'] == 1
