@@ -278,7 +278,7 @@ async def test_killed_service_loses_nothing_and_duplicates_nothing(harness: Harn
     assert await harness.r.xlen(P + "jobs") == n + 2  # nothing probed twice
 
 
-async def test_sigterm_exits_zero_and_restart_resumes_pending(harness: Harness) -> None:
+async def test_sigterm_and_sigint_exit_zero_and_restart_resumes_pending(harness: Harness) -> None:
     proc = _start(harness.url, harness.log_dir)
     h = handshake("198.18.20.1", "198.19.0.1", t=time.time())
     try:
@@ -294,8 +294,9 @@ async def test_sigterm_exits_zero_and_restart_resumes_pending(harness: Harness) 
     try:
         (line,) = await harness.verdicts(1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the same orderly stop
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
     assert line["job"] == job_id and line["ping_max_us"] == 30_000
 
 
