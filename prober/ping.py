@@ -10,6 +10,7 @@ include the event loop's scheduling delay when it is busy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import socket
@@ -84,6 +85,7 @@ class Pinger:
             sock.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             # Hundreds of replies can arrive in one burst; the default buffer holds ~300.
             grow_buffer(sock.sock)
+            only_echo_replies(sock.sock, family)
             sock.sock.setblocking(False)
             self._socks[family] = sock
             loop.add_reader(sock.sock.fileno(), self._on_readable, family)
@@ -157,6 +159,19 @@ class Pinger:
             fut = self._waiting.get((_canonical(addr[0]), ident, seq))
             if fut is not None and not fut.done():
                 fut.set_result(stamp)
+
+
+def only_echo_replies(sock: socket.socket, family: int) -> None:
+    """Kernel-side ICMP type filter (a set bit blocks a type): no wake-ups for the host's other ICMP
+    traffic (neighbour discovery, errors, echo requests to us)."""
+    with contextlib.suppress(OSError):
+        if family == 4:
+            mask = 0xFFFFFFFF & ~(1 << ECHO_REPLY[4])
+            sock.setsockopt(255, 1, struct.pack("I", mask))  # SOL_RAW, ICMP_FILTER
+        else:
+            words = [0xFFFFFFFF] * 8
+            words[ECHO_REPLY[6] >> 5] &= ~(1 << (ECHO_REPLY[6] & 31))
+            sock.setsockopt(socket.IPPROTO_ICMPV6, 1, struct.pack("8I", *words))  # ICMP6_FILTER
 
 
 def grow_buffer(sock: socket.socket, size: int = 8 << 20) -> None:
