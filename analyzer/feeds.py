@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -84,7 +84,8 @@ class StreamConsumer:
 
     async def _read(self, start: str, *, block: bool = False) -> list[Entry]:
         try:
-            reply = await self.redis.xreadgroup(
+            # The client decodes responses: entries are (id, {field: value}) of str.
+            reply: Any = await self.redis.xreadgroup(
                 self.group, self.consumer, {self.stream: start}, count=self.count,
                 block=self.block_ms if block else None,
             )
@@ -149,4 +150,5 @@ async def zeek_to_stream(source: HandshakeSource, redis: aioredis.Redis, stream:
     """Land every handshake Zeek sends on the `handshakes` stream, where the normal consumer (of
     this or any analyzer) takes it: one durable path whatever the feed."""
     async for handshake in source.handshakes():
-        await redis.xadd(stream, handshake.to_fields())
+        fields: Any = handshake.to_fields()
+        await redis.xadd(stream, fields)

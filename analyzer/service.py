@@ -30,8 +30,10 @@ import redis.exceptions
 from analyzer.errors import InputError
 from analyzer.feeds import StreamConsumer, zeek_to_stream
 from analyzer.handshake import Handshake, HandshakeError
+from analyzer.measurement import passive_record, with_probe
 from analyzer.metrics import Metrics
 from analyzer.record import Record
+from analyzer.rules import OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored
 from analyzer.verdicts import JsonLog
 from osfp import FingerprintError
@@ -85,7 +87,7 @@ class Config:
     metrics_addr: str = "127.0.0.1"
     prefix: str = "stepstone:"
     window: float = 86400.0
-    os_level: str = "name"
+    os_level: OsLevel = "name"
     p0f_db: str | None = None
     consumer: str = field(default_factory=socket.gethostname)
     ports: tuple[int, ...] | None = None
@@ -240,7 +242,6 @@ class Service:
     @classmethod
     async def start(cls, config: Config) -> Service:
         """Check every piece of configuration against reality; InputError (one line) if wrong."""
-        from analyzer import measurement, rules  # noqa: F401  (fail early if the core is missing)
         from osfp.fingerprinter import Fingerprinter
         from prober.queue import ProbeQueue, redact
 
@@ -427,8 +428,6 @@ class Service:
 
     async def handle_handshakes(self, batch: list[Entry]) -> None:
         """Store, log and enqueue a batch of handshakes (a few round trips for the whole batch)."""
-        from analyzer.measurement import passive_record
-
         items: list[tuple[str, Handshake, str | None, Record | None]] = []
         for hid, fields in batch:
             try:
@@ -515,7 +514,8 @@ class Service:
                 return job
             await asyncio.sleep(0.02)
         # Or an analyzer died between enqueueing and recording the job: the job is on the stream.
-        entries = await self.redis.xrevrange(self.config.prefix + "jobs", count=JOB_SCAN)
+        entries: Any = await self.redis.xrevrange(  # decoded: [(id, {field: value})] of str
+            self.config.prefix + "jobs", count=JOB_SCAN)
         oldest_ms = (time.time() - self.config.dedup_window) * 1000
         for job_id, fields in entries:
             if int(str(job_id).split("-")[0]) < oldest_ms:
@@ -557,9 +557,6 @@ class Service:
 
     async def close_many(self, closing: list[Closing]) -> None:
         """Record + verdict per handshake: one line in stepstone.log (once), and to Zeek."""
-        from analyzer.measurement import with_probe
-        from analyzer.rules import judge
-
         if not closing:
             return
         loaded = await self.state.load([hid for hid, *_ in closing], unless_logged="stepstone")

@@ -196,7 +196,8 @@ class State:
         """The latest job of each address (None: no probe known)."""
         if not srcs:
             return []
-        return list(await self.redis.mget([self.key("probe", src) for src in srcs]))
+        jobs: Any = await self.redis.mget([self.key("probe", src) for src in srcs])  # decoded: str
+        return list(jobs)
 
     async def attach(self, batch: Sequence[tuple[str, str, str, bool]]) -> list[Outcome | None]:
         """For each (hid, job, src, own): wait for `job` with `hid` (`own`: this handshake's
