@@ -178,8 +178,16 @@ event connection_SYN_packet(c: connection, pkt: SYN_packet)
 
 event connection_first_ACK(c: connection)
 	{
-	if ( c$uid in tracks )
-		finish(tracks[c$uid], "ack");
+	if ( c$uid !in tracks )
+		return;
+
+	# A RST+ACK raises connection_first_ACK first, then connection_reset
+	# (TCPSessionAdapter::DeliverPacket checks the ACK before the state
+	# machine sees the RST). Both handlers run after the packet, and
+	# building connection_reset refreshed c$orig$state, so a RST+ACK is
+	# seen here as the RST it is (as analyzer/tracker.py counts it).
+	local reply = c$orig$state == TCP_RESET ? "rst" : "ack";
+	finish(tracks[c$uid], reply);
 	}
 
 event connection_reset(c: connection)

@@ -18,7 +18,12 @@
 ##! exists from 7.2, taking WebSocketServerOptions with $listen_host (a
 ##! string) in 7.2 and $listen_addr (an addr) from 8.0 ($listen_host is
 ##! deprecated in 8.0 and gone in 8.1). Broker::listen_websocket(a: string,
-##! p: port) exists from 5.0 and is deprecated in 8.0.
+##! p: port) exists from 5.0 and is deprecated in 7.2 (NEWS). It serves TLS
+##! unless Broker::disable_ssl (zeek/broker src/internal/web_socket.cc,
+##! connector.cc): with no certificate an anonymous cipher that WebSocket
+##! clients refuse, with one it demands a client certificate. So on Zeek
+##! before 7.2 a ws:// client needs ``redef Broker::disable_ssl = T`` (which
+##! also drops TLS from the cluster's own Broker peerings): warned at start.
 
 @load base/frameworks/broker
 @load base/frameworks/cluster
@@ -83,6 +88,10 @@ event zeek_init()
 	Cluster::listen_websocket([$listen_host=cat(websocket_addr),
 	    $listen_port=websocket_port]);
 @else
+	if ( ! Broker::disable_ssl )
+		Reporter::warning(fmt("StepStone: the WebSocket listener on %s serves TLS only (Broker::disable_ssl = F): ws:// clients cannot connect; redef Broker::disable_ssl = T, or use Zeek 7.2 or later",
+		    websocket_port));
+
 	Broker::listen_websocket(cat(websocket_addr), websocket_port);
 @endif
 @endif

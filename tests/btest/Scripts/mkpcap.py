@@ -15,6 +15,8 @@ Cases (darknet 198.18.0.0/15 and 2001:db8:ffff::/48; the pytest suite reads CASE
   vlan        802.1Q-tagged (VLAN 42), first ACK carries data, 10 ms
   synretx     SYN repeated after 1 s, then answered: the second SYN is the one timed; ACK 25 ms
   nosynack    a SYN the darknet never answered: no handshake at all
+  rstack      the SYN+ACK answered with RST+ACK after 40 ms: a RST all the same (Zeek raises
+              connection_first_ACK for it before connection_reset)
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def _handshake(  # noqa: PLR0917 - one positional slot per column of the CASES t
         )
     if reply is not None:
         kind, at = reply
-        flags = "R" if kind == "rst" else ("PA" if payload else "A")
+        flags = {"rst": "R", "rstack": "RA"}.get(kind, "PA" if payload else "A")
         ack = 0 if kind == "rst" else srv + 1
         case.segments.append(
             Segment(
@@ -203,8 +205,9 @@ CASES = [
     ),
     _handshake("synretx", "203.0.113.15", DARK, 40007, 3389, 1010.0, [1011.0001], ("ack", 1011.0251)),
     _handshake("nosynack", "203.0.113.16", DARK, 40008, 25, 1012.0, [], None),
+    _handshake("rstack", "203.0.113.17", DARK, 40009, 139, 1013.0, [1013.0001], ("rstack", 1013.0401)),
 ]
-_retx = CASES[-2].segments
+_retx = CASES[-3].segments
 _retx.insert(1, replace(_retx[0], t=1011.0))  # the same SYN (same sequence number) again
 
 
