@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from analyzer.handshake import Handshake
+from analyzer.handshake import Feed, Handshake, Reply
 from analyzer.packet import ACK, RST, SYN, TcpHeader, tcp_header
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -86,7 +86,7 @@ class _Conn:
         self.syn = syn
         self.seq = seq
         self.synacks: list[int] = []
-        self.reply: str | None = None
+        self.reply: Reply | None = None
         self.reply_ns = 0
         self.last = syn_ns
 
@@ -106,7 +106,7 @@ class HandshakeTracker:
         *,
         idle_timeout: float = 30.0,
         max_connections: int = 1_000_000,
-        feed: str = "pcap",
+        feed: Feed = "pcap",
     ) -> None:
         if not darknets:
             raise ValueError("at least one darknet network is needed")
@@ -288,10 +288,10 @@ class HandshakeTracker:
             dport=int.from_bytes(key[2 * size + 2 :], "big"),
             syn=conn.syn,
             synack_times=tuple(t / 1e9 for t in conn.synacks),
-            reply=conn.reply if answered else None,  # type: ignore[arg-type]
+            reply=conn.reply if answered else None,
             reply_time=conn.reply_ns / 1e9 if answered else None,
             tp_us=tp_us,
-            feed=self._feed,  # type: ignore[arg-type]
+            feed=self._feed,
         )
 
     def _expire(self) -> None:
