@@ -9,7 +9,6 @@ unacknowledged with another consumer for too long (a dead analyzer) are claimed 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -56,8 +55,11 @@ class StreamConsumer:
     async def ensure_group(self) -> None:
         # From id 0: entries written before any analyzer ran (a prober that was faster, a responder
         # started first) are work too.
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+        try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):  # BUSYGROUP: it exists already
+                raise
 
     async def batches(self, stop: asyncio.Event) -> AsyncIterator[list[Entry]]:
         """Own pending entries, then new ones and claimed ones, a read's worth at a time, until

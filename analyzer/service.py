@@ -309,11 +309,14 @@ class Service:
             side.append(asyncio.create_task(self._zeek_feed(stop)))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
-        failed = [task for task in loops if task.done()]
+        # A loop only ends by itself (before `stop`) on a bug or an unexpected Redis reply: stop
+        # the whole service (a supervisor restarts it; its pending entries are redone) rather than
+        # limp on. A loop that noticed `stop` at this very moment is not a failure.
+        asked = stop.is_set()
+        failed = [task for task in loops
+                  if task.done() and (not asked or task.cancelled() or task.exception() is not None)]
         for task in failed:
-            # A loop only ends early on a bug or an unexpected Redis reply: stop the whole service
-            # (a supervisor restarts it; its pending entries are redone) rather than limp on.
-            log.error("a stream loop ended: %r; stopping", task.exception())
+            log.error("a stream loop ended: %r; stopping", None if task.cancelled() else task.exception())
         stop.set()
         await stopping
         # The loops notice `stop` between batches: what is in hand is finished and acknowledged.

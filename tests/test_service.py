@@ -472,3 +472,12 @@ async def test_an_entry_that_keeps_failing_is_abandoned_not_retried_forever(harn
         metrics = await asyncio.to_thread(scrape, port)
     assert line["src"] == fine.src
     assert metrics['stepstone_analyzer_errors_total{kind="abandoned"}'] == 1
+
+
+async def test_a_broken_stream_stops_the_service_with_status_1(harness: Harness) -> None:
+    """Someone put a plain string where the dead-letter stream belongs: the service must not go on
+    half-working (no dead letters read) but stop, non-zero, for its supervisor to see."""
+    await harness.r.set(P + "dead", "not a stream")
+    config = Config(redis_url=harness.url, handshakes=True, zeek_url=None, log_dir=harness.log_dir,
+                    consumer="a1")
+    assert await asyncio.wait_for(serve(config), 20) == 1
