@@ -88,13 +88,17 @@ def judge(
             break
 
     with_ping = [r for r in in_window if r.has_ping]
-    timed = [r for r in with_ping if r.tp_us is not None]
-    exceeds = sum(1 for r in timed if r.tp_us > r.ping_max_us)  # type: ignore[operator]
-    tp_mean = ta_mean = None
+    pairs: list[tuple[int, int]] = []  # (T^p, max T^a) of each timing sample
+    for r in with_ping:
+        if r.tp_us is not None and r.ping_max_us is not None:
+            pairs.append((r.tp_us, r.ping_max_us))
+    exceeds = sum(1 for tp, ta_max in pairs if tp > ta_max)
+    tp_mean: float | None = None
+    ta_mean: float | None = None
     cond_timing = False
-    if timed:
-        tp_mean = sum(r.tp_us for r in timed) / len(timed)  # type: ignore[misc]
-        ta_mean = sum(r.ping_max_us for r in timed) / len(timed)  # type: ignore[misc]
+    if pairs:
+        tp_mean = sum(tp for tp, _ in pairs) / len(pairs)
+        ta_mean = sum(ta_max for _, ta_max in pairs) / len(pairs)
         cond_timing = exceeds > 0 and tp_mean > ta_mean
     cond_os = os_pair is not None
     return Verdict(
@@ -104,7 +108,7 @@ def judge(
         relay=cond_os or cond_timing,
         tp_mean_us=tp_mean,
         ta_max_mean_us=ta_mean,
-        samples=len(timed),
+        samples=len(pairs),
         records=len(in_window),
         with_ping=len(with_ping),
         tp_exceeds_ta_max=exceeds,
