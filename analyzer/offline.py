@@ -12,7 +12,6 @@ import ipaddress
 import json
 import math
 import os
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -28,6 +27,7 @@ from analyzer.packet import (
     SYN,
     NotTCPError,
     PacketError,
+    address_text,
     ip_from_frame,
     tcp_header,
 )
@@ -209,7 +209,7 @@ class _Addresses:
     def __call__(self, packed: bytes) -> str:
         text = self._text.get(packed)
         if text is None:
-            text = socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+            text = address_text(packed)
             if len(self._text) > 1_000_000:
                 self._text.clear()
             self._text[packed] = text

@@ -7,6 +7,8 @@ no objects beyond one tuple per packet.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import struct
 from typing import NamedTuple
 
@@ -217,3 +219,16 @@ def tcp_header(ip: bytes) -> TcpHeader:
     if tcp_length < 20:
         raise PacketError(f"TCP data offset {tcp_length} is below 20")
     return TcpHeader(src, dst, sport, dport, seq, ack, flags, offset, tcp_length)
+
+
+def address_text(packed: bytes) -> str:
+    """A packed IPv4/IPv6 address as text, exactly as `str(ipaddress.ip_address(...))` writes it.
+
+    The project compares addresses as text (records, probe results, Redis fields, all normalised
+    by `ipaddress`), so the forms must agree. inet_ntop is faster and agrees for IPv4; for IPv6 it
+    writes IPv4-mapped and -compatible addresses dotted (`::ffff:1.2.3.4`) where this Python's
+    `ipaddress` does not, so IPv6 goes through `ipaddress`.
+    """
+    if len(packed) == 4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    return str(ipaddress.IPv6Address(packed))

@@ -30,13 +30,12 @@ Rules (the Zeek scripts implement the same ones):
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from analyzer.handshake import Feed, Handshake, Reply
-from analyzer.packet import ACK, RST, SYN, TcpHeader, tcp_header
+from analyzer.packet import ACK, RST, SYN, TcpHeader, address_text, tcp_header
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NOTHING: tuple[Handshake, ...] = ()
@@ -278,13 +277,12 @@ class HandshakeTracker:
     def _handshake(self, conn: _Conn, tp_us: int | None) -> Handshake:
         key = conn.key
         size = len(key) // 2 - 2  # address length: key = src + dst + sport + dport
-        family = socket.AF_INET if size == 4 else socket.AF_INET6
         answered = tp_us is not None or (conn.reply is not None and bool(conn.synacks))
         return Handshake(
             t=conn.syn_ns / 1e9,
-            src=socket.inet_ntop(family, key[:size]),
+            src=address_text(key[:size]),
             sport=int.from_bytes(key[2 * size : 2 * size + 2], "big"),
-            dst=socket.inet_ntop(family, key[size : 2 * size]),
+            dst=address_text(key[size : 2 * size]),
             dport=int.from_bytes(key[2 * size + 2 :], "big"),
             syn=conn.syn,
             synack_times=tuple(t / 1e9 for t in conn.synacks),

@@ -209,3 +209,11 @@ def test_any_order_of_packets_keeps_the_invariants(events: list[tuple[int, str, 
     assert s.connections == s.answered + s.unanswered + s.no_synack
     assert s.answered == s.timed + s.ambiguous + s.misordered
     assert len(out) == s.answered + s.unanswered and tracker.active == 0
+
+
+def test_addresses_are_written_as_ipaddress_writes_them() -> None:
+    """IPv4-mapped IPv6 clients: the text must match what records and probe results normalise to."""
+    c = Conn("::ffff:203.0.113.5", "2001:db8:ffff::1")
+    (h,) = run([(S, c.syn()), (S + MS, c.synack()), (S + 3 * MS, c.ack())])
+    assert h.src == str(ipaddress.ip_address("::ffff:203.0.113.5"))
+    assert h.dst == "2001:db8:ffff::1" and h.tp_us == 2_000
