@@ -1,0 +1,58 @@
+"""Accuracy and speed of the whole live pipeline in the lab, over several runs of a scenario set.
+
+Each run builds the lab, plays the scenarios (default: lab/scenarios.toml), and reports TP/FP/TN/FN,
+SYN-to-verdict latency and wall time; at the end, per scenario, how often it was flagged. Needs root.
+Prints numbers; asserts nothing.
+
+    sudo .venv/bin/python bench/lab_bench.py [--runs 3] [--scenarios FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from lab.demo import default_sensor, run_demo
+from lab.scenarios import DEFAULT_FILE, load
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--scenarios", type=Path, default=DEFAULT_FILE)
+    args = parser.parse_args()
+    scenarios = load(args.scenarios)
+    flagged: dict[str, int] = defaultdict(int)
+    truth: dict[str, str] = {}
+    totals = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    with open("/dev/null", "w") as quiet:
+        for run in range(1, args.runs + 1):
+            start = time.monotonic()
+            report = run_demo(scenarios, progress=quiet, sensor=default_sensor())
+            wall = time.monotonic() - start
+            t, lat = report["truth"], report["latency_s"]
+            for k in totals:
+                totals[k] += t[k]
+            for h in report["hosts"]:
+                flagged[h["scenario"]] += bool(h["relay"])
+                truth[h["scenario"]] = h["truth"]
+            print(f"run {run}: TP {t['tp']} FP {t['fp']} TN {t['tn']} FN {t['fn']}  "
+                  f"precision {t['precision']} recall {t['recall']}  "
+                  f"SYN->verdict p50 {lat['p50']} s p95 {lat['p95']} s  "
+                  f"({report['table3']['answered_requests']} handshakes, {wall:.1f} s wall)", flush=True)
+    tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    print(f"all runs: TP {tp} FP {fp} TN {totals['tn']} FN {fn}  "
+          f"precision {precision:.3f}  recall {recall:.3f}")
+    print("flagged as relay, per scenario:")
+    for name, count in flagged.items():
+        print(f"  {count}/{args.runs}  {truth[name]:<6}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
