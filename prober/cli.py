@@ -12,6 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from redis.exceptions import ResponseError
+
 from prober.audit import AuditLog, default_path
 from prober.job import DEFAULT_PORTS, Job, JobError
 from prober.probe import Prober, ProbeSettings
@@ -205,6 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"stepstone-prober: worker {name} ready (audit log {audit.path})", file=sys.stderr, flush=True)
         try:
             await worker.run(stop)
+        except ResponseError as exc:  # e.g. WRONGTYPE (a key of ours holds something else), NOPERM
+            raise UsageError(f"Redis refused a command: {exc}") from None
         finally:
             prober.close()
             audit.close()

@@ -84,7 +84,8 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then finish the jobs in hand and return."""
         s = self.settings
-        keeper = asyncio.create_task(self._keep_alive(stop))
+        keeper_done = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_alive(stop, keeper_done))
         backoff = 0.1
         resume = True  # (re)read our own pending entries first: after start and after reconnect
         try:
@@ -127,9 +128,9 @@ class Worker:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            keeper_done.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(keeper, 10)
             await self._leave()
 
     async def _free_slots(self, stop: asyncio.Event) -> int:
@@ -150,14 +151,15 @@ class Worker:
                 continue
             resp = await self.redis.xreadgroup(PROBERS, self.settings.name, {self.keys.jobs: last},
                                                count=free)
-            entries = [e for _s, es in resp or [] for e in es]
-            entries = [e for e in entries if e[0] not in self._in_hand]
-            if not entries:
+            read = [e for _s, es in resp or [] for e in es]
+            if not read:
                 return
-            counts = await self._deliveries([e[0] for e in entries])
-            for entry_id, fields in entries:
-                self._spawn(entry_id, fields, counts.get(entry_id, 1))
-            last = entries[-1][0]
+            last = read[-1][0]
+            entries = [e for e in read if e[0] not in self._in_hand]  # after a reconnect
+            if entries:
+                counts = await self._deliveries([e[0] for e in entries])
+                for entry_id, fields in entries:
+                    self._spawn(entry_id, fields, counts.get(entry_id, 1))
 
     async def _autoclaim(self, free: int) -> int:
         """Take over jobs other workers left idle too long; returns how many were taken."""
@@ -197,11 +199,13 @@ class Worker:
 
         task.add_done_callback(done)
 
-    async def _keep_alive(self, stop: asyncio.Event) -> None:
-        """Heartbeat key for `status`, and reset the idle time of the jobs in hand."""
+    async def _keep_alive(self, stop: asyncio.Event, done: asyncio.Event) -> None:
+        """Heartbeat key for `status`, and reset the idle time of the jobs in hand, until `done`.
+        (An event rather than task cancellation: redis-py may swallow a CancelledError that lands
+        mid-command.)"""
         s = self.settings
         period = min(s.heartbeat, s.claim_idle / 3)
-        while True:
+        while not done.is_set():
             try:
                 if self._in_hand:
                     await self.redis.xclaim(self.keys.jobs, PROBERS, s.name, min_idle_time=0,
@@ -210,9 +214,10 @@ class Worker:
                         "in_hand": len(self._in_hand), "stopping": stop.is_set(), **self.stats}
                 await self.redis.set(self.keys.worker(s.name), json.dumps(info),
                                      ex=max(3, round(3 * s.heartbeat)))
-            except TRANSIENT as exc:
+            except (ResponseError, *TRANSIENT) as exc:
                 log.debug("heartbeat: %s", exc)
-            await asyncio.sleep(period)  # periodic heartbeat
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), period)  # the heartbeat period
 
     async def _leave(self) -> None:
         """On a clean exit: drop the heartbeat, and the consumer if nothing is pending for it."""

@@ -225,7 +225,7 @@ async def test_per_target_limit_refuses_and_audits(workers: Workers) -> None:
         await conn.aclose()
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, redis_server: RedisServer) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "prober.cli", *args], capture_output=True, text=True,
                               check=False, timeout=60)
@@ -238,7 +238,14 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert bad_cidr.returncode == 2 and "--allow '10.0.0.0/33'" in bad_cidr.stderr
     assert "--allow CIDR" in run("run", "--help").stdout
     if os.geteuid() != 0:
-        return  # the rest needs root to drop a capability
+        return  # the rest needs root (raw sockets, dropping a capability)
+    # A key of ours holding something else: Redis refuses, the worker says so in one line.
+    import redis
+
+    redis.Redis(unix_socket_path=str(redis_server.socket)).set("stepstone:jobs", "not a stream")
+    wrong = run("run", "--redis", redis_server.url, "--audit-log", str(tmp_path / "a"))
+    assert wrong.returncode == 2 and "Redis refused a command: WRONGTYPE" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr
     # Without CAP_NET_RAW (dropped from the bounding set, so even root lacks it): one line, exit 2.
     no_raw = subprocess.run(["setpriv", "--bounding-set=-net_raw", sys.executable, "-m", "prober.cli",
                              "probe", "127.0.0.1", "--allow", "127.0.0.0/8", "--audit-log",
