@@ -157,6 +157,12 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.redis is not None:
+        try:
+            aioredis.from_url(args.redis)
+        except ValueError as exc:
+            print(f"stepstone-responder: --redis: {exc}", file=sys.stderr)
+            return 2
     if os.geteuid() != 0:
         print("stepstone-responder: needs root (a local route and an nftables table)", file=sys.stderr)
         return 2

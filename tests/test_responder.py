@@ -25,8 +25,6 @@ from lab.process import wait_for
 from lab.redis import RedisServer
 from responder.listener import restore_destination
 
-pytestmark = pytest.mark.netns
-
 DARKNET = "198.18.0.0/24"
 TARGETS = [("198.18.0.5", 80), ("198.18.0.77", 22), ("198.18.0.200", 4444), ("198.18.0.5", 65000)]
 
@@ -75,6 +73,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> tuple[int
     return proc.returncode, err.decode()
 
 
+@pytest.mark.netns
 def test_handshakes_reach_redis_with_destination_syn_and_rtt(
     pair: tuple[Namespace, Namespace], redis_server: RedisServer
 ) -> None:
@@ -108,6 +107,7 @@ def test_handshakes_reach_redis_with_destination_syn_and_rtt(
     assert "198.18.0.0/24" not in _local_routes(sensor)
 
 
+@pytest.mark.netns
 def test_sigint_and_stale_table_are_handled(pair: tuple[Namespace, Namespace]) -> None:
     sensor, client = pair
     # What a run killed with -9 leaves: the responder must take it over, not fail.
@@ -125,6 +125,7 @@ def test_sigint_and_stale_table_are_handled(pair: tuple[Namespace, Namespace]) -
     assert "198.18.0.0/24" not in _local_routes(sensor)
 
 
+@pytest.mark.netns
 def test_tp_us_is_the_path_rtt(net: Network, tmp_path: Path) -> None:
     """T^p from TCP_INFO follows the path: 2 x 15 ms through a delay line."""
     sensor, client = net.add("sn"), net.add("cl")
@@ -162,6 +163,7 @@ def test_restore_destination_rewrites_address_port_and_checksums() -> None:
     assert restore_destination(bytes(redirected), "203.0.113.9", 80) == bytes(sent)
 
 
+@pytest.mark.netns
 def test_ipv6_darknet(net: Network, tmp_path: Path) -> None:
     sensor, client = net.add("sn"), net.add("cl")
     net.link(sensor, "2001:db8:1::1/64", client, "2001:db8:1::2/64")
@@ -186,3 +188,14 @@ def test_ipv6_darknet(net: Network, tmp_path: Path) -> None:
     syn = base64.b64decode(line["syn"])
     assert syn[0] >> 4 == 6 and syn[24:40] == ipaddress.IPv6Address("2001:db8:ff::7").packed
     assert "2001:db8:ff::" not in sensor.run("ip", "-6", "route", "show", "table", "local")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--darknet", "198.18.0.0/24", "--redis", "http://x"], "--redis"),
+    (["--darknet", "nonsense"], "not an address prefix"),
+    (["--darknet", "198.18.0.0/24", "--listen-port", "70000"], "not a TCP port"),
+])
+def test_bad_arguments_are_one_clear_line(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "responder.cli", "run", *args], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
