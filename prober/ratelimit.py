@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-# KEYS[1] = schedule key; ARGV[1] = µs between probes. Returns µs to wait before sending.
+# KEYS[1] = schedule key; ARGV[1] = µs between probes, ARGV[2] = the longest wait the caller
+# accepts (µs). Returns µs to wait before sending, or -1 without reserving anything when the next
+# free slot is too far away (a job that would miss its deadline must not waste a slot).
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local slot = math.max(tat, now)
+if slot - now > tonumber(ARGV[2]) then
+  return -1
+end
 local ttl = 60000 + math.ceil((slot - now) / 1000)
 redis.call('SET', KEYS[1], string.format('%.0f', slot + interval), 'PX', ttl)
 return string.format('%.0f', slot - now)
@@ -45,12 +50,14 @@ class GlobalRate:
         self.key = key
         self._script = redis.register_script(_RESERVE)
 
-    async def reserve(self) -> float:
-        """Take the next probe slot; seconds to wait before sending (0 when unlimited)."""
+    async def reserve(self, max_wait: float) -> float | None:
+        """Take the next probe slot; seconds to wait before sending (0 when unlimited), or None
+        (nothing reserved) when that would be more than `max_wait` seconds."""
         if self.per_second == 0:
             return 0.0
-        wait_us = await self._script(keys=[self.key], args=[round(1e6 / self.per_second)])
-        return int(wait_us) / 1e6
+        wait_us = int(await self._script(keys=[self.key], args=[round(1e6 / self.per_second),
+                                                                 max(0, round(max_wait * 1e6))]))
+        return None if wait_us < 0 else wait_us / 1e6
 
 
 class TargetLimit:

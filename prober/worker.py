@@ -264,10 +264,10 @@ class Worker:
                 self.audit.refusal(target=job.src, reason=refusal, job=entry_id)
                 await self._dead(entry_id, fields, f"refused: {refusal}", "refused")
                 return
-            wait = await self.rate.reserve()
-            if (late := time.time() + wait - job.deadline) > 0:
-                await self._dead(entry_id, fields, f"deadline passed {late:.1f}s before the probe "
-                                 "(waiting for the global rate limit)", "deadline_dropped")
+            wait = await self.rate.reserve(max_wait=job.deadline - time.time())
+            if wait is None:
+                await self._dead(entry_id, fields, "deadline passed: the global rate limit has no free "
+                                 "slot before it", "deadline_dropped")
                 return
             if wait > 0:
                 await asyncio.sleep(wait)  # our reserved slot under the global rate

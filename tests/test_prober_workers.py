@@ -252,3 +252,34 @@ def test_cli_errors_are_one_line(tmp_path: Path, redis_server: RedisServer) -> N
                              str(tmp_path / "a")], capture_output=True, text=True, check=False, timeout=60)
     assert no_raw.returncode == 2 and "need root or CAP_NET_RAW" in no_raw.stderr, no_raw.stderr
     assert no_raw.stderr.count("\n") == 1 and no_raw.stdout == ""
+
+
+async def test_jobs_the_rate_limit_cannot_serve_in_time_go_dead_without_wasting_slots(
+        workers: Workers) -> None:
+    conn = await connect(workers.url)
+    try:
+        await workers.start("wd", "--rate", "2", "--target-interval", "0", "--reply-wait", "0.3")
+        short = ProbeQueue(conn, dedup_window=0, deadline=1.2)
+        now = time.time()
+        ids = [await short.enqueue(RESPONSIVE, now) for _ in range(8)]  # 8 jobs, room for ~3
+
+        async def settled() -> bool:
+            return await conn.xlen("stepstone:results") + await conn.xlen("stepstone:dead") == len(ids)
+        await wait_for(settled)
+        probed = await results_for(conn)
+        dead = [f for _id, f in await conn.xrange("stepstone:dead")]
+        assert 1 <= len(probed) <= 3 and len(probed) + len(dead) == len(ids)
+        assert all(d["reason"] == "deadline passed: the global rate limit has no free slot before it"
+                   for d in dead)
+        # The refused jobs took no slot: a later job goes out one interval (0.5 s) after the last
+        # probe, not after the 5+ slots they would have burnt.
+        late = await ProbeQueue(conn, dedup_window=0).enqueue(RESPONSIVE, time.time())
+
+        async def done() -> bool:
+            return late in await results_for(conn)
+        await wait_for(done)
+        stamps = sorted(float(e["ts"]) for e in workers.events("wd"))  # type: ignore[arg-type]
+        assert len(stamps) == len(probed) + 1
+        assert stamps[-1] - stamps[-2] < 1.5, stamps
+    finally:
+        await conn.aclose()
