@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -50,10 +54,35 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _strays(prefix: str) -> list[tuple[int, str]]:
+    """Processes of killed lab runs outside the namespaces: Redis, the delay line (its arguments
+    name the namespaces), anything working in a run's folder."""
+    folder = f"{tempfile.gettempdir()}/{prefix}"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("-lab-" in cmdline and folder in cmdline) or ("lab.delay" in cmdline and f'"{prefix}' in cmdline):
+            found.append((int(entry), cmdline.strip()))
+    return found
+
+
 def clean(prefix: str) -> int:
     removed = remove_stale(prefix)
     for name in removed:
         print(f"removed namespace {name}")
+    for pid, cmdline in _strays(prefix):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            print(f"killed {pid}: {cmdline[:100]}")
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*-lab-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"removed {folder}")
     for table in TABLES:
         proc = subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
         if proc.returncode == 0:

@@ -23,6 +23,7 @@ from typing import Any, Literal, TextIO
 import redis
 
 from lab import report
+from lab.netns import PREFIX as NETNS_PREFIX
 from lab.netns import Network, unavailable_reason
 from lab.process import Child, Children, LabError, wait_for
 from lab.redis import RedisServer, RedisServerError
@@ -81,7 +82,9 @@ class Lab:
         self.scenarios = scenarios
         self.own_workdir = workdir is None
         # Short path: the Redis unix socket path must stay under 108 bytes.
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sst-lab-"))
+        self.net = Network()
+        # Named after the namespaces' prefix, so `stepstone-lab clean --prefix` finds both.
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{NETNS_PREFIX}{self.net.tag}-lab-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logdir = self.workdir / "logs"
         self.logdir.mkdir(exist_ok=True)
@@ -92,7 +95,6 @@ class Lab:
         self.out = progress
         self.dedup_window = dedup_window
         self.redis_server = RedisServer(aof=True, workdir=self.workdir / "redis")
-        self.net = Network()
         self.children = Children(self.procdir)
         self.topology = Topology(scenarios, self.net, self.children)
         self.traffic: dict[str, list[Child]] = {}  # source address -> its drivers

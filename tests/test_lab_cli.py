@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_ctrl_c_mid_run_tears_everything_down(net: Network, tmp_path: Path) -> N
                                  "--keep", str(keep)], stderr=sink, stdout=subprocess.PIPE)
     try:
         wait_for(lambda: "connections 1/" in err.read_text(), 60, "the traffic to start",
-                 alive=lambda: None if proc.poll() is None else f"exited {proc.returncode}")
+                 alive=lambda: None if proc.poll() is None else f"exited: {err.read_text()}")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:
@@ -122,3 +123,37 @@ def test_zeek_sensor_without_zeek_is_refused() -> None:
                           text=True, check=False)
     assert proc.returncode == 2
     assert "missing programs: zeek" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.netns
+def test_clean_after_kill_9_of_the_lab(net: Network, tmp_path: Path) -> None:
+    """The lab itself killed with -9 (no finally runs): `clean` removes every trace of that run."""
+    del net
+    scenarios = tmp_path / "s.toml"
+    scenarios.write_text(SMALL)
+    err = tmp_path / "err"
+    with err.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "demo", "--scenarios", str(scenarios)],
+                                stderr=sink, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "connections 1/" in err.read_text(), 60, "the traffic to start",
+                 alive=lambda: None if proc.poll() is None else f"exited: {err.read_text()}")
+    finally:
+        proc.kill()
+        proc.wait()
+    tag = re.search(r"namespaces (sst\w+)\*", err.read_text()).group(1)  # type: ignore[union-attr]
+    assert tag in _netns()  # left behind, as expected after -9
+    out = subprocess.run([sys.executable, "-m", "lab.cli", "clean", "--prefix", tag], capture_output=True,
+                         text=True, check=True).stdout
+    assert "removed namespace" in out and "killed" in out and "-lab-" in out
+    assert tag not in _netns()
+    wait_for(lambda: not [p for p in os.listdir("/proc") if p.isdigit() and _mentions(p, tag)], 10,
+             "the run's processes to be gone")
+    assert not list(Path(tempfile.gettempdir()).glob(f"{tag}-lab-*"))
+
+
+def _mentions(pid: str, tag: str) -> bool:
+    try:
+        return tag.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
