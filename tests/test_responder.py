@@ -199,3 +199,32 @@ def test_bad_arguments_are_one_clear_line(args: list[str], message: str) -> None
     proc = subprocess.run([sys.executable, "-m", "responder.cli", "run", *args], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+DROP_FIRST_SYNACK = """table inet drop_first_synack {
+    set seen { type ipv4_addr . inet_service . inet_service; flags dynamic; timeout 1m; }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp flags & (syn | ack) == syn | ack ip saddr . tcp sport . tcp dport @seen accept
+        tcp flags & (syn | ack) == syn | ack add @seen { ip saddr . tcp sport . tcp dport } drop
+    }
+}
+"""
+
+
+@pytest.mark.netns
+def test_retransmitted_synack_drops_the_timing(pair: tuple[Namespace, Namespace], tmp_path: Path) -> None:
+    """Karn's rule: when the first SYN+ACK is lost, the connection counts but its T^p is unknown."""
+    sensor, client = pair
+    client.run("nft", "-f", "-", input=DROP_FIRST_SYNACK)
+    out = tmp_path / "handshakes.jsonl"
+    with out.open("wb") as sink:
+        proc = _start(sensor, None, stdout=sink)
+    try:
+        client.run(sys.executable, "-c", CLIENT, "198.18.0.3:80")
+        wait_for(lambda: out.read_text().strip(), 10, "the handshake")
+    finally:
+        _stop(proc)
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["dst"] == "198.18.0.3" and line["reply"] == "ack"
+    assert line["tp_us"] is None
