@@ -278,8 +278,9 @@ class Lab:
     # -- observation ----------------------------------------------------------------------------
 
     def handshakes(self) -> list[dict[str, str]]:
-        entries = self.client.xrange(PREFIX + "handshakes")
-        return [{"hid": hid, **fields} for hid, fields in entries]  # type: ignore[union-attr]
+        # A decode_responses client: ids and fields are str.
+        entries: list[tuple[str, dict[str, str]]] = self.client.xrange(PREFIX + "handshakes")  # type: ignore[assignment]
+        return [{"hid": hid, **fields} for hid, fields in entries]
 
     def records(self) -> list[dict[str, Any]]:
         return _json_lines(self.logdir / "stepstone.log")

@@ -52,7 +52,7 @@ class Namespace:
         return _run(["ip", "netns", "exec", self.name, *args], check=check, input=input)
 
     def popen(self, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)  # type: ignore[call-overload]
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)  # type: ignore[call-overload,no-any-return]
 
     def python(self, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
         """Start this interpreter inside the namespace (scapy and raw sockets then see its routes)."""

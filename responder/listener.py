@@ -61,7 +61,7 @@ def original_destination(conn: socket.socket) -> tuple[str, int]:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -134,7 +134,7 @@ def describe(conn: socket.socket, peer: tuple[str, int] | tuple[str, int, int, i
 
 def accept_pending(listener: socket.socket) -> list[Handshake]:
     """On shutdown: the connections already completed and waiting in the accept queue."""
-    out = []
+    out: list[Handshake] = []
     while True:
         try:
             conn, peer = listener.accept()

@@ -12,6 +12,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,7 +110,7 @@ def assert_nothing_left(lab: Lab) -> None:
     assert "198.18." not in os.popen("ip route show table all").read()
 
 
-def _run(sc: Scenarios) -> tuple[Lab, dict]:
+def _run(sc: Scenarios) -> tuple[Lab, dict[str, Any]]:
     preflight(sc)
     lab = Lab(sc, dedup_window=1.0)
     try:
@@ -123,7 +124,7 @@ def _run(sc: Scenarios) -> tuple[Lab, dict]:
         lab.close()
 
 
-def _paper_rule(evidence: dict) -> bool:
+def _paper_rule(evidence: dict[str, Any]) -> bool:
     """Condition (2) recomputed from the records the analyzer wrote (all share a window here)."""
     tp, ta = evidence["tp_us"], evidence["ping_max_us"]
     return any(a > b for a, b in zip(tp, ta, strict=True)) and sum(tp) / len(tp) > sum(ta) / len(ta)

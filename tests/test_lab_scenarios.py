@@ -4,6 +4,7 @@ refused with a reason, and the report's counts follow from the verdicts."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,9 @@ def test_bad_files_are_refused_with_a_reason(text: str, message: str) -> None:
         parse(text, "x.toml")
 
 
-def _rec(src: str, t: float, relay: bool, cond_os: bool = False, cond_timing: bool | None = None) -> dict:
+def _rec(
+    src: str, t: float, relay: bool, cond_os: bool = False, cond_timing: bool | None = None
+) -> dict[str, Any]:
     return {"hid": f"{t}-0", "src": src, "t": t, "verdict_at": t + 0.5, "tp_us": 1000, "ping_max_us": 900,
             "fp": "unix:Linux:x", "fa": None,
             "verdict": {"src": src, "relay": relay, "cond_os": cond_os,

@@ -83,7 +83,7 @@ def test_handshakes_reach_redis_with_destination_syn_and_rtt(
         made = json.loads(client.run(sys.executable, "-c", CLIENT, *(f"{a}:{p}" for a, p in TARGETS)))
         r = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
         wait_for(lambda: r.xlen("stepstone:handshakes") >= len(TARGETS), 10, "handshakes on the stream")
-        entries = r.xrange("stepstone:handshakes")
+        entries: list[tuple[str, dict[str, str]]] = r.xrange("stepstone:handshakes")  # type: ignore[assignment]
     finally:
         code, err = _stop(proc)
     assert code == 0, err
