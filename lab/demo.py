@@ -179,7 +179,10 @@ class Lab:
             site = self.workdir / "lab-site.zeek"
             site.write_text(f"redef StepStone::darknet_subnets += {{ {darknet} }};\n"
                             f"redef StepStone::websocket_addr = {SENSOR_ADDR};\n"
-                            f"redef StepStone::websocket_port = {ZEEK_WS_PORT}/tcp;\n")
+                            f"redef StepStone::websocket_port = {ZEEK_WS_PORT}/tcp;\n"
+                            # Zeek < 7.2 serves its WebSocket over TLS only unless told otherwise;
+                            # the analyzer connects with ws:// (see zeek-scripts/transport.zeek).
+                            "redef Broker::disable_ssl = T;\n")
             return ["zeek", "-C", "-i", self.topology.sensor_if, str(ZEEK_SCRIPTS), str(site)]
         if name == "prober":
             # The analyzer's dedup window spaces the probes of an address; the prober need not.
