@@ -151,6 +151,11 @@ def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
             seen = "flagged" if h["relay"] else "not flagged"
             out.append(f"{h['scenario']}: {seen}; a TCP-terminating proxy completes the handshake itself, "
                        "so T^p and the SYN are the relay's own: the paper's method cannot see it by design")
+    wobbly = [h["scenario"] for h in hosts
+              if h["truth"] == "direct" and h["relay"] is False and h["evidence"]["flagged_records"]]
+    if wobbly:
+        names = ", ".join(wobbly)
+        out.append(f"flagged on the way, cleared by the end (timing noise, early samples): {names}")
     return out
 
 

@@ -83,6 +83,7 @@ def test_report_counts_truth_and_table3() -> None:
     notes = "\n".join(out["notes"])
     assert "direct b: FALSE POSITIVE" in notes and "nat 5: not found, below the goal" in notes
     assert "proxy: not flagged" in notes
+    assert "cleared by the end (timing noise, early samples): direct a" in notes
     json.dumps(out)  # --json must be able to print it
     text = report.render(out)
     assert "answered connection requests" in text and "precision 0.5" in text
