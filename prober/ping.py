@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from icmplib import ICMPRequest, ICMPv4Socket, ICMPv6Socket
 from icmplib.exceptions import ICMPLibError, SocketPermissionError
 
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+from prober import rawsock
+
 ECHO_REPLY = {4: 0, 6: 129}
 
 
@@ -82,11 +83,8 @@ class Pinger:
                 if family == 6:
                     continue  # no IPv6 on this host: IPv6 targets then count as lost
                 raise PingPermissionError(str(exc)) from None
-            sock.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            # Hundreds of replies can arrive in one burst; the default buffer holds ~300.
-            grow_buffer(sock.sock)
+            rawsock.prepare(sock.sock)
             only_echo_replies(sock.sock, family)
-            sock.sock.setblocking(False)
             self._socks[family] = sock
             loop.add_reader(sock.sock.fileno(), self._on_readable, family)
 
@@ -138,19 +136,7 @@ class Pinger:
                 self._waiting.pop((address, ident, seq), None)
 
     def _on_readable(self, family: int) -> None:
-        sock = self._socks[family].sock
-        while True:
-            try:
-                data, ancdata, _flags, addr = sock.recvmsg(2048, 256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            stamp = time.time()
-            for level, kind, value in ancdata:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
-                    sec, nsec = struct.unpack("@qq", value[:16])
-                    stamp = sec + nsec / 1e9
+        for data, addr, stamp in rawsock.drain(self._socks[family].sock, 2048):
             # Raw IPv4 sockets hand us the IP header, IPv6 ones do not.
             offset = (data[0] & 0x0F) * 4 if family == 4 and data else 0
             if len(data) < offset + 8 or data[offset] != ECHO_REPLY[family]:
@@ -172,14 +158,6 @@ def only_echo_replies(sock: socket.socket, family: int) -> None:
             words = [0xFFFFFFFF] * 8
             words[ECHO_REPLY[6] >> 5] &= ~(1 << (ECHO_REPLY[6] & 31))
             sock.setsockopt(socket.IPPROTO_ICMPV6, 1, struct.pack("8I", *words))  # ICMP6_FILTER
-
-
-def grow_buffer(sock: socket.socket, size: int = 8 << 20) -> None:
-    """A large receive buffer; SO_RCVBUFFORCE passes net.core.rmem_max when we hold CAP_NET_ADMIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def _canonical(address: str) -> str:

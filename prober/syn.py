@@ -27,11 +27,10 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from prober.ping import grow_buffer
+from prober import rawsock
 
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 PACKET_OUTGOING = 4
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF + SKF_AD_PKTTYPE as an unsigned offset
 
@@ -149,9 +148,7 @@ class SynProber:
         except PermissionError:
             raise SynPermissionError("raw sockets (SYN probes) need root or CAP_NET_RAW") from None
         attach_filter(recv, _TCP_IN)
-        recv.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        grow_buffer(recv)
-        recv.setblocking(False)
+        rawsock.prepare(recv)
         for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
             try:
                 s = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP)
@@ -216,18 +213,7 @@ class SynProber:
 
     def _on_readable(self) -> None:
         assert self._recv is not None
-        while True:
-            try:
-                data, ancdata, _flags, _addr = self._recv.recvmsg(65535, 256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            stamp = time.time()
-            for level, kind, value in ancdata:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
-                    sec, nsec = struct.unpack("@qq", value[:16])
-                    stamp = sec + nsec / 1e9
+        for data, _addr, stamp in rawsock.drain(self._recv, 65535):
             self._handle(data, stamp)
 
     def _handle(self, data: bytes, stamp: float) -> None:
