@@ -45,7 +45,8 @@ def default_sensor() -> Sensor:
 def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
     """Refuse clearly, before building anything, when the machine cannot run the lab."""
     if os.geteuid() != 0:
-        raise LabError("needs root: network namespaces, TUN devices and nftables (try: sudo scripts/demo)")
+        raise LabError("needs root: network namespaces, TUN devices and nftables "
+                       "(run scripts/demo as root, or through sudo)")
     tools = ["ip", "nft", "redis-server"]
     if any(h.kind == "proxy" for h in scenarios.hosts):
         tools.append("socat")
