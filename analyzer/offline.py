@@ -76,7 +76,9 @@ def register(sub: Any) -> None:
         "judge",
         help="one verdict per source from measurement records (the paper's conditions (1) and (2))",
         description="Read measurement records (JSON lines, as `replay` or the live service write "
-        "them) and print one verdict per source address.",
+        "them) and print one verdict per source address: the paper's fields (cond_os, cond_timing, "
+        "relay, ...) and the analyzer's own stronger evidence (cond_timing_strong, timing_margin_us, "
+        "timing_noise_us, timing_threshold_us, timing_ref, relay_confident).",
     )
     p.add_argument("records", help="JSON-lines file of measurement records ('-' reads standard input)")
     p.add_argument(
@@ -421,7 +423,9 @@ def run_judge(args: argparse.Namespace) -> int:
     verdicts = judge_all(records, window=args.window, os_level=args.os_level, now=args.now)
     try:
         if args.summary:
-            _print_summary(out, summary(verdicts), args.json, _JUDGE_ROWS)
+            # The paper's rows, then the analyzer's own stronger verdict (analyzer/rules.py).
+            table = {**summary(verdicts), "relays_confident": sum(v.relay_confident for v in verdicts)}
+            _print_summary(out, table, args.json, _JUDGE_ROWS)
         else:
             for v in verdicts:
                 out.line(json.dumps(v.to_dict()))

@@ -254,7 +254,26 @@ def verdict_reasons(verdict: Mapping[str, Any]) -> str:
         )
     if not parts:
         parts.append("no condition holds")
+    if "relay_confident" in verdict:  # the analyzer's own stronger evidence (analyzer/rules.py)
+        parts.append(_confident_reason(verdict))
     return "; ".join(parts)
+
+
+def _confident_reason(verdict: Mapping[str, Any]) -> str:
+    confident = _bool(verdict, "relay_confident")
+    margin = _us(verdict.get("timing_margin_us"), "timing_margin_us")
+    threshold = _us(verdict.get("timing_threshold_us"), "timing_threshold_us")
+    if margin is None or threshold is None:
+        timing = "no timing reference"
+    else:
+        ref = verdict.get("timing_ref")
+        n = verdict.get("timing_samples")
+        sign = ">" if verdict.get("cond_timing_strong") else "<="
+        timing = (f"timing margin {_ms(margin)} {sign} threshold {_ms(threshold)}, "
+                  f"{ref if isinstance(ref, str) else '?'} reference, {n} samples")
+    if confident and verdict.get("cond_os") and not verdict.get("cond_timing_strong"):
+        timing = f"OS mismatch; {timing}"
+    return f"confident: {'relay' if confident else 'not a relay'} ({timing})"
 
 
 def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any]) -> Event:

@@ -1,5 +1,8 @@
 """The lab's report: the paper's Table 3 for this run and the detection against the known truth.
 
+`truth` scores the paper's rule (the verdict's `relay`); `truth_strong` scores the analyzer's own
+stronger verdict (`relay_confident`: noise-aware timing, SYN-RTT fallback; analyzer/rules.py).
+
 Works on what the run left behind (the handshakes stream, the analyzer's stepstone.log lines, the
 traffic drivers' attempt lines) so it can be checked independently of how the run went.
 """
@@ -74,6 +77,7 @@ def build(
 
     hosts = []
     counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    counts_strong = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     per_kind: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
     for source in sources:
         h = source.host
@@ -82,6 +86,9 @@ def build(
         positive = h.truth != "direct"
         outcome = ("tp" if relay else "fn") if positive else ("fp" if relay else "tn")
         counts[outcome] += 1
+        strong = bool(verdict.get("relay_confident")) if verdict else False
+        outcome_strong = ("tp" if strong else "fn") if positive else ("fp" if strong else "tn")
+        counts_strong[outcome_strong] += 1
         per_kind[h.kind][outcome] += 1
         recs = per_src.get(source.addr, [])
         made = attempts.get(source.addr, []) if attempts else []
@@ -98,6 +105,8 @@ def build(
             "drop_icmp": h.drop_icmp,
             "relay": relay if verdict else None,
             "outcome": outcome,
+            "relay_strong": strong if verdict else None,
+            "outcome_strong": outcome_strong,
             "evidence": {
                 "verdict": dict(verdict) if verdict else None,
                 "connections_tried": len(made),
@@ -112,10 +121,10 @@ def build(
                 "fa": sorted({str(r.get("fa")) for r in recs}),
             },
         })
-    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     return {
         "table3": table3,
-        "truth": {**counts, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn)},
+        "truth": _scores(counts),
+        "truth_strong": _scores(counts_strong),
         "truth_by_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
         "latency_s": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95),
                       "mean": round(statistics.fmean(latencies), 3) if latencies else None,
@@ -123,6 +132,11 @@ def build(
         "hosts": hosts,
         "notes": notes(hosts),
     }
+
+
+def _scores(counts: Mapping[str, int]) -> dict[str, Any]:
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return {**counts, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn)}
 
 
 def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -151,6 +165,15 @@ def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
             seen = "flagged" if h["relay"] else "not flagged"
             out.append(f"{h['scenario']}: {seen}; a TCP-terminating proxy completes the handshake itself, "
                        "so T^p and the SYN are the relay's own: the paper's method cannot see it by design")
+    for h in hosts:
+        if h["relay_strong"] is None or h["relay_strong"] == h["relay"]:
+            continue
+        v = h["evidence"]["verdict"] or {}
+        said = "relay" if h["relay_strong"] else "not a relay"
+        out.append(f"{h['scenario']}: the paper's rule says {'relay' if h['relay'] else 'not a relay'}, "
+                   f"the confident rule {said} (timing margin {_ms(v.get('timing_margin_us'))} vs "
+                   f"threshold {_ms(v.get('timing_threshold_us'))}, {v.get('timing_ref') or 'no'} reference, "
+                   f"{v.get('timing_samples', 0)} samples)")
     wobbly = [h["scenario"] for h in hosts
               if h["truth"] == "direct" and h["relay"] is False and h["evidence"]["flagged_records"]]
     if wobbly:
@@ -176,7 +199,7 @@ def render(report: Mapping[str, Any]) -> str:
         "",
         "Detection vs truth",
         f"  {'scenario':<34} {'src':<14} {'truth':<7} {'verdict':<8} {'(1)':<4} {'(2)':<4} "
-        f"{'T^p mean':>9} {'T^a max':>9} {'n':>3}  result",
+        f"{'T^p mean':>9} {'T^a max':>9} {'n':>3}  result  {'conf':<5} {'margin':>9}  conf result",
     ]
     for h in report["hosts"]:
         v = h["evidence"]["verdict"] or {}
@@ -185,14 +208,20 @@ def render(report: Mapping[str, Any]) -> str:
             f"  {h['scenario'][:34]:<34} {h['src']:<14} {h['truth']:<7} {verdict:<8} "
             f"{_yn(v.get('cond_os')):<4} {_yn(v.get('cond_timing')):<4} "
             f"{_ms(v.get('tp_mean_us')):>9} {_ms(v.get('ta_max_mean_us')):>9} "
-            f"{h['evidence']['records']:>3}  {h['outcome'].upper()}"
+            f"{h['evidence']['records']:>3}  {h['outcome'].upper():<6}  {_yn(h.get('relay_strong')):<5} "
+            f"{_ms(v.get('timing_margin_us')):>9}  {str(h.get('outcome_strong', '-')).upper()}"
         )
     tr = report["truth"]
     lines += [
         "",
-        f"  overall: TP {tr['tp']}  FP {tr['fp']}  TN {tr['tn']}  FN {tr['fn']}  "
+        f"  overall, paper's rule:    TP {tr['tp']}  FP {tr['fp']}  TN {tr['tn']}  FN {tr['fn']}  "
         f"precision {_num(tr['precision'])}  recall {_num(tr['recall'])}",
     ]
+    st = report.get("truth_strong")
+    if st:
+        lines.append(f"  overall, confident rule: TP {st['tp']}  FP {st['fp']}  TN {st['tn']}  "
+                     f"FN {st['fn']}  precision {_num(st['precision'])}  recall {_num(st['recall'])}")
+    lines.append("  per kind (paper's rule):")
     for kind, c in report["truth_by_kind"].items():
         lines.append(f"    {kind:<7} TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
     lat = report["latency_s"]

@@ -46,13 +46,17 @@ def test_bad_files_are_refused_with_a_reason(text: str, message: str) -> None:
 
 
 def _rec(
-    src: str, t: float, relay: bool, cond_os: bool = False, cond_timing: bool | None = None
+    src: str, t: float, relay: bool, cond_os: bool = False, cond_timing: bool | None = None, *,
+    confident: bool | None = None,
 ) -> dict[str, Any]:
     return {"hid": f"{t}-0", "src": src, "t": t, "verdict_at": t + 0.5, "tp_us": 1000, "ping_max_us": 900,
             "fp": "unix:Linux:x", "fa": None,
             "verdict": {"src": src, "relay": relay, "cond_os": cond_os,
                         "cond_timing": relay if cond_timing is None else cond_timing,
-                        "tp_mean_us": 1000, "ta_max_mean_us": 900, "samples": 1}}
+                        "tp_mean_us": 1000, "ta_max_mean_us": 900, "samples": 1,
+                        "relay_confident": relay if confident is None else confident,
+                        "timing_margin_us": 100, "timing_threshold_us": 5000, "timing_ref": "ping",
+                        "timing_samples": 1}}
 
 
 def test_report_counts_truth_and_table3() -> None:
@@ -67,15 +71,16 @@ def test_report_counts_truth_and_table3() -> None:
     handshakes = [{"src": h.addr} for h in hosts for _ in range(2)] + [{"src": "203.0.113.1"}]
     records = [
         _rec("198.19.1.2", 1, relay=True), _rec("198.19.1.2", 2, relay=False),  # flipped back: TN
-        _rec("198.19.2.2", 1, relay=True),  # FP
+        _rec("198.19.2.2", 1, relay=True, confident=False),  # FP; the confident rule: TN
         _rec("198.19.3.2", 1, relay=True, cond_os=True),  # TP by both
-        _rec("198.19.4.2", 1, relay=False),  # FN below the goal
+        _rec("198.19.4.2", 1, relay=False, confident=True),  # FN below the goal; confident: TP
         _rec("198.19.5.2", 1, relay=False),  # proxy: FN, explained
     ]
     out = report.build(256, hosts, handshakes, records)
     assert out["table3"] == {"darknet_addresses": 256, "answered_requests": 11, "unique_sources": 6,
                              "relays_cond1": 1, "relays_cond2": 2, "relays_total": 2}
     assert out["truth"] == {"tp": 1, "fp": 1, "tn": 1, "fn": 2, "precision": 0.5, "recall": 0.333}
+    assert out["truth_strong"] == {"tp": 2, "fp": 0, "tn": 2, "fn": 1, "precision": 1.0, "recall": 0.667}
     assert out["latency_s"]["p50"] == 0.5
     by = {h["scenario"]: h for h in out["hosts"]}
     assert by["direct a"]["evidence"]["flagged_records"] == 1 and by["direct a"]["outcome"] == "tn"
@@ -83,7 +88,12 @@ def test_report_counts_truth_and_table3() -> None:
     notes = "\n".join(out["notes"])
     assert "direct b: FALSE POSITIVE" in notes and "nat 5: not found, below the goal" in notes
     assert "proxy: not flagged" in notes
+    assert by["direct b"]["relay_strong"] is False and by["direct b"]["outcome_strong"] == "tn"
+    assert by["nat 5"]["relay_strong"] is True and by["nat 5"]["outcome_strong"] == "tp"
+    assert ("direct b: the paper's rule says relay, the confident rule not a relay (timing margin 0.1 ms"
+            in notes)
     assert "cleared by the end (timing noise, early samples): direct a" in notes
     json.dumps(out)  # --json must be able to print it
     text = report.render(out)
     assert "answered connection requests" in text and "precision 0.5" in text
+    assert "overall, confident rule: TP 2  FP 0  TN 2  FN 1  precision 1.0  recall 0.667" in text

@@ -169,6 +169,8 @@ def test_judge_verdicts_and_summary(capsys: pytest.CaptureFixture[str], tmp_path
         (False, True, True), (True, False, True), (False, False, False)]
     assert verdicts[0]["tp_mean_us"] == 9000 and verdicts[0]["ta_max_mean_us"] == 1000
     assert verdicts[0]["samples"] == 1 and verdicts[2]["records"] == 2
+    # The analyzer's own evidence rides along: 8 ms margin > 5 ms floor; the OS mismatch stands.
+    assert [v["relay_confident"] for v in verdicts] == [True, True, False]
     # flavour level: 192.0.2.3 now mismatches (both records in the inclusive window).
     code, lines, _ = run(capsys, "judge", str(path), "--os-level", "flavor")
     assert jsonl(lines)[2]["cond_os"] is True
@@ -179,10 +181,12 @@ def test_judge_verdicts_and_summary(capsys: pytest.CaptureFixture[str], tmp_path
     code, lines, _ = run(capsys, "judge", str(path), "--now", "50")
     assert not any(v["relay"] for v in jsonl(lines))
     code, lines, _ = run(capsys, "judge", str(path), "--summary")
-    assert [line.split()[-1] for line in lines] == ["1", "1", "2", "3"]
+    assert [line.split()[-1] for line in lines] == ["1", "1", "2", "3", "2"]
+    assert lines[4].startswith("relays confident")
     assert lines[0].startswith("relays by (1)") and lines[2].startswith("relays in total")
     code, lines, _ = run(capsys, "judge", str(path), "--summary", "--json")
-    assert jsonl(lines) == [{"sources": 3, "relays_by_os": 1, "relays_by_timing": 1, "relays": 2}]
+    assert jsonl(lines) == [{"sources": 3, "relays_by_os": 1, "relays_by_timing": 1, "relays": 2,
+                             "relays_confident": 2}]
 
 
 def test_replay_piped_into_judge(cases_pcap: Path) -> None:

@@ -159,3 +159,17 @@ def test_the_extra_measurements_never_move_the_paper_fields(
     v = judge(records)
     assert v.relay_confident == (v.cond_os or v.cond_timing_strong)
     assert v.relay == (v.cond_os or v.cond_timing)
+
+
+def test_zeek_reasons_carry_the_confident_result_without_changing_the_record_layout() -> None:
+    from analyzer.zeek import verdict_event
+
+    records = [rec(tp=130_000, syn=30_000)]  # drops ICMP: the paper sees nothing
+    (v,) = verdict_event(judge(records).to_dict(), records[0].to_dict()).args
+    assert len(v) == 16 and v[1:4] == (False, False, False)  # cond_os, cond_timing, relay: the paper's
+    assert "no condition holds" in v[15]
+    confident = "confident: relay (timing margin 100.000 ms > threshold 5.000 ms, syn reference, 1 samples)"
+    assert confident in v[15]
+    direct = series([39_900, 39_900, 42_000], 40_000)
+    (v,) = verdict_event(judge(direct).to_dict(), direct[-1].to_dict()).args
+    assert v[3] is True and "confident: not a relay (timing margin -0.100 ms <= threshold" in v[15]
