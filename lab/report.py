@@ -214,7 +214,7 @@ def render(report: Mapping[str, Any]) -> str:
     tr = report["truth"]
     lines += [
         "",
-        f"  overall, paper's rule:    TP {tr['tp']}  FP {tr['fp']}  TN {tr['tn']}  FN {tr['fn']}  "
+        f"  overall, paper's rule:   TP {tr['tp']}  FP {tr['fp']}  TN {tr['tn']}  FN {tr['fn']}  "
         f"precision {_num(tr['precision'])}  recall {_num(tr['recall'])}",
     ]
     st = report.get("truth_strong")
