@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pyp0f.database.signatures import TCPSignature, WindowType
 
+from osfp.checksum import internet_checksum
 from osfp.database import WIN_MSS, TcpSig
 
 ANY = -1
@@ -148,8 +149,7 @@ def build(
         "!BBHHHBBH", 0x40 | hdr_len // 4, tos, hdr_len + len(tcp), ident, flags_off, shape.ttl, 6, 0
     )
     header += _addr(src, 4) + _addr(dst, 4) + b"\x01" * shape.ip_opt_len
-    checksum = _checksum(header)
-    header = header[:10] + struct.pack("!H", checksum) + header[12:]
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
     return header + tcp
 
 
@@ -191,12 +191,6 @@ def _addr(text: str, size: int) -> bytes:
         raise ValueError(f"{text} is not an IPv{4 if size == 4 else 6} address")
     return packed
 
-
-def _checksum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 ETHERTYPE_IPV4 = 0x0800

@@ -27,6 +27,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from osfp.checksum import tcp_checksum
 from prober import rawsock
 
 ETH_P_ALL = 0x0003
@@ -74,14 +75,6 @@ def attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int],
                     struct.pack("HL", len(program), ctypes.addressof(buf)))
 
 
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
 
 def syn_mss(dst: str) -> int:
     return 1440 if ":" in dst else 1460
@@ -97,9 +90,7 @@ def syn_segment(src: str, dst: str, sport: int, dport: int, *, seq: int, tsval: 
     window = 64800 if v6 else 64240
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, (header_len // 4) << 4, SYN, window, 0, 0)
     tcp += options
-    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
-    pseudo = s + d + struct.pack("!I3xB", len(tcp), 6) if v6 else s + d + struct.pack("!xBH", 6, len(tcp))
-    csum = checksum(pseudo + tcp)
+    csum = tcp_checksum(ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed, tcp)
     return tcp[:16] + struct.pack("!H", csum) + tcp[18:]
 
 

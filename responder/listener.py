@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from analyzer.handshake import Handshake
+from osfp.checksum import internet_checksum, tcp_checksum
 
 # Not exported by Python's socket module (linux/tcp.h, linux/netfilter_ipv4.h, ..._ipv6.h).
 TCP_SAVE_SYN = 27
@@ -58,14 +59,6 @@ def original_destination(conn: socket.socket) -> tuple[str, int]:
     return str(ipaddress.IPv6Address(addr)), port
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
 
 def restore_destination(syn: bytes, dst: str, dport: int) -> bytes:
     """The saved SYN is the packet after nftables' redirect rewrote its destination; put back the
@@ -77,10 +70,9 @@ def restore_destination(syn: bytes, dst: str, dport: int) -> bytes:
         ihl = (pkt[0] & 0x0F) * 4
         pkt[16:20] = ipaddress.IPv4Address(dst).packed
         pkt[10:12] = b"\0\0"
-        pkt[10:12] = struct.pack("!H", _checksum(bytes(pkt[:ihl])))
-        pseudo_src, pseudo_dst = bytes(pkt[12:16]), bytes(pkt[16:20])
+        pkt[10:12] = struct.pack("!H", internet_checksum(bytes(pkt[:ihl])))
+        src, dst_packed = bytes(pkt[12:16]), bytes(pkt[16:20])
         tcp_off = ihl
-        pseudo = pseudo_src + pseudo_dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(pkt) - tcp_off)
     elif version == 6:
         pkt[24:40] = ipaddress.IPv6Address(dst).packed
         # Our listener only sees SYNs without extension headers in practice; the TCP header
@@ -88,15 +80,14 @@ def restore_destination(syn: bytes, dst: str, dport: int) -> bytes:
         if pkt[6] != socket.IPPROTO_TCP:
             return bytes(pkt)
         tcp_off = 40
-        pseudo = bytes(pkt[8:24]) + bytes(pkt[24:40]) + struct.pack("!I3xB", len(pkt) - tcp_off,
-                                                                       socket.IPPROTO_TCP)
+        src, dst_packed = bytes(pkt[8:24]), bytes(pkt[24:40])
     else:
         return syn
     if len(pkt) < tcp_off + 20:
         return bytes(pkt)
     pkt[tcp_off + 2:tcp_off + 4] = struct.pack("!H", dport)
     pkt[tcp_off + 16:tcp_off + 18] = b"\0\0"
-    pkt[tcp_off + 16:tcp_off + 18] = struct.pack("!H", _checksum(pseudo + bytes(pkt[tcp_off:])))
+    pkt[tcp_off + 16:tcp_off + 18] = struct.pack("!H", tcp_checksum(src, dst_packed, bytes(pkt[tcp_off:])))
     return bytes(pkt)
 
 

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
+from osfp.checksum import internet_checksum as checksum
 from osfp.fingerprinter import Fingerprinter
 from prober.ping import PingStats
-from prober.syn import checksum, syn_segment
+from prober.syn import syn_segment
 
 
 def ipv4(src: str, dst: str, segment: bytes) -> bytes:
