@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import math
 from dataclasses import dataclass
 from typing import Literal
+
+from prober.job import epoch_seconds
 
 Reply = Literal["ack", "rst"]
 Feed = Literal["pcap", "zeek", "responder"]
@@ -71,11 +72,8 @@ class Handshake:
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Handshake:
         def epoch(name: str, text: str) -> float:
-            try:
-                value = float(text)
-            except ValueError:
-                raise HandshakeError(f"{name} is not epoch seconds: {text!r}") from None
-            if not math.isfinite(value) or value < 0:
+            value = epoch_seconds(text)
+            if value is None:
                 raise HandshakeError(f"{name} is not epoch seconds: {text!r}")
             return value
 

@@ -124,12 +124,19 @@ def _items(result: Result) -> list[tuple[str, object]]:
     return [(name, getattr(result, name)) for name in Result.__dataclass_fields__]
 
 
-def _epoch(fields: dict[str, str], name: str) -> float:
-    text = fields.get(name, "")
+def epoch_seconds(text: str) -> float | None:
+    """A stream field holding epoch seconds, or None when it is not a finite, non-negative number
+    (every stream reader checks times this one way; each raises its own error)."""
     try:
         value = float(text)
     except ValueError:
-        raise JobError(f"{name} is not epoch seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _epoch(fields: dict[str, str], name: str) -> float:
+    text = fields.get(name, "")
+    value = epoch_seconds(text)
+    if value is None:
         raise JobError(f"{name} is not epoch seconds: {text!r}")
     return value
