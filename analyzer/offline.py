@@ -157,11 +157,22 @@ class _Output:
             self.flush()
 
     def flush(self) -> None:
-        if self._lines:
-            self._lines.append("")
-            sys.stdout.write("\n".join(self._lines))
+        try:
+            if self._lines:
+                self._lines.append("")
+                sys.stdout.write("\n".join(self._lines))
+                self._lines = []
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # `... | head`: handled (quietly) by the cli
+        except OSError as exc:
+            # Disk full, quota, EIO: the output is lost, so say so in one line and exit 2. Point
+            # stdout at /dev/null so that the interpreter's own flush at exit does not fail again.
             self._lines = []
-        sys.stdout.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise InputError(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 class _FingerprintCache:

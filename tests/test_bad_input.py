@@ -290,3 +290,19 @@ def test_syn_with_fin_or_rst_is_not_fingerprinted_nor_an_error(tmp_path: Path) -
     assert proc.returncode == 0 and proc.stderr == ""
     # SYN+ECE+CWR (ECN setup) and SYN+PSH are still SYNs to p0f; SYN+FIN and SYN+RST are not.
     assert [json.loads(line)["kind"] for line in proc.stdout.splitlines()] == ["syn", "syn"]
+
+
+@pytest.mark.parametrize("command", ["fingerprint", "replay", "judge"])
+def test_unwritable_output_is_one_line_not_a_traceback(tmp_path: Path, command: str) -> None:
+    capture = tmp_path / "good.pcap"
+    capture.write_bytes(pcap_bytes(GOOD))
+    records = tmp_path / "records.jsonl"
+    records.write_text(cli("replay", str(capture), "--darknet", DARK).stdout)
+    argv = {"fingerprint": ["fingerprint", str(capture)], "judge": ["judge", str(records)],
+            "replay": ["replay", str(capture), "--darknet", DARK]}[command]
+    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC, as on a full disk
+        proc = subprocess.run([sys.executable, "-m", "analyzer.cli", *argv], stdout=full,
+                              stderr=subprocess.PIPE, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.splitlines() == ["stepstone-analyzer: cannot write the output: No space left on device"]
