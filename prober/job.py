@@ -88,12 +88,15 @@ class Result:
             if text == "":
                 return None
             try:
-                value = kind(float(text)) if kind is int else kind(text)
+                value = float(text)
             except ValueError:
                 raise JobError(f"{name} is not a number: {text!r}") from None
+            # Checked before int(): int(inf) raises OverflowError, which no reader expects.
             if not math.isfinite(value):
                 raise JobError(f"{name} is not finite: {text!r}")
-            return value
+            if value < 0 or (name == "ping_loss" and value > 1):
+                raise JobError(f"{name} out of range: {text!r}")  # times and counts are never negative
+            return int(value) if kind is int else value
 
         job = fields.get("job", "")
         if not job:

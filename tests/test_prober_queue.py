@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from lab.redis import RedisServer
-from prober.job import DEFAULT_PORTS, Job, Result
+from prober.job import DEFAULT_PORTS, Job, JobError, Result
 from prober.queue import ProbeQueue, QueueConfigError, connect
 
 
@@ -139,3 +139,31 @@ async def test_connect_errors_are_one_line(tmp_path: object, redis_server: Redis
     good = await connect(f"unix://:s3cret@{redis_server.socket}")
     assert await ProbeQueue(good).enqueue("192.0.2.9", 1.0) is not None
     await good.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "needle"),
+    [
+        ("ping_min_us", "1e999", "not finite"),  # int(inf) used to escape as OverflowError
+        ("syn_rtt_us", "-inf", "not finite"),
+        ("ping_var_us2", "nan", "not finite"),
+        ("ping_max_us", "-5", "out of range"),
+        ("ping_loss", "1.5", "out of range"),
+        ("fa_port", "x", "not a number"),
+    ],
+)
+def test_result_numbers_are_validated(field: str, text: str, needle: str) -> None:
+    fields = result_for("1-1", "192.0.2.1").fields()
+    assert Result.from_fields(fields) == result_for("1-1", "192.0.2.1")
+    with pytest.raises(JobError, match=needle):
+        Result.from_fields({**fields, field: text})
+
+
+async def test_result_with_an_infinite_number_is_dropped_not_fatal(conn: aioredis.Redis) -> None:
+    queue = ProbeQueue(conn)
+    await queue.ensure_group()
+    await conn.xadd("stepstone:results", {**result_for("1-1", "192.0.2.1").fields(), "ping_max_us": "1e999"})
+    await conn.xadd("stepstone:results", result_for("1-2", "192.0.2.2").fields())
+    async for _entry_id, result in queue.results("an-1", block_ms=50):
+        assert result.job == "1-2"
+        break
