@@ -236,7 +236,10 @@ class SynProber:
             out.open.append(sport)
             if out.synack is None:
                 out.synack, out.synack_port = packet, sport
-                out.rtt_us = round((stamp - probe.sent_at[sport]) * 1e6)
+                rtt_us = round((stamp - probe.sent_at[sport]) * 1e6)
+                # Wall clock stepped back between send and receive (NTP): no RTT rather than a
+                # negative one, which every reader of the result rejects (as ping.py does).
+                out.rtt_us = rtt_us if rtt_us >= 0 else None
                 if not probe.done.done():
                     probe.done.set_result(None)
         elif flags & RST and sport not in out.closed:

@@ -3,6 +3,7 @@ sending anything."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 
@@ -15,7 +16,7 @@ from scapy.layers.inet6 import IPv6
 from osfp.checksum import internet_checksum as checksum
 from osfp.fingerprinter import Fingerprinter
 from prober.ping import PingStats
-from prober.syn import syn_segment
+from prober.syn import SynOutcome, SynProber, _Probe, syn_segment
 
 
 def ipv4(src: str, dst: str, segment: bytes) -> bytes:
@@ -76,3 +77,16 @@ def test_ping_statistics() -> None:
     assert one.var_us2 == 0.0 and one.loss == pytest.approx(2 / 3)
     none = PingStats(sent=5, rtts_us=())
     assert (none.min_us, none.avg_us, none.max_us, none.var_us2, none.loss) == (None, None, None, None, 1.0)
+
+
+@pytest.mark.parametrize(("stamp_offset", "expected"), [(0.002, 2000), (-0.5, None)])
+async def test_synack_rtt_is_never_negative(stamp_offset: float, expected: int | None) -> None:
+    engine = SynProber()  # not opened: _handle is fed a captured SYN+ACK directly
+    sent_at = 1_000_000.0
+    probe = _Probe(seq=41, sent_at={80: sent_at}, outcome=SynOutcome(),
+                   done=asyncio.get_running_loop().create_future())
+    engine._waiting[("192.0.2.9", 40000)] = probe
+    synack = bytes(IP(src="192.0.2.9", dst="192.0.2.1") / TCP(sport=80, dport=40000, flags="SA", ack=42))
+    engine._handle(synack, sent_at + stamp_offset)  # a clock step back gives a stamp before the send
+    assert probe.outcome.synack_port == 80 and probe.done.done()
+    assert probe.outcome.rtt_us == expected
