@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -167,3 +170,47 @@ async def test_result_with_an_infinite_number_is_dropped_not_fatal(conn: aioredi
     async for _entry_id, result in queue.results("an-1", block_ms=50):
         assert result.job == "1-2"
         break
+
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A TLS-only redis-server on loopback with a self-signed certificate: (port, certificate)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    with socket.socket() as s:  # a free loopback port for the TLS listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port), "--tls-cert-file",
+         str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no", "--save", "", "--dir",
+         str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port, cert
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def test_rediss_url_with_tls(tls_redis: tuple[int, Path]) -> None:
+    """rediss:// end to end, the certificate trusted through the URL's ssl_ca_certs; an untrusted
+    certificate is one clear error."""
+    port, cert = tls_redis
+    url = f"rediss://localhost:{port}/0?ssl_ca_certs={cert}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = await connect(url)
+            break
+        except QueueConfigError:
+            assert time.monotonic() < deadline, "TLS redis-server did not come up (built without TLS?)"
+            await asyncio.sleep(0.05)  # polling for the listener, not synchronising on time
+    try:
+        job = await ProbeQueue(conn).enqueue("192.0.2.9", 1.0)
+        assert job is not None and await conn.xlen("stepstone:jobs") == 1
+    finally:
+        await conn.aclose()
+    with pytest.raises(QueueConfigError, match="certificate verify failed"):
+        await connect(f"rediss://localhost:{port}/0")  # not trusted without ssl_ca_certs
