@@ -103,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lab.report import render
 
         scenarios = load(args.scenarios)
+        if args.keep is not None:
+            # Before anything is built: a bad DIR is the user's typo, not a traceback mid-teardown.
+            try:
+                args.keep.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LabError(f"--keep {args.keep}: cannot create it: {exc.strerror}") from None
         result = run_demo(scenarios, progress=sys.stderr, keep=args.keep, sensor=args.sensor)
         if args.json:
             print(json.dumps(result, indent=None, sort_keys=False))

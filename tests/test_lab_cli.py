@@ -96,6 +96,15 @@ def test_bad_scenario_file_is_one_line(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1 and "kind must be direct, nat or proxy" in proc.stderr
 
 
+def test_an_unusable_keep_dir_is_one_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "demo", "--keep", str(not_a_dir / "run")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("stepstone-lab: --keep") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 @pytest.mark.netns
 def test_clean_removes_stray_namespaces(net: Network) -> None:
     del net
