@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -191,8 +192,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   echo_count=probe_settings.count, max_ports=args.max_ports)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.rate < 0 or args.target_interval < 0:
-        raise UsageError("--rate and --target-interval must be >= 0")
+    # `not 0 <= x < inf`, not `x < 0`: nan and inf pass a plain comparison and then break the
+    # rate limiter's arithmetic on the first job (a safety limit must fail at start-up).
+    if not (0 <= args.rate < math.inf and 0 <= args.target_interval < math.inf):
+        raise UsageError("--rate and --target-interval must be finite numbers >= 0")
     audit = _audit(args, name)
 
     async def main() -> int:

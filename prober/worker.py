@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -56,7 +57,7 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if min(self.concurrency, self.max_deliveries, self.block_ms, self.max_ports) < 1:
             raise ValueError("concurrency, max deliveries, max ports and block time must be positive")
-        if self.claim_idle <= 0 or self.heartbeat <= 0:
+        if not (0 < self.claim_idle < math.inf and 0 < self.heartbeat < math.inf):  # nan, inf too
             raise ValueError("claim idle time and heartbeat must be positive")
 
 

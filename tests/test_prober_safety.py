@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from prober.cli import main
 from prober.safety import TargetPolicy, parse_networks
 
 SPECIAL = [
@@ -50,3 +53,25 @@ def test_bad_cidr_and_bad_address() -> None:
     with pytest.raises(ValueError, match="--allow 'nonsense'"):
         parse_networks(["nonsense"], "--allow")
     assert "not an IP address" in (TargetPolicy().refusal("example.com") or "")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--rate", "nan", "--rate and --target-interval must be finite"),
+        ("--rate", "inf", "--rate and --target-interval must be finite"),
+        ("--target-interval", "nan", "--rate and --target-interval must be finite"),
+        ("--target-interval", "inf", "--rate and --target-interval must be finite"),
+        ("--claim-idle", "nan", "claim idle time and heartbeat must be positive"),
+        ("--claim-idle", "inf", "claim idle time and heartbeat must be positive"),
+    ],
+)
+def test_run_refuses_limits_that_are_not_numbers(
+    option: str, value: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before any connection: the Redis URL below would fail later with another message.
+    argv = ["run", "--redis", "unix:///nonexistent/redis.sock", "--audit-log", str(tmp_path / "a"),
+            option, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
