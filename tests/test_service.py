@@ -102,6 +102,17 @@ async def test_relayed_and_direct_sources_get_the_right_verdicts(harness: Harnes
     quiet = next(x for x in hs_lines if x["src"] == silent.src)
     assert quiet["answered"] is False and quiet["job"] is None and quiet["tp_us"] is None
 
+    # The README's example lines (section `live`) show this relay: same fields as written, so the
+    # documentation follows the verdict when it gains fields.
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- section: live -->")[1].split("<!-- /section: live -->")[0]
+    examples = [json.loads(x) for x in section.splitlines() if x.startswith('{"hid"')]
+    readme_stepstone = next(x for x in examples if "verdict" in x)
+    readme_handshake = next(x for x in examples if "verdict" not in x)
+    assert list(readme_stepstone) == list(r) and list(readme_stepstone["verdict"]) == list(r["verdict"])
+    assert list(readme_stepstone["probe"]) == list(r["probe"])
+    assert list(readme_handshake) == list(hs_lines[0])
+
 
 async def test_dedup_attaches_handshakes_to_the_earlier_probe(harness: Harness) -> None:
     t = time.time()
