@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -145,8 +146,9 @@ class ProbeQueue:
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX,
                  dedup_window: float = 3600.0, deadline: float = 60.0) -> None:
-        if dedup_window < 0 or deadline <= 0:
-            raise QueueConfigError("dedup_window must be >= 0 and deadline > 0 seconds")
+        # Written so that nan and inf fail too (they passed `< 0` and broke int() in enqueue).
+        if not (0 <= dedup_window < math.inf and 0 < deadline < math.inf):
+            raise QueueConfigError("dedup_window must be >= 0 and deadline > 0 seconds, both finite")
         self.redis = redis
         self.keys = Keys(prefix)
         self.dedup_window = dedup_window

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import subprocess
 import time
@@ -214,3 +215,20 @@ async def test_rediss_url_with_tls(tls_redis: tuple[int, Path]) -> None:
         await conn.aclose()
     with pytest.raises(QueueConfigError, match="certificate verify failed"):
         await connect(f"rediss://localhost:{port}/0")  # not trusted without ssl_ca_certs
+
+
+@pytest.mark.parametrize(("option", "value"), [("dedup_window", math.nan), ("dedup_window", math.inf),
+                                              ("dedup_window", -1.0), ("deadline", math.nan),
+                                              ("deadline", math.inf), ("deadline", 0.0)])
+def test_queue_settings_must_be_finite(option: str, value: float) -> None:
+    with pytest.raises(QueueConfigError, match="both finite"):
+        ProbeQueue(None, **{option: value})  # type: ignore[arg-type]  # refused before any use
+
+
+def test_enqueue_cli_bad_dedup_window_is_one_line(redis_server: RedisServer,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from prober.cli import main
+
+    assert main(["enqueue", "--redis", redis_server.url, "--dedup-window", "nan", "192.0.2.7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dedup_window must be >= 0" in err, err
