@@ -230,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             info = await status.gather(conn, args.prefix)
         finally:
             await conn.aclose()
-        print(json.dumps(info, indent=2) if args.json else status.render(info))
+        _output(json.dumps(info, indent=2) if args.json else status.render(info))
         return 0
 
     return asyncio.run(main())
@@ -259,7 +259,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         finally:
             prober.close()
             audit.close()
-        print(json.dumps(measurement.to_dict()))
+        _output(json.dumps(measurement.to_dict()))
         return 0
 
     return asyncio.run(main())
@@ -277,10 +277,24 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         finally:
             await conn.aclose()
-        print(job_id if job_id is not None else f"{args.address}: queued within the dedup window, skipped")
+        _output(job_id if job_id is not None else f"{args.address}: queued within the dedup window, skipped")
         return 0
 
     return asyncio.run(main())
+
+
+def _output(text: str) -> None:
+    """One result on stdout, flushed now so that a full disk is reported here, in one line."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise  # `... | head`: quiet, see main
+    except OSError as exc:
+        # Point stdout at /dev/null so that the interpreter's flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise UsageError(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import math
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -232,3 +233,13 @@ def test_enqueue_cli_bad_dedup_window_is_one_line(redis_server: RedisServer,
     assert main(["enqueue", "--redis", redis_server.url, "--dedup-window", "nan", "192.0.2.7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dedup_window must be >= 0" in err, err
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["enqueue", "192.0.2.8"]])
+def test_unwritable_output_is_one_line_not_a_traceback(redis_server: RedisServer, argv: list[str]) -> None:
+    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC, as on a full disk
+        proc = subprocess.run([sys.executable, "-m", "prober.cli", argv[0], "--redis", redis_server.url,
+                               *argv[1:]], stdout=full, stderr=subprocess.PIPE, check=False, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.splitlines() == ["stepstone-prober: cannot write the output: No space left on device"]
