@@ -23,7 +23,7 @@ from analyzer import broker
 from analyzer.broker import Count, Enum, Event, Port, Timespan, Timestamp
 from analyzer.handshake import Handshake, HandshakeError
 from analyzer.record import Record
-from analyzer.rules import Verdict
+from analyzer.rules import Verdict, judge
 from analyzer.zeek import (
     HANDSHAKE_EVENT,
     HANDSHAKE_TOPIC,
@@ -442,6 +442,19 @@ def test_verdict_reasons_name_the_os_pair() -> None:
     verdict = VERDICT.to_dict() | {"cond_os": True, "os_pair": ["unix:Linux:3.x", "win:Windows:7 or 8"]}
     (v,) = verdict_event(verdict, RECORD.to_dict()).args
     assert "OS mismatch: SYN unix:Linux:3.x vs probe win:Windows:7 or 8" in v[15]
+
+
+def test_the_readme_example_log_line_is_what_the_analyzer_sends() -> None:
+    """README section `zeek`: its stepstone.log line is the second of these two records."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- section: zeek -->")[1].split("<!-- /section: zeek -->")[0]
+    line = next(x for x in section.splitlines() if x.startswith("17642"))
+    base = {"src": "203.0.113.20", "dst": "198.18.0.6", "ping_min_us": 4000, "ping_avg_us": 8000,
+            "ping_var_us2": 1_000_000.0, "syn_rtt_us": 12000, "fp": "unix:Linux:3.11 and newer", "fa": None}
+    first = Record.from_json(base | {"t": 1764212870.123456, "tp_us": 160_000, "ping_max_us": 12_000})
+    last = Record.from_json(base | {"t": 1764212880.123456, "tp_us": 150_000, "ping_max_us": 12_500})
+    (v,) = verdict_event(judge([first, last]).to_dict(), last.to_dict()).args
+    assert line.endswith(" -                          " + v[15])  # fa unset, then the reasons column
 
 
 @pytest.mark.parametrize(
