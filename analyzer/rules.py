@@ -5,7 +5,8 @@ Window: a source's records with `now - window <= t <= now` take part (both edges
 
 Condition (1), OS mismatch: some record in the window has `fp` and `fa` both known and different at
 the chosen level — `class` (first field), `name` (`class:name`, the default) or `flavor` (the whole
-label). An unknown label (null) never counts as a mismatch.
+label). An unknown label (null) never counts as a mismatch, and neither does a userland tool's
+label (p0f class `!`, e.g. `!:NMap:SYN scan`: not an OS; see `names_an_os`).
 
 Condition (2), timing: only records with ping data (`ping_max_us` and `ping_avg_us`) and a T^p take
 part. (i) some such record has `tp_us > ping_max_us` (strict); (ii) over all such records in the
@@ -57,7 +58,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from analyzer.record import Record
 
@@ -109,6 +110,18 @@ def os_part(label: str, level: OsLevel) -> str:
     return parts[0] if level == "class" else ":".join(parts[:2])
 
 
+def names_an_os(label: str | None) -> TypeGuard[str]:
+    """Whether condition (1) can use `label`: not unknown (null) and not a userland tool.
+
+    p0f's class `!` labels a tool, not an OS (`!:NMap:SYN scan`, `!:MSIE:8 or newer`); its
+    database's `sys` line says the tool runs on several OSes (NMap: `@unix,@win`). Compared with
+    the probe's OS it would always "differ": every nmap -sS scanner (its kernel RST answers our
+    SYN+ACK, so the handshake counts) whose host has an open port would be called a relay. Such a
+    label says no more about the OS than an unknown one, and is treated the same.
+    """
+    return label is not None and not label.startswith("!:")
+
+
 def judge(
     records: Sequence[Record],
     *,
@@ -133,7 +146,8 @@ def judge(
     os_pair: tuple[str, str] | None = None
     os_mismatches = 0
     for r in in_window:
-        if r.fp is not None and r.fa is not None and os_part(r.fp, os_level) != os_part(r.fa, os_level):
+        if (names_an_os(r.fp) and names_an_os(r.fa)
+                and os_part(r.fp, os_level) != os_part(r.fa, os_level)):
             os_mismatches += 1
             if os_pair is None:
                 os_pair = (r.fp, r.fa)

@@ -189,3 +189,17 @@ def test_passive_record_then_probe() -> None:
     assert Record.from_json(full.to_dict()) == full
     with pytest.raises(ValueError, match="cannot complete"):
         with_probe(r, dataclasses.replace(result, src="192.0.2.10"))
+
+
+@pytest.mark.parametrize("level", ["class", "name", "flavor"])
+def test_a_userland_tool_label_is_not_an_os_and_never_mismatches(level: str) -> None:
+    # p0f labels nmap -sS SYNs "!:NMap:SYN scan" (class "!": a tool running on @unix,@win); the
+    # probe of the scanner's host then finds its real OS. Not two OSes behind one address.
+    nmap = "!:NMap:SYN scan"
+    v = judge([rec(fp=nmap, fa=LINUX, tp=None, ping_max=None)], os_level=level)  # type: ignore[arg-type]
+    assert not v.cond_os and not v.relay and v.os_mismatches == 0 and v.os_pair is None
+    v = judge([rec(fp=LINUX, fa=nmap, tp=None, ping_max=None)], os_level=level)  # type: ignore[arg-type]
+    assert not v.cond_os
+    # An OS label next to it still counts as before.
+    v = judge([rec(t=1, fp=nmap, fa=LINUX), rec(t=2, fp=WINDOWS, fa=LINUX)], os_level=level)  # type: ignore[arg-type]
+    assert v.cond_os and v.os_pair == (WINDOWS, LINUX) and v.os_mismatches == 1
