@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = load(args.scenarios)
         if args.keep is not None:
             # Before anything is built: a bad DIR is the user's typo, not a traceback mid-teardown.
+            socket_path = args.keep.resolve() / "redis" / "redis.sock"  # where the lab's Redis listens
+            if len(os.fsencode(socket_path)) >= 108:  # sun_path: redis-server refuses longer paths
+                raise LabError(f"--keep {args.keep}: too long a path for the lab's Redis socket "
+                               f"({socket_path} must be under 108 bytes); use a shorter DIR")
             try:
                 args.keep.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

@@ -105,6 +105,15 @@ def test_an_unusable_keep_dir_is_one_line(tmp_path: Path) -> None:
     assert proc.stderr.startswith("stepstone-lab: --keep") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_keep_dir_too_long_for_the_redis_socket_is_one_line(tmp_path: Path) -> None:
+    keep = tmp_path / ("x" * 100)
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "demo", "--keep", str(keep)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("stepstone-lab: --keep") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "108" in proc.stderr and not keep.exists()
+
+
 @pytest.mark.netns
 def test_clean_removes_stray_namespaces(net: Network) -> None:
     del net
