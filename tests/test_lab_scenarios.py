@@ -81,7 +81,12 @@ def test_report_counts_truth_and_table3() -> None:
                              "relays_cond1": 1, "relays_cond2": 2, "relays_total": 2}
     assert out["truth"] == {"tp": 1, "fp": 1, "tn": 1, "fn": 2, "precision": 0.5, "recall": 0.333}
     assert out["truth_strong"] == {"tp": 2, "fp": 0, "tn": 2, "fn": 1, "precision": 1.0, "recall": 0.667}
-    assert out["latency_s"]["p50"] == 0.5
+    assert out["latency_s"]["p50"] == 0.5 and "p95" in out["latency_s"]
+    # The --json keys issue 5 promises, for every source.
+    for h in out["hosts"]:
+        assert {"src", "scenario", "truth", "extra_delay_ms", "relay", "evidence"} <= set(h), h
+        assert h["truth"] in ("direct", "relay", "proxy") and isinstance(h["relay"], bool), h
+    assert {h["src"] for h in out["hosts"]} == {s.addr for s in hosts}
     by = {h["scenario"]: h for h in out["hosts"]}
     assert by["direct a"]["evidence"]["flagged_records"] == 1 and by["direct a"]["outcome"] == "tn"
     assert by["proxy"]["truth"] == "proxy" and by["nat 50"]["extra_delay_ms"] == 50
