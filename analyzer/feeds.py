@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analyzer.handshake import Handshake
 
@@ -148,9 +150,19 @@ class StreamConsumer:
         return None
 
 
-async def zeek_to_stream(source: HandshakeSource, redis: aioredis.Redis, stream: str) -> None:
+async def zeek_to_stream(
+    source: HandshakeSource, redis: aioredis.Redis, stream: str,
+    *, on_error: Callable[[Exception], Awaitable[None]],
+) -> None:
     """Land every handshake Zeek sends on the `handshakes` stream, where the normal consumer (of
-    this or any analyzer) takes it: one durable path whatever the feed."""
+    this or any analyzer) takes it: one durable path whatever the feed. While Redis is unreachable
+    the handshake in hand is kept and retried after `on_error(exc)` returns (it logs and waits);
+    the ones behind it wait in the Zeek client's queue."""
     async for handshake in source.handshakes():
         fields: Any = handshake.to_fields()
-        await redis.xadd(stream, fields)
+        while True:
+            try:
+                await redis.xadd(stream, fields)
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                await on_error(exc)

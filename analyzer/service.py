@@ -306,7 +306,7 @@ class Service:
         ]
         side = [asyncio.create_task(self._watch_lag(stop))]
         if self.zeek is not None:
-            side.append(asyncio.create_task(self._zeek_feed(stop)))
+            side.append(asyncio.create_task(self._zeek_feed()))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
         # A loop only ends by itself (before `stop`) on a bug or an unexpected Redis reply: stop
@@ -401,16 +401,14 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
 
-    async def _zeek_feed(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await zeek_to_stream(self.zeek, self.redis, self.config.prefix + "handshakes")
-                return  # the client was closed
-            except TRANSIENT as exc:
-                log.warning("Redis unavailable for the Zeek feed (%s); retrying", exc)
-                self.metrics.errors.labels("redis").inc()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+    async def _zeek_feed(self) -> None:
+        async def redis_down(exc: Exception) -> None:
+            log.warning("Redis unavailable for the Zeek feed (%s); retrying", exc)
+            self.metrics.errors.labels("redis").inc()
+            await asyncio.sleep(1.0)  # backoff before retrying; `run` cancels this task on stop
+
+        # Returns when the client is closed; `run` cancels it on stop.
+        await zeek_to_stream(self.zeek, self.redis, self.config.prefix + "handshakes", on_error=redis_down)
 
     # -- the work -------------------------------------------------------------------------------
 
