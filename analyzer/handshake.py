@@ -85,7 +85,7 @@ class Handshake:
 
         def port(name: str) -> int:
             text = fields.get(name, "")
-            if not text.isdigit() or not 0 <= int(text) < 65536:
+            if not _decimal(text) or not 0 <= int(text) < 65536:
                 raise HandshakeError(f"{name} is not a port number: {text!r}")
             return int(text)
 
@@ -97,7 +97,7 @@ class Handshake:
         if reply not in ("", "ack", "rst"):
             raise HandshakeError(f"reply must be ack, rst or empty, not {reply!r}")
         tp_text = fields.get("tp_us", "")
-        if tp_text and not tp_text.isdigit():
+        if tp_text and not _decimal(tp_text):
             raise HandshakeError(f"tp_us is not a count of microseconds: {tp_text!r}")
         feed = fields.get("feed", "responder")
         if feed not in ("pcap", "zeek", "responder"):
@@ -116,3 +116,8 @@ class Handshake:
             tp_us=int(tp_text) if tp_text else None,
             feed=feed,  # type: ignore[arg-type]
         )
+
+
+def _decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
