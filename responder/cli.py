@@ -48,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every port to one listener) and report each one to the analyzer.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="answer the darknet until SIGTERM / Ctrl-C")
+    run = sub.add_parser(
+        "run", help="answer the darknet until SIGTERM / Ctrl-C",
+        description="Needs root. On start it adds a local route for each darknet prefix and the "
+        "nftables table inet stepstone_responder (every TCP port of the darknet -> one listener); "
+        "both are removed on exit (SIGTERM, Ctrl-C, errors; after a kill -9 the next start "
+        "takes them over). Each completed handshake (the "
+        "client's SYN, original destination, the kernel's RTT sample) goes to the Redis stream "
+        "<prefix>handshakes (default stepstone:handshakes) for `stepstone-analyzer run --handshakes`.",
+    )
     run.add_argument("--darknet", type=_darknet, action="append", required=True, metavar="CIDR",
                      help="darknet prefix (repeat for several)")
     run.add_argument("--redis", metavar="URL",

@@ -201,6 +201,13 @@ def test_bad_arguments_are_one_clear_line(args: list[str], message: str) -> None
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_run_help_says_what_it_changes_and_that_it_needs_root() -> None:
+    out = subprocess.run([sys.executable, "-m", "responder.cli", "run", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for word in ("root", "route", "nftables", "stepstone_responder", "removed", "stepstone:handshakes"):
+        assert word in out, word
+
+
 DROP_FIRST_SYNACK = """table inet drop_first_synack {
     set seen { type ipv4_addr . inet_service . inet_service; flags dynamic; timeout 1m; }
     chain input {
