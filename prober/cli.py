@@ -66,7 +66,8 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
                    help="seconds between echo requests (default %(default)s)")
     g.add_argument("--reply-wait", type=float, default=1.0,
                    help="seconds to wait for each reply (default %(default)s)")
-    g.add_argument("--db", default=None, metavar="PATH",
+    # --p0f-db as in stepstone-analyzer, so that one option name selects the database everywhere.
+    g.add_argument("--p0f-db", "--db", dest="db", default=None, metavar="PATH",
                    help="p0f database for the SYN+ACK (default: the project's, as the analyzer)")
 
 

@@ -75,3 +75,15 @@ def test_run_refuses_limits_that_are_not_numbers(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("option", ["--p0f-db", "--db"])
+def test_p0f_db_option_named_as_in_the_analyzer(option: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A missing database stops `probe` at start-up, before anything is sent: the option reached the
+    # prober under either name. (Loopback, so that even a regression here sends nothing outside.)
+    argv = ["probe", "127.0.0.1", "--allow", "127.0.0.0/8", "--ports", "9", "--count", "1",
+            "--audit-log", str(tmp_path / "a"), option, str(tmp_path / "none.fp")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "none.fp" in err and err.count("\n") == 1, err
