@@ -156,7 +156,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise InputError(f"--redis: not a Redis URL (redis://, rediss://, unix://): {url.scheme}://...")
     if args.zeek is not None:
         zurl = urlsplit(args.zeek)
-        if zurl.scheme not in ("ws", "wss") or not zurl.hostname:
+        try:
+            valid = zurl.scheme in ("ws", "wss") and bool(zurl.hostname) and zurl.port != 0
+        except ValueError:  # .port: out of range or not a number
+            valid = False
+        if not valid:
             raise InputError(f"--zeek: not a WebSocket URL (ws://HOST:PORT/v1/messages/json): {args.zeek!r}")
     ports = None
     if args.ports:
