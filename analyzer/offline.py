@@ -191,7 +191,8 @@ class _FingerprintCache:
         except ImportError as exc:
             raise InputError(f"the fingerprinting package is not available: {exc}") from None
         if db_path is not None and not os.path.isfile(db_path):
-            raise InputError(f"--p0f-db {db_path}: no such file")
+            why = "not a regular file" if os.path.exists(db_path) else "no such file"
+            raise InputError(f"--p0f-db {db_path}: {why}")
         try:
             self._fp = Fingerprinter(db_path=db_path)
         except (OSError, ValueError) as exc:

@@ -306,3 +306,12 @@ def test_unwritable_output_is_one_line_not_a_traceback(tmp_path: Path, command: 
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert err.splitlines() == ["stepstone-analyzer: cannot write the output: No space left on device"]
+
+
+def test_p0f_db_that_is_a_directory(tmp_path: Path) -> None:
+    path = tmp_path / "ok.pcap"
+    path.write_bytes(pcap_bytes(GOOD))
+    proc = cli("fingerprint", str(path), "--p0f-db", str(tmp_path))
+    assert_clean_failure(proc, f"--p0f-db {tmp_path}: not a regular file")
+    proc = cli("fingerprint", str(path), "--p0f-db", str(tmp_path / "none.fp"))
+    assert_clean_failure(proc, "none.fp: no such file")
