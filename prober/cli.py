@@ -13,7 +13,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober.audit import AuditLog, default_path
 from prober.job import DEFAULT_PORTS, Job, JobError
@@ -307,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"stepstone-prober: {exc}", file=sys.stderr)
+        return 2
+    except ResponseError as exc:  # status, enqueue: e.g. WRONGTYPE (a key of ours holds something else)
+        print(f"stepstone-prober: Redis refused a command: {exc}", file=sys.stderr)
+        return 2
+    except (RedisConnectionError, RedisTimeoutError) as exc:  # Redis went away after connecting
+        print(f"stepstone-prober: lost the connection to Redis: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         sys.stderr.close()

@@ -243,3 +243,15 @@ def test_unwritable_output_is_one_line_not_a_traceback(redis_server: RedisServer
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert err.splitlines() == ["stepstone-prober: cannot write the output: No space left on device"]
+
+
+@pytest.mark.parametrize(("key", "argv"), [("stepstone:jobs", ["status"]), ("stepstone:results", ["status"]),
+                                           ("stepstone:jobs", ["enqueue", "192.0.2.5"])])
+def test_a_key_of_the_wrong_type_is_one_line(redis_server: RedisServer, key: str, argv: list[str]) -> None:
+    import redis
+
+    redis.Redis(unix_socket_path=str(redis_server.socket)).set(key, "not a stream")  # prefix collision
+    proc = subprocess.run([sys.executable, "-m", "prober.cli", argv[0], "--redis", redis_server.url,
+                           *argv[1:]], capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Redis refused a command: WRONGTYPE" in proc.stderr, proc.stderr
