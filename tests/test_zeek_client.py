@@ -9,6 +9,7 @@ import base64
 import importlib.util
 import ipaddress
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from analyzer.record import Record
 from analyzer.rules import Verdict, judge
 from analyzer.zeek import (
     HANDSHAKE_EVENT,
+    HANDSHAKE_FIELDS,
     HANDSHAKE_TOPIC,
     VERDICT_EVENT,
     VERDICT_TOPIC,
@@ -417,6 +419,39 @@ VERDICT = Verdict(
     window_start=1764200000.0,
     window_end=1764212880.2,
 )
+
+
+def _zeek_record(name: str) -> list[tuple[str, str, bool]]:
+    """(field, Zeek type, optional) of a record type in zeek-scripts/main.zeek, in order."""
+    text = (Path(__file__).resolve().parents[1] / "zeek-scripts" / "main.zeek").read_text()
+    body = re.search(rf"type {name}: record {{(.*?)\n\t}};", text, re.S)
+    assert body is not None, name
+    fields = []
+    for line in body.group(1).splitlines():
+        if m := re.fullmatch(r"\s*(\w+): ([\w ]+?)( &optional)?;", line):
+            fields.append((m.group(1), m.group(2), m.group(3) is not None))
+    return fields
+
+
+ADDR = ipaddress.IPv4Address | ipaddress.IPv6Address
+ZEEK_TYPES: dict[str, Any] = {"addr": ADDR, "bool": bool, "count": Count, "int": int, "interval": Timespan,
+                              "time": Timestamp, "string": str, "port": Port, "link_encap": Enum,
+                              "layer3_proto": Enum, "vector of interval": tuple}
+
+
+def test_the_records_match_the_zeek_scripts() -> None:
+    """Both sides of the fixed record layouts: no Zeek runs here to catch a field moved on one side."""
+    verdict = _zeek_record("Verdict")
+    assert len(verdict) == len(VERDICT_TYPES) == 16
+    for (name, zeek_type, optional), ours in zip(verdict, VERDICT_TYPES, strict=True):
+        expected = ZEEK_TYPES[zeek_type] | None if optional else ZEEK_TYPES[zeek_type]
+        assert ours == expected, name
+    info = _zeek_record("HandshakeInfo")
+    assert tuple(name for name, _, _ in info) == HANDSHAKE_FIELDS
+    for c in MK.CASES:
+        for (name, zeek_type, optional), value in zip(info, handshake_info(c.segments), strict=True):
+            assert isinstance(value, ZEEK_TYPES[zeek_type]) or (optional and value is None), (c.name, name)
+            assert not isinstance(value, bool) or zeek_type == "bool", (c.name, name)
 
 
 def test_verdict_event_carries_verdict_and_measurement() -> None:
