@@ -34,7 +34,7 @@ from analyzer.packet import (
 from analyzer.record import Record, RecordError
 from analyzer.rules import DEFAULT_WINDOW, OS_LEVELS, judge_all, summary
 from analyzer.tracker import HandshakeTracker
-from osfp.result import Fingerprint, FingerprintError
+from osfp.result import Fingerprint, FingerprintError, NotFingerprinted
 
 EXIT_BAD_INPUT = 2
 MAX_REPORTED = 20  # per-packet / per-line problems printed individually; the rest are counted
@@ -202,7 +202,8 @@ class _FingerprintCache:
     def lookup(self, ip: bytes) -> tuple[str, str | None]:
         """(JSON fragment `"label":..,"generic":..,"match":..,"distance":..,"sig":..`, label).
 
-        Raises FingerprintError for packets p0f would not fingerprint.
+        Raises FingerprintError for packets p0f cannot read; NotFingerprinted (a subclass) for
+        well-formed ones p0f silently passes over (IPv6 extension headers): not bad input.
         """
         fp = self._fp.fingerprint(ip)
         text = self._json.get(fp)
@@ -297,6 +298,8 @@ def run_fingerprint(args: argparse.Namespace) -> int:
             return
         try:
             fragment, _label = cache.lookup(ip)
+        except NotFingerprinted:
+            return  # as p0f: no line, and not an error
         except FingerprintError as exc:
             problems.report(f"{path}: packet {number}: {exc}")
             return
@@ -330,17 +333,20 @@ def run_replay(args: argparse.Namespace) -> int:
     tracker = HandshakeTracker(args.darknet, idle_timeout=args.idle_timeout)
     labels: dict[str | None, str] = {}
     fingerprint_errors = 0
+    not_fingerprinted = 0
     records = 0
     print_records = not args.summary
 
     def emit(hs: Handshake) -> None:
-        nonlocal fingerprint_errors, records
+        nonlocal fingerprint_errors, not_fingerprinted, records
         if not hs.answered:
             return
         label: str | None = None
         if hs.syn is not None:
             try:
                 label = cache.lookup(hs.syn)[1]
+            except NotFingerprinted:
+                not_fingerprinted += 1  # fp null, as p0f gives no label; not an error
             except FingerprintError as exc:
                 fingerprint_errors += 1
                 where = f"SYN {hs.src}:{hs.sport} -> {hs.dst}:{hs.dport} at {hs.t:.6f}"
@@ -362,7 +368,8 @@ def run_replay(args: argparse.Namespace) -> int:
             emit(hs)
         if args.summary:
             table = {**tracker.stats.summary(), "records": records,
-                     "fingerprint_errors": fingerprint_errors, **counts.to_dict()}
+                     "fingerprint_errors": fingerprint_errors, "not_fingerprinted": not_fingerprinted,
+                     **counts.to_dict()}
             _print_summary(out, table, args.json, _REPLAY_ROWS)
     finally:
         out.flush()

@@ -4,13 +4,14 @@ the SYN+ACK a source returns to our probe). One package, one database, one cache
 
 from osfp.database import DatabaseLoadError, default_database_path, stock_database_path
 from osfp.fingerprinter import Fingerprinter
-from osfp.result import Fingerprint, FingerprintError
+from osfp.result import Fingerprint, FingerprintError, NotFingerprinted
 
 __all__ = [
     "DatabaseLoadError",
     "Fingerprint",
     "FingerprintError",
     "Fingerprinter",
+    "NotFingerprinted",
     "default_database_path",
     "stock_database_path",
 ]

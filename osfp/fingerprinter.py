@@ -52,7 +52,8 @@ class Fingerprinter:
         `syn_mss`: for a SYN+ACK, the MSS of the SYN it answers when the caller knows it (0 = the
         SYN had none); None looks it up among the SYNs this fingerprinter has seen (0 if unseen).
         Raises FingerprintError for anything p0f would not fingerprint (truncated headers,
-        malformed options, fragments, flags other than SYN or SYN+ACK).
+        malformed options, flags other than SYN or SYN+ACK); its subclass NotFingerprinted for
+        well-formed packets p0f skips silently (IPv6 extension headers, fragments, non-TCP).
         """
         features, ends = parse(ip_packet)
         if features.synack:

@@ -7,6 +7,9 @@ because p0f's behaviour is the reference for our labels:
   32-bit value read on a little-endian host, i.e. bit 0 of the ACK field's FIRST byte, not "ACK != 0";
 - after an EOL option, a non-zero padding byte only counts as `opt+` when it is not the last byte;
 - `ts1-`/`ts2+` come from the timestamp option's values; `mss*N` tries `mss-12` only when TSval != 0.
+Where p0f silently skips a well-formed packet (IPv6 whose next header is not TCP, e.g. a hop-by-hop
+extension header, which p0f 3.09b does not walk; an IPv4 fragment or non-TCP payload) we raise
+`NotFingerprinted`, a FingerprintError that callers may count rather than report.
 Where p0f would set the `bad` quirk (options it cannot walk, wrong option lengths, more than 24
 options) we raise `FingerprintError` instead: no database signature carries `bad`, so p0f never
 labels such packets either.
@@ -19,7 +22,7 @@ from typing import NamedTuple
 
 from pyp0f.net.quirks import Quirk
 
-from osfp.result import FingerprintError
+from osfp.result import FingerprintError, NotFingerprinted
 
 # Quirk bits are pyp0f's (so packet quirks compare directly with its parsed database signatures).
 Q_ECN = Quirk.ECN.value
@@ -105,9 +108,9 @@ def parse(packet: bytes) -> tuple[TcpFeatures, Endpoints]:
         if hdr_len + 20 > packet_len:
             raise FingerprintError(f"IPv4 header length {hdr_len} leaves no room for TCP")
         if proto != 6:
-            raise FingerprintError(f"IPv4 protocol {proto} is not TCP")
+            raise NotFingerprinted(f"IPv4 protocol {proto} is not TCP")
         if flags_off & 0x3FFF:  # MF or a fragment offset (p0f: anything but DF and MBZ)
-            raise FingerprintError("IPv4 fragment (MF set or non-zero offset)")
+            raise NotFingerprinted("IPv4 fragment (MF set or non-zero offset)")
         if tos & 0x03:
             quirks |= Q_ECN
         if flags_off & 0x8000:
@@ -130,8 +133,9 @@ def parse(packet: bytes) -> tuple[TcpFeatures, Endpoints]:
         if tot_len > packet_len:
             raise FingerprintError(f"IPv6 payload length {pay_len} exceeds the bytes given")
         if next_header != 6:
-            # Like p0f: no walking of extension headers.
-            raise FingerprintError(f"IPv6 next header {next_header} is not TCP")
+            # Like p0f (process.c: "One day, we may try to parse and skip IPv6 extensions"): no
+            # walking of extension headers, and no complaint either.
+            raise NotFingerprinted(f"IPv6 next header {next_header} is not TCP (p0f walks no extensions)")
         if ver_tos & 0xFFFFF:
             quirks |= Q_FLOW
         if (ver_tos >> 20) & 0x03:

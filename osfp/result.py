@@ -12,6 +12,15 @@ class FingerprintError(ValueError):
     """The packet is not a SYN or SYN+ACK that p0f can read (truncated, bad options, wrong flags)."""
 
 
+class NotFingerprinted(FingerprintError):
+    """A well-formed packet that p0f passes over without a word, so neither do we: IPv6 with an
+    extension header (or anything else) before TCP, an IPv4 fragment or non-TCP payload.
+
+    A FingerprintError (callers that only want a label treat both alike), but not bad input:
+    offline commands count these instead of reporting them.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
     label: str | None  # "class:name:flavor" as in p0f's database (e.g. "unix:Linux:3.11 and newer")
