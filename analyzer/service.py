@@ -3,9 +3,10 @@
 Per handshake (from the Redis stream `handshakes`, which the responder or the Zeek feed fills):
 fingerprint the SYN, store the passive record in Redis, enqueue a probe of the source (or attach
 to the probe the dedup window points at), and when the probe's result (or its dead letter) arrives,
-close every handshake waiting for it: record + the rules over the source's window -> one line in
-`stepstone.log`, and the verdict back to Zeek when connected. The state lives in Redis
-(`analyzer.state`); the process holds only what it has in hand.
+close every handshake waiting for it: record + the rules over the source's window -> one entry on
+the Redis stream `verdicts` and one line in `stepstone.log`. An analyzer started with `--zeek`
+reads `verdicts` (every analyzer's, through its own consumer group) and hands each to its Zeek.
+The state lives in Redis (`analyzer.state`); the process holds only what it has in hand.
 """
 
 from __future__ import annotations
@@ -35,18 +36,22 @@ from analyzer.metrics import Metrics
 from analyzer.record import Record
 from analyzer.rules import OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored
-from analyzer.verdicts import JsonLog
+from analyzer.verdicts import JsonLog, entry_fields, from_entry
 from osfp import FingerprintError
 from prober.job import JobError, Result
 
 log = logging.getLogger("stepstone.analyzer")
 
 GROUP = "analyzers"
+ZEEK_GROUP = "zeek"  # default group of a --zeek analyzer on the verdicts stream (one per sensor)
 JOB_SCAN = 2000  # newest jobs searched for an address whose job id was never recorded
 MAX_DELIVERIES = 5  # an entry that fails this often is logged and acknowledged, not retried forever
 ENQUEUE_CONCURRENCY = 32  # enqueues of one batch in flight at once (one Redis connection each)
 RECORD_FIELDS = tuple(Record.__dataclass_fields__)
 Entry = tuple[str, dict[str, str]]
+# Handles a batch of entries: None = acknowledge them all, or the ids to acknowledge (the rest stay
+# pending).
+Handler = Callable[[list[Entry]], Awaitable[list[str] | None]]
 # A handshake to close: (hid, job, how the job ended, why the active half is missing).
 Closing = tuple[str, str | None, Outcome | None, str | None]
 OS_LEVELS = ("class", "name", "flavor")
@@ -60,8 +65,10 @@ what it does:
   probe job on <prefix>jobs (an address probed within --dedup-window is not probed again: the
   handshake waits for that earlier probe instead). For every result on <prefix>results (and every
   job the prober gave up on, <prefix>dead): the record with the active fields, the paper's rules
-  over the source's last --window seconds, and one JSON line in LOG_DIR/stepstone.log.
-  LOG_DIR/handshakes.log gets one line per handshake received, answered or not.
+  over the source's last --window seconds, one entry on <prefix>verdicts and one JSON line in
+  LOG_DIR/stepstone.log. LOG_DIR/handshakes.log gets one line per handshake received, answered
+  or not. With --zeek: every analyzer's verdicts (read from <prefix>verdicts with group
+  --zeek-group) go to that Zeek; an entry is acknowledged once written to the connected WebSocket.
 
 examples:
   stepstone-analyzer run --redis unix:///run/redis/redis.sock --handshakes --log-dir /var/log/stepstone
@@ -69,7 +76,8 @@ examples:
       --zeek ws://127.0.0.1:8080/v1/messages/json --log-dir logs --metrics-port 9308
 
 state (plain redis-cli can read it; keys under --prefix):
-  streams handshakes, jobs, results, dead; group 'analyzers' on handshakes, results and dead.
+  streams handshakes, jobs, results, dead, verdicts; group 'analyzers' on handshakes, results
+  and dead; group --zeek-group (default 'zeek') of the --zeek analyzer on verdicts.
   hs:<id> stored handshake, job:<job> handshakes waiting for a job, outcome:<job> how it ended,
   probe:<addr> latest job of an address, src:<addr> the source's records (the rules' window).
   Several analyzers with different --consumer names share the work; a restarted one takes its
@@ -96,6 +104,7 @@ class Config:
     deadline: float = 60.0
     claim_after: float = 30.0
     max_records: int = 1000
+    zeek_group: str = ZEEK_GROUP
 
 
 def register(sub: Any) -> None:
@@ -117,7 +126,11 @@ def register(sub: Any) -> None:
                        help="consume the Redis stream <prefix>handshakes (the responder writes it)")
     feeds.add_argument("--zeek", metavar="URL",
                        help="Zeek's WebSocket, ws://HOST:PORT/v1/messages/json: its handshake events "
-                       "go onto <prefix>handshakes, verdicts go back as StepStone::verdict events")
+                       "go onto <prefix>handshakes; every analyzer's verdicts (<prefix>verdicts) go "
+                       "back as StepStone::verdict events")
+    feeds.add_argument("--zeek-group", default=ZEEK_GROUP, metavar="NAME",
+                       help="with --zeek: consumer group on <prefix>verdicts; one per sensor, so each "
+                       "sensor gets every verdict once (default zeek)")
     p.add_argument("--log-dir", required=True, type=Path, metavar="DIR",
                    help="where stepstone.log and handshakes.log are appended (created if missing)")
     p.add_argument("--metrics-port", type=int, default=0, metavar="N",
@@ -183,14 +196,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise InputError("--max-records must be at least 1")
     if not 0 <= args.metrics_port < 65536:
         raise InputError(f"--metrics-port: not a port: {args.metrics_port}")
-    if not args.consumer or not args.prefix:
-        raise InputError("--consumer and --prefix must not be empty")
+    if not args.consumer or not args.prefix or not args.zeek_group:
+        raise InputError("--consumer, --prefix and --zeek-group must not be empty")
     return Config(
         redis_url=args.redis, handshakes=args.handshakes, zeek_url=args.zeek, log_dir=args.log_dir,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, prefix=args.prefix,
         window=args.window, os_level=args.os_level, p0f_db=args.p0f_db, consumer=args.consumer,
         ports=ports, darknets=tuple(darknets), dedup_window=args.dedup_window, deadline=args.deadline,
-        claim_after=args.claim_after, max_records=args.max_records,
+        claim_after=args.claim_after, max_records=args.max_records, zeek_group=args.zeek_group,
     )
 
 
@@ -234,14 +247,16 @@ class Service:
         self.zeek: Any = None
         self._stop_metrics: Callable[[], None] | None = None
 
-        def consumer(stream: str) -> StreamConsumer:
-            return StreamConsumer(redis, config.prefix + stream, GROUP, config.consumer,
+        def consumer(stream: str, group: str = GROUP) -> StreamConsumer:
+            return StreamConsumer(redis, config.prefix + stream, group, config.consumer,
                                   claim_idle_ms=int(config.claim_after * 1000),
                                   claim_every=max(0.1, min(5.0, config.claim_after / 2)))
 
         self.hs_stream = consumer("handshakes")
         self.results_stream = consumer("results")
         self.dead_stream = consumer("dead")
+        # Read only with --zeek: every analyzer's verdicts, for this analyzer's sensor.
+        self.verdicts_stream = consumer("verdicts", config.zeek_group)
 
     @classmethod
     async def start(cls, config: Config) -> Service:
@@ -311,6 +326,11 @@ class Service:
         side = [asyncio.create_task(self._watch_lag(stop))]
         if self.zeek is not None:
             side.append(asyncio.create_task(self._zeek_feed()))
+
+            async def to_zeek(batch: list[Entry]) -> list[str]:
+                return await self.send_verdicts(batch, stop)
+
+            loops.append(asyncio.create_task(self._consume(self.verdicts_stream, to_zeek, stop)))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
         # A loop only ends by itself (before `stop`) on a bug or an unexpected Redis reply: stop
@@ -331,18 +351,13 @@ class Service:
         log.info("stopped")
         return 1 if failed else 0
 
-    async def _consume(
-        self,
-        consumer: StreamConsumer,
-        handle: Callable[[list[Entry]], Awaitable[None]],
-        stop: asyncio.Event,
-    ) -> None:
+    async def _consume(self, consumer: StreamConsumer, handle: Handler, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
             try:
                 async for batch in consumer.batches(stop):
                     try:
-                        await handle(batch)
+                        done = await handle(batch)
                     except TRANSIENT:
                         raise
                     except Exception as exc:
@@ -351,7 +366,7 @@ class Service:
                                     consumer.stream, len(batch), exc)
                         await self._one_by_one(consumer, handle, batch)
                     else:
-                        await consumer.ack(*(entry_id for entry_id, _ in batch))
+                        await consumer.ack(*(entry_id for entry_id, _ in batch) if done is None else done)
                     backoff = 0.5
             except TRANSIENT as exc:
                 log.warning("Redis unavailable reading %s (%s); retrying in %.1fs", consumer.stream,
@@ -361,12 +376,12 @@ class Service:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 10.0)
 
-    async def _one_by_one(
-        self, consumer: StreamConsumer, handle: Callable[[list[Entry]], Awaitable[None]], batch: list[Entry]
-    ) -> None:
+    async def _one_by_one(self, consumer: StreamConsumer, handle: Handler, batch: list[Entry]) -> None:
         for entry in batch:
             try:
-                await handle([entry])
+                done = await handle([entry])
+                if done is not None and entry[0] not in done:
+                    continue  # the handler left it pending
             except POISON as exc:
                 self._reject(consumer.stream, entry[0], exc)
             except TRANSIENT:
@@ -389,7 +404,10 @@ class Service:
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for consumer in (self.hs_stream, self.results_stream, self.dead_stream):
+            consumers = [self.hs_stream, self.results_stream, self.dead_stream]
+            if self.zeek is not None:
+                consumers.append(self.verdicts_stream)
+            for consumer in consumers:
                 try:
                     lag = await consumer.lag()
                 except redis.exceptions.RedisError:
@@ -413,6 +431,38 @@ class Service:
 
         # Returns when the client is closed; `run` cancels it on stop.
         await zeek_to_stream(self.zeek, self.redis, self.config.prefix + "handshakes", on_error=redis_down)
+
+    async def send_verdicts(self, batch: list[Entry], stop: asyncio.Event) -> list[str]:
+        """Hand a batch of `verdicts` entries to Zeek; the ids to acknowledge: those written to a
+        connected WebSocket, and malformed ones. The rest stay pending in Redis (the durable
+        buffer; the client's queue is only the short-term one): Zeek is down and `stop` came first,
+        or the client dropped them. They are sent again after a restart (pending first) or when
+        they are claimed (--claim-after)."""
+        done: list[str] = []
+        waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        for entry_id, fields in batch:
+            try:
+                _, verdict, record = from_entry(fields)
+                waiting.append((entry_id, await self.zeek.publish_verdict(verdict, record)))
+            except ValueError as exc:  # VerdictEntryError, or values that make no Zeek event
+                self._reject(self.verdicts_stream.stream, entry_id, exc)
+                done.append(entry_id)
+        if not waiting:
+            return done
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            # The client sends in order: wait for each in turn while Zeek is down, until `stop`.
+            for _, sent in waiting:
+                await asyncio.wait({sent, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not sent.done():
+                    break
+        finally:
+            stopping.cancel()
+        unsent = [entry_id for entry_id, sent in waiting if not (sent.done() and sent.result())]
+        if unsent and not stop.is_set():
+            log.warning("%d verdicts the Zeek client could not keep; left pending", len(unsent))
+            self.metrics.errors.labels("zeek").inc(len(unsent))
+        return done + [entry_id for entry_id, sent in waiting if sent.done() and sent.result()]
 
     # -- the work -------------------------------------------------------------------------------
 
@@ -561,7 +611,8 @@ class Service:
                                for hid in hids])
 
     async def close_many(self, closing: list[Closing]) -> None:
-        """Record + verdict per handshake: one line in stepstone.log (once), and to Zeek."""
+        """Record + verdict per handshake: one entry on the `verdicts` stream and one line in
+        stepstone.log, each once."""
         if not closing:
             return
         loaded = await self.state.load([hid for hid, *_ in closing], unless_logged="stepstone")
@@ -609,23 +660,20 @@ class Service:
                 "reason": reason,
                 "verdict_at": time.time(),
             }))
+        # The stream entry first, guarded in Redis (once per handshake, atomically), then the log
+        # line: a crash between the two redoes the line, never the entry; a line once written
+        # always has its entry.
+        await self.state.append_verdicts(
+            [(hid, entry_fields(hid, line["verdict"], {name: line[name] for name in RECORD_FIELDS}))
+             for hid, line in lines])
         written = await self.stepstone_log.write_many(lines, checked=True)
         for hid, line in lines:
             if hid not in written:
                 continue
-            verdict_dict = line["verdict"]
-            record_dict = {name: line[name] for name in RECORD_FIELDS}
             self.metrics.verdicts.inc()
-            if verdict_dict.get("relay"):
+            if line["verdict"].get("relay"):
                 self.metrics.relays.inc()
             self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
-            if self.zeek is not None:
-                try:
-                    await self.zeek.publish_verdict(verdict_dict, record_dict)
-                except Exception:
-                    # The log line is written; Zeek missing one verdict must not stall the pipeline.
-                    log.exception("could not hand the verdict of %s to Zeek", line["src"])
-                    self.metrics.errors.labels("zeek").inc()
 
 
 def _handshake_line(h: Handshake, fp: str | None, job: str | None, deduped: bool) -> dict[str, Any]:

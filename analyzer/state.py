@@ -7,12 +7,16 @@ loses nothing and several analyzers can share the work. Keys (all under the pref
 - `hs:<hid>`     hash: one answered handshake (`hid` = its entry id on the `handshakes` stream):
                  `record` (the passive `Record` JSON), `sport`, `dport`, `feed`, `job`, and
                  `logged_handshakes` / `logged_stepstone` = 1 once its line is in that log
-                 (crash-idempotent logging). Kept one hour after its verdict, for redeliveries.
+                 (crash-idempotent logging), `verdict_entry` = its entry on the `verdicts`
+                 stream once appended. Kept one hour after its verdict, for redeliveries.
 - `job:<job>`    set: the handshakes waiting for probe job `<job>` (its own, and deduped ones).
 - `outcome:<job>` hash: how the job ended: the prober's `Result` fields, or `dead` = the reason.
 - `probe:<src>`  string: the latest job probing `<src>` (deduped handshakes attach to it).
 - `src:<src>`    sorted set (score = SYN time): the source's closed records, for the rules' window
                  (at most `max_records`, the newest).
+- `verdicts`     stream: one entry per verdict decided, by any analyzer (`analyzer.verdicts`
+                 encodes it); the `--zeek` analyzers read it with their own groups and hand each
+                 entry to their sensor. Trimmed to about `VERDICTS_MAXLEN` entries.
 
 Unanswered handshakes are logged but not stored: nothing waits for them, and a darknet sees many.
 
@@ -73,6 +77,25 @@ for _, key in ipairs(KEYS) do
 end
 return 0
 """
+
+
+# KEYS: hs:<hid>, the verdicts stream; ARGV: maxlen, field, value, ... Appends the handshake's
+# verdict entry unless one was appended before (its id is kept on the handshake): a redelivery or
+# a claim that closes the handshake again appends nothing.
+_APPEND = """
+if redis.call('HEXISTS', KEYS[1], 'verdict_entry') == 1 then
+  return false
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'verdict_entry', id)
+end
+return id
+"""
+
+# The verdicts stream is a delivery buffer (for the Zeek sensors' analyzers), not an archive
+# (stepstone.log is): about this many newest entries are kept, a day or more of a busy darknet.
+VERDICTS_MAXLEN = 100_000
 
 
 class StateError(ValueError):
@@ -159,6 +182,7 @@ class State:
         self._attach = redis.register_script(_ATTACH)
         self._settle = redis.register_script(_SETTLE)
         self._mark = redis.register_script(_MARK)
+        self._append = redis.register_script(_APPEND)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -260,3 +284,19 @@ class State:
         """Note that these handshakes' lines are in `log`; `ttl`: keep them only that long now."""
         if hids:
             await self._mark(keys=[self.key("hs", hid) for hid in hids], args=[f"logged_{log}", ttl])
+
+    async def append_verdicts(self, batch: Sequence[tuple[str, dict[str, str]]], *,
+                              maxlen: int = VERDICTS_MAXLEN) -> list[str | None]:
+        """Append each (hid, entry fields) to the `verdicts` stream, once per handshake ever; per
+        handshake, the new entry's id, or None if its verdict was appended before."""
+        if not batch:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hid, fields in batch:
+                args: list[Any] = [maxlen]
+                for name, value in fields.items():
+                    args += [name, value]
+                await self._append(keys=[self.key("hs", hid), self.key("verdicts")], args=args,
+                                   client=pipe)
+            replies = await pipe.execute()
+        return [str(x) if x else None for x in replies]

@@ -1,4 +1,6 @@
-"""The live analyzer's JSON-lines logs (`stepstone.log`, `handshakes.log` in `--log-dir`).
+"""Where the live analyzer's verdicts go: its JSON-lines logs (`stepstone.log`, `handshakes.log`
+in `--log-dir`), and the entries of the Redis stream `verdicts` (`entry_fields`, `from_entry`),
+which the analyzers started with `--zeek` hand to their sensors.
 
 Each line carries `hid` (the handshake's entry id on the `handshakes` stream). A line is written
 only if neither Redis (the stored handshake's `logged_<log>` field) nor this process says it was,
@@ -21,6 +23,40 @@ from analyzer.state import State
 # generous tail covers every handshake a process can have in hand at once.
 TAIL_BYTES = 1 << 20
 RECENT = 4096
+
+
+class VerdictEntryError(ValueError):
+    """A `verdicts` stream entry that does not decode (another version, or written by hand)."""
+
+
+def entry_fields(hid: str, verdict: dict[str, Any], record: dict[str, Any]) -> dict[str, str]:
+    """A `verdicts` stream entry: the handshake, and the verdict and record dicts (JSON) that
+    `ZeekClient.publish_verdict` takes."""
+    return {
+        "hid": hid,
+        "verdict": json.dumps(verdict, separators=(",", ":")),
+        "record": json.dumps(record, separators=(",", ":")),
+    }
+
+
+def from_entry(fields: dict[str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(hid, verdict, record) of a `verdicts` entry; VerdictEntryError if it is not one. (The
+    values themselves are checked where they become a Zeek event: `analyzer.zeek.verdict_event`.)"""
+    hid = fields.get("hid")
+    if not hid:
+        raise VerdictEntryError("verdicts entry without a hid")
+    out: list[dict[str, Any]] = []
+    for name in ("verdict", "record"):
+        try:
+            value = json.loads(fields[name])
+        except KeyError:
+            raise VerdictEntryError(f"verdicts entry {hid} without {name}") from None
+        except ValueError as exc:
+            raise VerdictEntryError(f"verdicts entry {hid}: {name} is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise VerdictEntryError(f"verdicts entry {hid}: {name} is not an object")
+        out.append(value)
+    return hid, out[0], out[1]
 
 
 class JsonLog:

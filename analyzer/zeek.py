@@ -32,8 +32,10 @@ ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string (
 sent as none when unknown). See `verdict_event`.
 
 Delivery: verdicts published while Zeek is unreachable wait in a bounded queue (oldest dropped
-first when full) and are sent after the next successful subscription. The WebSocket API has no
-per-event acknowledgement, so a verdict written to a socket that dies at that moment can be lost.
+first when full) and are sent after the next successful subscription; `publish` returns a future
+that says when the frame was written to a connected socket (the service acknowledges its Redis
+`verdicts` entry only then). The WebSocket API has no per-event acknowledgement, so a verdict
+written to a socket that dies at that moment can be lost.
 """
 
 from __future__ import annotations
@@ -365,7 +367,8 @@ class ZeekClient:
         self.disconnected = asyncio.Event()  # the opposite, for those who wait on an outage
         self.disconnected.set()
         self.server_version: str | None = None
-        self._outbox: deque[str] = deque(maxlen=resend_limit)
+        # (frame, its future): resolved when the frame is written (True) or leaves unsent (False).
+        self._outbox: deque[tuple[str, asyncio.Future[bool]]] = deque(maxlen=resend_limit)
         self._outbox_ready = asyncio.Event()
         # None wakes a consumer waiting in handshakes() when the client is closed.
         self._inbox: asyncio.Queue[Handshake | None] = asyncio.Queue(maxsize=inbox_size)
@@ -384,20 +387,27 @@ class ZeekClient:
                 return
             yield handshake
 
-    async def publish_verdict(self, verdict: Mapping[str, Any], record: Mapping[str, Any]) -> None:
-        """Queue a verdict for Zeek; sent now if connected, else after the next reconnect."""
-        await self.publish(self.verdict_topic, verdict_event(verdict, record))
+    async def publish_verdict(self, verdict: Mapping[str, Any], record: Mapping[str, Any]
+                              ) -> asyncio.Future[bool]:
+        """Queue a verdict for Zeek; sent now if connected, else after the next reconnect.
+        ValueError (nothing queued) if it does not make a valid event. The future: see `publish`."""
+        return await self.publish(self.verdict_topic, verdict_event(verdict, record))
 
-    async def publish(self, topic: str, event: Event) -> None:
+    async def publish(self, topic: str, event: Event) -> asyncio.Future[bool]:
+        """Queue an event; the future becomes True once the frame is written to a connected
+        WebSocket, False if it left the queue unsent (dropped when full, or the client closed)."""
         if self._closed:
             raise RuntimeError("ZeekClient is closed")
         frame = event_frame(topic, event)
         if len(self._outbox) == self._outbox.maxlen:
             self.stats.dropped += 1
             log.warning("re-send queue full (%d): dropping the oldest verdict", self._outbox.maxlen)
-        self._outbox.append(frame)
+            _resolve(self._outbox.popleft()[1], False)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._outbox.append((frame, done))
         self._outbox_ready.set()
         self.start()
+        return done
 
     @property
     def pending(self) -> int:
@@ -420,6 +430,8 @@ class ZeekClient:
                 await self._task
             self._task = None
         self.connected.clear()
+        while self._outbox:
+            _resolve(self._outbox.popleft()[1], False)
         with contextlib.suppress(asyncio.QueueFull):  # full: the consumer sees _closed on its next turn
             self._inbox.put_nowait(None)
 
@@ -546,10 +558,16 @@ class ZeekClient:
     async def _write(self, ws: ClientConnection) -> None:
         while True:
             while self._outbox:
-                frame = self._outbox[0]
-                await ws.send(frame)  # on failure the frame stays queued for the next connection
-                if self._outbox and self._outbox[0] is frame:
+                item = self._outbox[0]
+                await ws.send(item[0])  # on failure the frame stays queued for the next connection
+                if self._outbox and self._outbox[0] is item:
                     self._outbox.popleft()
+                _resolve(item[1], True)
                 self.stats.sent += 1
             self._outbox_ready.clear()
             await self._outbox_ready.wait()
+
+
+def _resolve(done: asyncio.Future[bool], sent: bool) -> None:
+    if not done.done():  # a waiter may have cancelled it
+        done.set_result(sent)

@@ -641,12 +641,22 @@ async def test_the_resend_queue_is_bounded(zeek: FakeZeek, client_for: Callable[
     await zeek.stop()
     client = client_for(zeek.url, resend_limit=3)
     records = [RECORD.to_dict() | {"tp_us": 1000 * i} for i in range(5)]
-    for record in records:
-        await client.publish_verdict(VERDICT.to_dict(), record)
+    sent = [await client.publish_verdict(VERDICT.to_dict(), record) for record in records]
     assert client.pending == 3 and client.stats.dropped == 2
+    # The futures say which frames left the queue unsent (the service keeps those in Redis).
+    assert [f.result() for f in sent[:2]] == [False, False] and not any(f.done() for f in sent[2:])
     await zeek.start()
     await zeek.wait_for(lambda: len(zeek.received) == 3)
     assert zeek.received == [verdict_event(VERDICT.to_dict(), r) for r in records[2:]]  # the newest kept
+    async with asyncio.timeout(TIMEOUT):
+        assert await asyncio.gather(*sent[2:]) == [True, True, True]
+    # Closing with frames still queued resolves them as unsent.
+    await zeek.stop()
+    async with asyncio.timeout(TIMEOUT):
+        await client.disconnected.wait()
+    late = await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    await client.close()
+    assert late.result() is False
 
 
 async def test_close_ends_the_handshake_stream(zeek: FakeZeek, client_for: Callable[..., ZeekClient]) -> None:
