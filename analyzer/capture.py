@@ -1,8 +1,10 @@
 """Capture file reader: pcap (micro/nanosecond, either byte order) and pcapng.
 
-Yields `(number, ts_ns, linktype, frame)` tuples — plain tuples, because this is the per-packet hot
-path of `replay` and `fingerprint`. Timestamps are integer nanoseconds so that T^p (a difference of
-two timestamps) is exact in microseconds whatever the file's resolution.
+Yields `(number, ts_ns, linktype, frame, orig_len)` tuples — plain tuples, because this is the
+per-packet hot path of `replay` and `fingerprint`. `orig_len` is the frame's length on the wire:
+larger than `len(frame)` when the capture's snapshot length cut the frame short. Timestamps are
+integer nanoseconds so that T^p (a difference of two timestamps) is exact in microseconds whatever
+the file's resolution.
 
 A framing error (bad magic, truncated header or record, impossible length) makes the rest of the
 file unreadable: the reader raises `CaptureError` naming the byte offset and packet number after
@@ -19,7 +21,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-Frame = tuple[int, int, int, bytes]  # packet number (1-based), timestamp ns, linktype, frame bytes
+# packet number (1-based), timestamp ns, linktype, frame bytes (as captured), original length
+Frame = tuple[int, int, int, bytes, int]
 
 # Larger than any snapshot length tools write (262144; 256 MiB is libpcap's hard limit for some
 # link types, but nothing we read comes close): a bigger length means a corrupt file.
@@ -115,7 +118,7 @@ def _pcap(name: str, data: bytes | mmap.mmap, magic: bytes, report: ErrorHandler
             report(f"{name}: byte offset {start - record_size}: packet {number}: captured length {caplen} "
                    f"exceeds original length {wirelen}; skipped")
             continue
-        yield number, sec * 1_000_000_000 + frac * scale, linktype, data[start:offset]
+        yield number, sec * 1_000_000_000 + frac * scale, linktype, data[start:offset], wirelen
 
 
 class _Interface:
@@ -202,7 +205,7 @@ def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterato
             else:
                 iface = interfaces[iface_id]
                 ts = iface.to_ns((ts_high << 32) | ts_low) + iface.offset_ns
-                yield number, ts, iface.linktype, bytes(data[start : start + caplen])
+                yield number, ts, iface.linktype, bytes(data[start : start + caplen]), wirelen
         elif block_type == 3:  # Simple Packet Block: interface 0, no timestamp
             number += 1
             if body + 4 > body_end:
@@ -214,7 +217,7 @@ def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterato
                 caplen = min(wirelen, body_end - body - 4)
                 if interfaces[0].snaplen:
                     caplen = min(caplen, interfaces[0].snaplen)
-                yield number, 0, interfaces[0].linktype, bytes(data[body + 4 : body + 4 + caplen])
+                yield number, 0, interfaces[0].linktype, bytes(data[body + 4 : body + 4 + caplen]), wirelen
         # Every other block (name resolution, statistics, custom, decryption secrets) is skipped.
         offset += length
 

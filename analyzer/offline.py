@@ -131,16 +131,19 @@ class _Problems:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.count = 0
+        self._shown = 0
         self._stream = stream or sys.stderr
 
-    def report(self, message: str) -> None:
+    def report(self, message: str, *, always: bool = False) -> None:
+        """`always`: printed even past the cap (a once-per-file summary of many packets)."""
         self.count += 1
-        if self.count <= MAX_REPORTED:
+        if self.count <= MAX_REPORTED or always:
+            self._shown += 1
             print(f"stepstone-analyzer: {message}", file=self._stream)
 
     def exit_status(self) -> int:
-        if self.count > MAX_REPORTED:
-            print(f"stepstone-analyzer: {self.count - MAX_REPORTED} more problems not shown "
+        if self.count > self._shown:
+            print(f"stepstone-analyzer: {self.count - self._shown} more problems not shown "
                   f"({self.count} in all)", file=self._stream)
         return EXIT_BAD_INPUT if self.count else 0
 
@@ -251,19 +254,76 @@ class _PacketCounts:
         }
 
 
+class _Snaplen:
+    """Packets the capture's snapshot length cut short, so that a SYN p0f cannot read for that
+    reason is reported once per file, with a count and the cure, rather than once per packet.
+
+    Only frames shorter than their original length are remembered (by their IP bytes, which is
+    what the fingerprinter is later given: the tracker keeps the SYN's bytes as they were), in a
+    bounded table; a full capture of uncut packets never touches it.
+    """
+
+    MAX_ENTRIES = 65_536
+
+    def __init__(self) -> None:
+        self._cut: dict[bytes, tuple[int, int, int]] = {}  # IP packet -> (number, captured, original)
+        self.count = 0
+        self._first: tuple[bytes, int, int, int] | None = None
+
+    def saw(self, ip: bytes, number: int, captured: int, original: int) -> None:
+        if len(self._cut) >= self.MAX_ENTRIES:
+            self._cut.clear()  # at worst, later SYNs are reported one by one as before
+        self._cut[ip] = (number, captured, original)
+
+    def explains(self, ip: bytes) -> bool:
+        """Was `ip` (which p0f cannot read) cut by the snaplen? Then it is counted here."""
+        where = self._cut.get(ip)
+        if where is None:
+            return False
+        self.count += 1
+        if self._first is None:
+            self._first = (ip, *where)
+        return True
+
+    def report(self, path: str, problems: _Problems, what: tuple[str, str]) -> None:
+        """One problem line for the file (the exit status stays 2: those labels are missing)."""
+        if self._first is None:
+            return
+        ip, number, captured, original = self._first
+        try:
+            h = tcp_header(ip)
+            part = "TCP options" if h.tcp_offset + h.tcp_length > len(ip) else "TCP payload"
+        except PacketError:
+            part = "TCP header"
+        problems.report(
+            f"{path}: packet {number}: captured {captured} of {original} bytes (snaplen): {part} cut "
+            f"off; capture with a larger snaplen, e.g. -s 0 ({self.count} "
+            f"{what[0] if self.count == 1 else what[1]} cut short, not fingerprinted)",
+            always=True,
+        )
+
+
 def _packets(
-    path: str, problems: _Problems, counts: _PacketCounts, handle: Callable[[int, int, bytes], None]
+    path: str,
+    problems: _Problems,
+    counts: _PacketCounts,
+    snaplen: _Snaplen,
+    handle: Callable[[int, int, bytes], None],
 ) -> None:
     """Feed every IP packet of the capture to `handle(number, ts_ns, ip)`; report what is wrong.
 
-    `handle` may raise PacketError (malformed header): reported with the packet number.
+    `handle` may raise PacketError (malformed header): reported with the packet number. Packets
+    the snapshot length cut short are remembered in `snaplen`.
     """
     skipped = counts.skipped
     try:
-        for number, ts_ns, linktype, frame in read_capture(path, on_error=problems.report):
+        for number, ts_ns, linktype, frame, original in read_capture(path, on_error=problems.report):
             counts.packets += 1
             try:
-                handle(number, ts_ns, ip_from_frame(linktype, frame))
+                ip = ip_from_frame(linktype, frame)
+                if original > len(frame):
+                    snaplen.saw(ip, number, len(frame), original)
+                handle(number, ts_ns, ip)
             except NotTCPError as exc:
                 skipped[exc.reason] += 1
             except PacketError as exc:
@@ -280,6 +340,7 @@ def run_fingerprint(args: argparse.Namespace) -> int:
     cache = _FingerprintCache(args.p0f_db)
     problems = _Problems()
     counts = _PacketCounts()
+    snaplen = _Snaplen()
     out = _Output()
     addr = _Addresses()
     path: str = args.capture
@@ -301,7 +362,8 @@ def run_fingerprint(args: argparse.Namespace) -> int:
         except NotFingerprinted:
             return  # as p0f: no line, and not an error
         except FingerprintError as exc:
-            problems.report(f"{path}: packet {number}: {exc}")
+            if not snaplen.explains(ip):
+                problems.report(f"{path}: packet {number}: {exc}")
             return
         out.line(
             f'{{"ts":{_ts(ts_ns)},"src":"{addr(h.src)}","sport":{h.sport},"dst":"{addr(h.dst)}",'
@@ -309,7 +371,8 @@ def run_fingerprint(args: argparse.Namespace) -> int:
         )
 
     try:
-        _packets(path, problems, counts, handle)
+        _packets(path, problems, counts, snaplen, handle)
+        snaplen.report(path, problems, ("SYN or SYN+ACK", "SYNs and SYN+ACKs"))
     finally:
         out.flush()
     return problems.exit_status()
@@ -328,6 +391,7 @@ def run_replay(args: argparse.Namespace) -> int:
     cache = _FingerprintCache(args.p0f_db)
     problems = _Problems()
     counts = _PacketCounts()
+    snaplen = _Snaplen()
     out = _Output()
     path: str = args.capture
     tracker = HandshakeTracker(args.darknet, idle_timeout=args.idle_timeout)
@@ -349,8 +413,10 @@ def run_replay(args: argparse.Namespace) -> int:
                 not_fingerprinted += 1  # fp null, as p0f gives no label; not an error
             except FingerprintError as exc:
                 fingerprint_errors += 1
-                where = f"SYN {hs.src}:{hs.sport} -> {hs.dst}:{hs.dport} at {hs.t:.6f}"
-                problems.report(f"{path}: {where}: {exc}")
+                # A SYN the snaplen cut short: one line for the whole file, after it.
+                if not snaplen.explains(hs.syn):
+                    where = f"SYN {hs.src}:{hs.sport} -> {hs.dst}:{hs.dport} at {hs.t:.6f}"
+                    problems.report(f"{path}: {where}: {exc}")
         records += 1
         if print_records:
             fp_json = labels.get(label)
@@ -363,13 +429,14 @@ def run_replay(args: argparse.Namespace) -> int:
             emit(hs)
 
     try:
-        _packets(path, problems, counts, handle)
+        _packets(path, problems, counts, snaplen, handle)
         for hs in tracker.flush():
             emit(hs)
+        snaplen.report(path, problems, ("SYN", "SYNs"))
         if args.summary:
             table = {**tracker.stats.summary(), "records": records,
-                     "fingerprint_errors": fingerprint_errors, "not_fingerprinted": not_fingerprinted,
-                     **counts.to_dict()}
+                     "fingerprint_errors": fingerprint_errors, "snaplen_cut": snaplen.count,
+                     "not_fingerprinted": not_fingerprinted, **counts.to_dict()}
             _print_summary(out, table, args.json, _REPLAY_ROWS)
     finally:
         out.flush()

@@ -275,7 +275,7 @@ def test_corrupted_captures_raise_only_capture_errors(
         path = Path(tmp) / "fuzz.cap"
         path.write_bytes(bytes(data))
         try:
-            for number, _ts, _lt, frame in read_capture(path, on_error=reported.append):
+            for number, _ts, _lt, frame, _orig in read_capture(path, on_error=reported.append):
                 assert number >= 1 and isinstance(frame, bytes)
         except CaptureError as exc:
             assert str(path) in str(exc)

@@ -78,7 +78,7 @@ def test_pcapng_interfaces_resolutions_and_blocks(tmp_path: Path) -> None:
     path = tmp_path / "a.pcapng"
     path.write_bytes(data)
     frames = list(read_capture(path))
-    assert [(n, ts, lt) for n, ts, lt, _ in frames] == [
+    assert [(n, ts, lt) for n, ts, lt, _, _ in frames] == [
         (1, 1_700_000_000_000_001_000, 1),
         (2, 1_700_000_000_000_002_345, 101),
         (3, 5_500_000_000, 113),
@@ -100,7 +100,7 @@ def test_pcapng_big_endian_and_second_section(tmp_path: Path) -> None:
     path = tmp_path / "be.pcapng"
     path.write_bytes(data)
     frames = list(read_capture(path))
-    assert [(n, ts, lt) for n, ts, lt, _ in frames] == [(1, 7_000_000_000, 101), (2, 8_000_000_000, 1)]
+    assert [(n, ts, lt) for n, ts, lt, _, _ in frames] == [(1, 7_000_000_000, 101), (2, 8_000_000_000, 1)]
 
 
 @pytest.mark.parametrize(

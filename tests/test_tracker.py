@@ -55,7 +55,7 @@ def check_zeek_cases(hs: dict[str, Handshake]) -> None:
 def test_zeek_cases_written_by_the_test(tmp_path: Path) -> None:
     path = write_pcap(tmp_path / "cases.pcap", [(ts, ethernet(ip)) for ts, ip in handshake_cases()])
     tracker = HandshakeTracker(DARK)
-    hs = run(((ts, ip_from_frame(lt, frame)) for _, ts, lt, frame in read_capture(path)), tracker)
+    hs = run(((ts, ip_from_frame(lt, frame)) for _, ts, lt, frame, _ in read_capture(path)), tracker)
     assert len(hs) == 6
     check_zeek_cases(by_src(hs))
     stats = tracker.stats
@@ -69,7 +69,7 @@ def test_zeek_cases_written_by_the_test(tmp_path: Path) -> None:
 def test_zeek_cases_from_the_shared_recording() -> None:
     """The very capture Zeek 8.0.10 was run on (shared/zeek-ws/handshakes.pcap)."""
     path = shared_dir() / "zeek-ws" / "handshakes.pcap"
-    hs = run((ts, ip_from_frame(lt, frame)) for _, ts, lt, frame in read_capture(path))
+    hs = run((ts, ip_from_frame(lt, frame)) for _, ts, lt, frame, _ in read_capture(path))
     check_zeek_cases(by_src(hs))
 
 
