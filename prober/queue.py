@@ -224,4 +224,10 @@ class ProbeQueue:
         return out
 
     async def ack_result(self, entry_id: str, *, group: str = ANALYZERS) -> None:
-        await self.redis.xack(self.keys.results, group, entry_id)
+        """Acknowledge a result. If Redis is down the entry stays pending and `results` hands it
+        out again once Redis is back (at least once), so a lost acknowledgement is only logged."""
+        try:
+            await self.redis.xack(self.keys.results, group, entry_id)
+        except TRANSIENT as exc:
+            log.warning("results: could not acknowledge %s (%s); it will be delivered again",
+                        entry_id, exc)
