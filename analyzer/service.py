@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from analyzer.cancellation import cancel_and_wait
 from analyzer.errors import InputError
 from analyzer.feeds import StreamConsumer, zeek_to_stream
 from analyzer.handshake import Handshake, HandshakeError
@@ -345,9 +346,7 @@ class Service:
         await stopping
         # The loops notice `stop` between batches: what is in hand is finished and acknowledged.
         await asyncio.gather(*loops, return_exceptions=True)
-        for task in side:
-            task.cancel()
-        await asyncio.gather(*side, return_exceptions=True)
+        await cancel_and_wait(side)
         log.info("stopped")
         return 1 if failed else 0
 

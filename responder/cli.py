@@ -18,6 +18,7 @@ from dataclasses import asdict
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from analyzer.cancellation import cancel_and_wait
 from analyzer.handshake import Handshake
 from responder.kernel import Network, Steering, SteeringError
 from responder.listener import ListenerError, accept_forever, accept_pending, open_listener
@@ -117,15 +118,6 @@ class Sink:
             await self.client.aclose()
 
 
-async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
-    """Cancel `tasks` and wait for them. On Python 3.11 a cancel can be lost when it lands as
-    redis-py's asyncio.wait_for finishes (CPython gh-86296): cancel again until all are done."""
-    while pending := [task for task in tasks if not task.done()]:
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=1.0)  # a condition wait; re-cancel what is left
-
-
 async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, prefix: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -153,13 +145,13 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
                 if task is not waiter and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             # Stop answering first, report what the kernel already completed, then flush.
-            await _cancel(tasks[:-1])
+            await cancel_and_wait(tasks[:-1])
             for sock in listeners:
                 for handshake in accept_pending(sock):
                     sink.put(handshake)
             await sink.drain(2.0)
     finally:
-        await _cancel(tasks)
+        await cancel_and_wait(tasks)
         for sock in listeners:
             sock.close()
         await sink.close()
