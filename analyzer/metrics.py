@@ -39,6 +39,12 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.trimmed = Counter(
+            f"{NS}_stream_entries_trimmed",
+            "Entries removed from a work stream after every consumer group acknowledged them",
+            ["stream"],
+            registry=r,
+        )
         self.zeek = Gauge(
             f"{NS}_zeek",
             "Zeek link: connected (1/0), verdicts queued for it, frames and events it sent that were "

@@ -35,6 +35,7 @@ from analyzer.handshake import Handshake, HandshakeError
 from analyzer.measurement import passive_record, with_probe
 from analyzer.metrics import Metrics
 from analyzer.record import Record
+from analyzer.retention import trim_consumed
 from analyzer.rules import OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored
 from analyzer.verdicts import JsonLog, entry_fields, from_entry
@@ -413,6 +414,13 @@ class Service:
                     lag = None
                 if lag is not None:
                     self.metrics.lag.labels(consumer.stream.removeprefix(self.config.prefix)).set(lag)
+            for name, keep in (("handshakes", 0.0), ("jobs", self.config.dedup_window), ("results", 0.0)):
+                try:
+                    trimmed = await trim_consumed(self.redis, self.config.prefix + name, keep_seconds=keep)
+                except redis.exceptions.RedisError as exc:
+                    log.debug("trimming %s: %s", name, exc)  # Redis down: the consumers report it
+                    continue
+                self.metrics.trimmed.labels(name).inc(trimmed)
             if self.zeek is not None:
                 gauge = self.metrics.zeek
                 gauge.labels("connected").set(int(self.zeek.connected.is_set()))

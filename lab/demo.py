@@ -281,10 +281,13 @@ class Lab:
 
     # -- observation ----------------------------------------------------------------------------
 
-    def handshakes(self) -> list[dict[str, str]]:
-        # A decode_responses client: ids and fields are str.
-        entries: list[tuple[str, dict[str, str]]] = self.client.xrange(PREFIX + "handshakes")  # type: ignore[assignment]
-        return [{"hid": hid, **fields} for hid, fields in entries]
+    def handshakes(self) -> list[dict[str, Any]]:
+        """Every handshake the analyzer received (its handshakes.log): the stream itself is trimmed
+        once the analyzer has acknowledged its entries."""
+        return _json_lines(self.logdir / "handshakes.log")
+
+    def stream_length(self, name: str) -> int:
+        return int(self.client.xlen(PREFIX + name))  # type: ignore[arg-type]
 
     def records(self) -> list[dict[str, Any]]:
         return _json_lines(self.logdir / "stepstone.log")
@@ -294,15 +297,16 @@ class Lab:
         one-way delay before the sensor sees its ACK, so "traffic done" alone is too early."""
         seen: dict[str, int] = {}
         for h in self.handshakes():
-            seen[h["src"]] = seen.get(h["src"], 0) + 1
+            if h.get("answered"):
+                seen[h["src"]] = seen.get(h["src"], 0) + 1
         made = self.attempts()
         return bool(made) and all(seen.get(addr, 0) >= sum(1 for a in tries if a.get("ok"))
                                   for addr, tries in made.items())
 
     def pending_verdicts(self) -> set[str]:
-        """Handshake ids that have no stepstone.log line yet."""
+        """Answered handshakes that have no stepstone.log line yet."""
         done = {r.get("hid") for r in self.records()}
-        return {h["hid"] for h in self.handshakes()} - done
+        return {h["hid"] for h in self.handshakes() if h.get("answered")} - done
 
     def progress_line(self) -> str:
         attempts = self.attempts()
@@ -310,7 +314,7 @@ class Lab:
         total = sum(h.host.connections or self.scenarios.connections for h in self.topology.hosts)
         records = self.records()
         relays = {r["src"] for r in records if (r.get("verdict") or {}).get("relay")}
-        return (f"connections {tried}/{total} · handshakes {self.client.xlen(PREFIX + 'handshakes')} · "
+        return (f"connections {tried}/{total} · handshakes {len(self.handshakes())} · "
                 f"verdicts {len(records)} · sources flagged {len(relays)}")
 
     def wait_verdicts(self, timeout: float, *, every: float = 2.0,

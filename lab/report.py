@@ -3,7 +3,7 @@
 `truth` scores the paper's rule (the verdict's `relay`); `truth_strong` scores the analyzer's own
 stronger verdict (`relay_confident`: noise-aware timing, SYN-RTT fallback; analyzer/rules.py).
 
-Works on what the run left behind (the handshakes stream, the analyzer's stepstone.log lines, the
+Works on what the run left behind (the analyzer's handshakes.log and stepstone.log lines, the
 traffic drivers' attempt lines) so it can be checked independently of how the run went.
 """
 
@@ -42,12 +42,13 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 def build(
     darknet_addresses: int,
     sources: Sequence[Source],
-    handshakes: Iterable[Mapping[str, str]],
+    handshakes: Iterable[Mapping[str, Any]],
     records: Iterable[Mapping[str, Any]],
     attempts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Table 3, truth, latency and one entry per lab source. `records` are stepstone.log lines."""
-    hs = list(handshakes)
+    # Table 3 counts answered connection requests (the analyzer's handshakes.log lines say which).
+    hs = [entry for entry in handshakes if entry.get("answered")]
     per_src_hs: dict[str, int] = defaultdict(int)
     for entry in hs:
         per_src_hs[entry["src"]] += 1

@@ -28,6 +28,7 @@ DEFAULT_PREFIX = "stepstone:"
 MAX_CONNECTIONS = 32  # per client; Redis answers in microseconds, more rarely helps
 PROBERS = "probers"
 ANALYZERS = "analyzers"
+DEAD_MAXLEN = 100_000  # dead letters kept (about): enough to diagnose, bounded memory
 
 # Errors after which a client should reconnect and retry rather than give up.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)

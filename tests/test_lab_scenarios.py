@@ -68,7 +68,8 @@ def test_report_counts_truth_and_table3() -> None:
         Source("198.19.4.2", Host("nat 5", "nat", "linux", 10, extra_delay_ms=5)),
         Source("198.19.5.2", Host("proxy", "proxy", "linux", 10, extra_delay_ms=50)),
     ]
-    handshakes = [{"src": h.addr} for h in hosts for _ in range(2)] + [{"src": "203.0.113.1"}]
+    handshakes = ([{"src": h.addr, "answered": True} for h in hosts for _ in range(2)]
+                  + [{"src": "203.0.113.1", "answered": True}, {"src": "203.0.113.2", "answered": False}])
     records = [
         _rec("198.19.1.2", 1, relay=True), _rec("198.19.1.2", 2, relay=False),  # flipped back: TN
         _rec("198.19.2.2", 1, relay=True, confident=False),  # FP; the confident rule: TN

@@ -469,6 +469,37 @@ async def test_darknet_filter_and_record_cap(harness: Harness) -> None:
     assert max(x["verdict"]["records"] for x in out) == 2  # judged on the newest two only
 
 
+async def test_consumed_work_is_trimmed_from_the_streams(harness: Harness) -> None:
+    """Handshakes and results every group has acknowledged leave Redis; jobs stay for the dedup
+    window, acknowledged or not (a later analyzer looks there for a crashed one's job)."""
+    await harness.r.config_set("stream-node-max-entries", 1)  # trimming is then exact
+    port = free_port()
+    t = time.time()
+    srcs = [f"198.18.64.{i}" for i in range(1, 11)]
+    async with service(harness, metrics_port=port):
+        for i, src in enumerate(srcs):
+            await harness.send(handshake(src, "198.19.0.1", t=t + i * 0.001))
+        jobs = await harness.jobs(len(srcs))
+        # Played prober: take and acknowledge every job, as `stepstone-prober run` does.
+        await harness.r.xgroup_create(P + "jobs", "probers", id="0")
+        taken = await harness.r.xreadgroup("probers", "p1", {P + "jobs": ">"})
+        await harness.r.xack(P + "jobs", "probers", *(entry_id for entry_id, _ in taken[0][1]))
+        for job_id, f in jobs:
+            await harness.answer(result(job_id, f["src"], t, ping_max=10_000, fa=None))
+        await harness.verdicts(len(srcs))
+
+        async def trimmed() -> bool:
+            # The newest entry of each may stay (the floor keeps a group's last delivered entry).
+            return (await harness.r.xlen(P + "handshakes") <= 1
+                    and await harness.r.xlen(P + "results") <= 1)
+
+        await until(trimmed, what="acknowledged handshakes and results trimmed")
+        metrics = await asyncio.to_thread(scrape, port)
+    assert await harness.r.xlen(P + "jobs") == len(srcs)
+    assert metrics['stepstone_analyzer_stream_entries_trimmed_total{stream="handshakes"}'] >= len(srcs) - 1
+    assert metrics['stepstone_analyzer_stream_entries_trimmed_total{stream="results"}'] >= len(srcs) - 1
+
+
 async def test_an_entry_that_keeps_failing_is_abandoned_not_retried_forever(harness: Harness) -> None:
     t = time.time()
     stuck, fine = handshake("198.18.64.1", "198.19.0.1", t=t), handshake("198.18.64.2", "198.19.0.1", t=t)
