@@ -84,6 +84,8 @@ state (plain redis-cli can read it; keys under --prefix):
   probe:<addr> latest job of an address, src:<addr> the source's records (the rules' window).
   Several analyzers with different --consumer names share the work; a restarted one takes its
   own unfinished entries first, and entries of a dead one after --claim-after seconds.
+  Entries of handshakes, results and jobs that every group has acknowledged are trimmed (jobs
+  after --dedup-window); dead and verdicts are capped at about 100,000 entries.
 """
 
 
