@@ -293,7 +293,7 @@ class Lab:
         return _json_lines(self.logdir / "stepstone.log")
 
     def all_seen(self) -> bool:
-        """Every connection a driver completed is on the handshakes stream: the client is done a
+        """Every connection a driver completed has reached the analyzer: the client is done a
         one-way delay before the sensor sees its ACK, so "traffic done" alone is too early."""
         seen: dict[str, int] = {}
         for h in self.handshakes():
