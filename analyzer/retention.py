@@ -1,24 +1,30 @@
 """How long the work streams keep their entries: until every consumer group has taken them.
 
-`handshakes`, `jobs` and `results` are work queues. An entry that every group has read and
+`handshakes`, `jobs`, `results` and `dead` are work queues. An entry that every group has read and
 acknowledged is done; left in place, a busy darknet would fill Redis's memory with them. An entry
 still pending (delivered, not acknowledged) or not yet delivered to some group is kept, so trimming
 never loses work, XAUTOCLAIM can still take it over from a dead consumer, and a group that lags
 behind keeps everything it has not read. A stream without any group (no prober has started yet,
 say) is left alone: its entries are waiting for the group that will read them from id 0.
-`jobs` also stays for the dedup window: an analyzer that died between enqueueing a job and
-recording it is found out by a later one on that stream.
 
-`dead` (read by operators too) and `verdicts` (read by SOC tools too) are capped by length where
-they are written instead."""
+Some streams keep their newest entries a while longer even once consumed: `jobs` for
+the dedup window, because an analyzer that died between enqueueing a job and recording it is found
+out by a later one on that stream; `dead` for a day, for operators to read why probes were given
+up. `verdicts` (read by SOC tools too, outside any group) is capped by length where it is written.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
+DEAD_KEEP_S = 86400.0
+# XTRIM with `~` removes at most 100 internal nodes per call (10,000 entries by default), so that
+# one call never blocks Redis for long; a backlog is worked off a batch at a time, this many per
+# round.
+MAX_ROUNDS = 10
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:
@@ -48,12 +54,19 @@ async def consumed_floor(redis: aioredis.Redis, stream: str) -> tuple[int, int] 
 
 async def trim_consumed(redis: aioredis.Redis, stream: str, *, keep_seconds: float = 0.0) -> int:
     """Drop the entries of `stream` that every group has acknowledged and that are older than
-    `keep_seconds` (by entry id time); how many went."""
+    `keep_seconds` by Redis's clock (entry ids carry Redis's time, so no host clock is involved);
+    how many went."""
     floor = await consumed_floor(redis, stream)
     if floor is None:
         return 0
     if keep_seconds > 0:
-        recent = (int((time.time() - keep_seconds) * 1000), 0)
-        floor = min(floor, recent)
-    # Approximate: Redis frees whole internal nodes only, so it may keep a few more, never fewer.
-    return int(await redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=True))
+        sec, usec = await redis.time()
+        floor = min(floor, (sec * 1000 + usec // 1000 - int(keep_seconds * 1000), 0))
+    total = 0
+    for _ in range(MAX_ROUNDS):
+        # Approximate: Redis frees whole internal nodes only, so it may keep a few more, never fewer.
+        trimmed = int(await redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=True))
+        total += trimmed
+        if trimmed == 0:
+            break
+    return total

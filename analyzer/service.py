@@ -35,7 +35,7 @@ from analyzer.handshake import Handshake, HandshakeError
 from analyzer.measurement import passive_record, with_probe
 from analyzer.metrics import Metrics
 from analyzer.record import Record
-from analyzer.retention import trim_consumed
+from analyzer.retention import DEAD_KEEP_S, trim_consumed
 from analyzer.rules import OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored
 from analyzer.verdicts import JsonLog, entry_fields, from_entry
@@ -84,8 +84,9 @@ state (plain redis-cli can read it; keys under --prefix):
   probe:<addr> latest job of an address, src:<addr> the source's records (the rules' window).
   Several analyzers with different --consumer names share the work; a restarted one takes its
   own unfinished entries first, and entries of a dead one after --claim-after seconds.
-  Entries of handshakes, results and jobs that every group has acknowledged are trimmed (jobs
-  after --dedup-window); dead and verdicts are capped at about 100,000 entries.
+  Entries of handshakes, results, jobs and dead that every group has acknowledged are trimmed
+  (jobs once older than --dedup-window, dead once older than a day); verdicts is capped at about
+  100,000 entries.
 """
 
 
@@ -323,28 +324,34 @@ class Service:
         log.info("running as consumer %r of group %r, prefix %r, logs in %s", self.config.consumer,
                  GROUP, self.config.prefix, self.config.log_dir)
         loops = [
-            asyncio.create_task(self._consume(self.hs_stream, self.handle_handshakes, stop)),
-            asyncio.create_task(self._consume(self.results_stream, self.handle_results, stop)),
-            asyncio.create_task(self._consume(self.dead_stream, self.handle_dead, stop)),
+            asyncio.create_task(self._consume(self.hs_stream, self.handle_handshakes, stop),
+                                name="the handshakes loop"),
+            asyncio.create_task(self._consume(self.results_stream, self.handle_results, stop),
+                                name="the results loop"),
+            asyncio.create_task(self._consume(self.dead_stream, self.handle_dead, stop),
+                                name="the dead loop"),
         ]
-        side = [asyncio.create_task(self._watch_lag(stop))]
+        side = [asyncio.create_task(self._watch_lag(stop), name="the lag and retention watch")]
         if self.zeek is not None:
-            side.append(asyncio.create_task(self._zeek_feed()))
+            side.append(asyncio.create_task(self._zeek_feed(), name="the Zeek feed"))
 
             async def to_zeek(batch: list[Entry]) -> list[str]:
                 return await self.send_verdicts(batch, stop)
 
-            loops.append(asyncio.create_task(self._consume(self.verdicts_stream, to_zeek, stop)))
+            loops.append(asyncio.create_task(self._consume(self.verdicts_stream, to_zeek, stop),
+                                             name="the verdicts-to-Zeek loop"))
         stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
-        # A loop only ends by itself (before `stop`) on a bug or an unexpected Redis reply: stop
-        # the whole service (a supervisor restarts it; its pending entries are redone) rather than
-        # limp on. A loop that noticed `stop` at this very moment is not a failure.
+        await asyncio.wait([stopping, *loops, *side], return_when=asyncio.FIRST_COMPLETED)
+        # A loop (or the Zeek feed, or the lag/retention watch) only ends by itself before `stop` on
+        # a bug or an unexpected Redis reply: stop the whole service (a supervisor restarts it; its
+        # pending entries are redone) rather than limp on without it. One that noticed `stop` at
+        # this very moment is not a failure.
         asked = stop.is_set()
-        failed = [task for task in loops
+        failed = [task for task in (*loops, *side)
                   if task.done() and (not asked or task.cancelled() or task.exception() is not None)]
         for task in failed:
-            log.error("a stream loop ended: %r; stopping", None if task.cancelled() else task.exception())
+            log.error("%s ended: %r; stopping", task.get_name(),
+                      None if task.cancelled() else task.exception())
         stop.set()
         await stopping
         # The loops notice `stop` between batches: what is in hand is finished and acknowledged.
@@ -416,7 +423,8 @@ class Service:
                     lag = None
                 if lag is not None:
                     self.metrics.lag.labels(consumer.stream.removeprefix(self.config.prefix)).set(lag)
-            for name, keep in (("handshakes", 0.0), ("jobs", self.config.dedup_window), ("results", 0.0)):
+            for name, keep in (("handshakes", 0.0), ("jobs", self.config.dedup_window), ("results", 0.0),
+                               ("dead", DEAD_KEEP_S)):
                 try:
                     trimmed = await trim_consumed(self.redis, self.config.prefix + name, keep_seconds=keep)
                 except redis.exceptions.RedisError as exc:

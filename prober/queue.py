@@ -28,7 +28,6 @@ DEFAULT_PREFIX = "stepstone:"
 MAX_CONNECTIONS = 32  # per client; Redis answers in microseconds, more rarely helps
 PROBERS = "probers"
 ANALYZERS = "analyzers"
-DEAD_MAXLEN = 100_000  # dead letters kept (about): enough to diagnose, bounded memory
 
 # Errors after which a client should reconnect and retry rather than give up.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -155,6 +154,7 @@ class ProbeQueue:
         self.dedup_window = dedup_window
         self.deadline = deadline
         self._enqueue = redis.register_script(_ENQUEUE)
+        self._lost_ack = False
 
     async def enqueue(self, src: str, t: float, *, ports: Sequence[int] | None = None) -> str | None:
         """Queue a probe of `src` for the SYN seen at epoch `t`; the job id, or None when `src` was
@@ -194,10 +194,12 @@ class ProbeQueue:
                             yield entry_id, result
                     last = entries[-1][0]
                 backoff = 0.1
-                while True:
+                while not self._lost_ack:
                     for entry_id, result in await self._read(consumer, group, ">", block_ms):
                         if result is not None:
                             yield entry_id, result
+                # An acknowledgement was lost: its entry is pending again; read our pending first.
+                self._lost_ack = False
             except ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
@@ -232,3 +234,6 @@ class ProbeQueue:
         except TRANSIENT as exc:
             log.warning("results: could not acknowledge %s (%s); it will be delivered again",
                         entry_id, exc)
+            # redis-py may reconnect on the next read without raising: `results` must still go
+            # back to this consumer's pending entries.
+            self._lost_ack = True

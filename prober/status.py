@@ -68,7 +68,10 @@ async def gather(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
 
 def render(status: dict[str, Any]) -> str:
     s = status["streams"]
-    lines = [f"streams ({status['prefix']}): jobs {s['jobs']}, results {s['results']}, dead {s['dead']}"]
+    # Lengths, not totals: a running analyzer trims what every group is done with (the counters
+    # below are the totals).
+    lines = [f"stream lengths ({status['prefix']}): "
+             f"jobs {s['jobs']}, results {s['results']}, dead {s['dead']}"]
     for label in ("probers", "analyzers"):
         g = status[label]
         if g is None:

@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from prober.audit import AuditLog
 from prober.job import Job, JobError, Result
-from prober.queue import ANALYZERS, DEAD_MAXLEN, PROBERS, TRANSIENT, Keys, ensure_group
+from prober.queue import ANALYZERS, PROBERS, TRANSIENT, Keys, ensure_group
 from prober.ratelimit import GlobalRate, TargetLimit
 from prober.safety import TargetPolicy
 
@@ -323,8 +323,7 @@ class Worker:
         entry = {**fields, "job": entry_id, "src": fields.get("src", ""), "reason": reason,
                  "worker": self.settings.name, "dead_at": repr(time.time())}
         async with self.redis.pipeline(transaction=True) as pipe:
-            # Capped: operators read dead letters, but a flood of refusals must not fill Redis.
-            pipe.xadd(self.keys.dead, entry, maxlen=DEAD_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(self.keys.dead, entry)  # type: ignore[arg-type]
             pipe.xack(self.keys.jobs, PROBERS, entry_id)
             pipe.hincrby(self.keys.stats, counter, 1)
             await pipe.execute()

@@ -150,6 +150,28 @@ async def test_results_survive_redis_restart(redis_aof: RedisServer) -> None:
         await conn.aclose()
 
 
+async def test_a_lost_acknowledgement_brings_its_result_back(redis_aof: RedisServer) -> None:
+    """Redis is down just when a result is acknowledged and back before the next read (redis-py
+    then reconnects without raising): the result is handed out again, not left pending forever."""
+    conn = await connect(redis_aof.url)
+    try:
+        queue = ProbeQueue(conn)
+        await queue.ensure_group()
+        await conn.xadd("stepstone:results", result_for("3-1", "192.0.2.1").fields())
+        results = queue.results("an-1", block_ms=100)
+        entry_id, first = await asyncio.wait_for(anext(results), 10)
+        assert first.job == "3-1"
+        await asyncio.to_thread(redis_aof.stop)
+        await queue.ack_result(entry_id)  # logged, not raised
+        await asyncio.to_thread(redis_aof.start)
+        await conn.xadd("stepstone:results", result_for("3-2", "192.0.2.2").fields())
+        again = [(await asyncio.wait_for(anext(results), 10))[1].job for _ in range(2)]
+        assert again == ["3-1", "3-2"]
+        await results.aclose()
+    finally:
+        await conn.aclose()
+
+
 async def test_connect_errors_are_one_line(tmp_path: object, redis_server: RedisServer) -> None:
     with pytest.raises(QueueConfigError, match="bad Redis URL 'http://x'"):
         await connect("http://x")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from analyzer.retention import consumed_floor, trim_consumed
+from analyzer.retention import MAX_ROUNDS, consumed_floor, trim_consumed
 from lab.redis import RedisServer
 
 S = "t:work"
@@ -77,3 +77,19 @@ async def test_keep_seconds_holds_recent_entries_even_when_consumed(r: aioredis.
     assert await trim_consumed(r, S, keep_seconds=3600) == 5
     assert [entry_id for entry_id, _ in await r.xrange(S)] == new
     assert old  # the two-hour-old entries were the ones removed
+
+
+async def test_a_backlog_goes_in_bounded_rounds(r: aioredis.Redis) -> None:
+    """XTRIM ~ removes at most 100 nodes per call (100 entries here): one trim does MAX_ROUNDS
+    calls, so a large backlog is worked off over a few rounds without one long Redis call."""
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(2500):
+            pipe.xadd(S, {"n": str(i)})
+        ids = [str(x) for x in await pipe.execute()]
+    await r.xgroup_create(S, "g", id="0")
+    while delivered := await _read(r, "g", 1000):
+        await r.xack(S, "g", *delivered)
+    assert await trim_consumed(r, S) == MAX_ROUNDS * 100
+    assert await trim_consumed(r, S) == MAX_ROUNDS * 100
+    assert await trim_consumed(r, S) == 499  # the rest but the last delivered entry
+    assert [entry_id for entry_id, _ in await r.xrange(S)] == ids[-1:]

@@ -471,7 +471,8 @@ async def test_darknet_filter_and_record_cap(harness: Harness) -> None:
 
 async def test_consumed_work_is_trimmed_from_the_streams(harness: Harness) -> None:
     """Handshakes and results every group has acknowledged leave Redis; jobs stay for the dedup
-    window, acknowledged or not (a later analyzer looks there for a crashed one's job)."""
+    window, acknowledged or not (a later analyzer looks there for a crashed one's job), dead
+    letters for a day."""
     await harness.r.config_set("stream-node-max-entries", 1)  # trimming is then exact
     port = free_port()
     t = time.time()
@@ -484,9 +485,13 @@ async def test_consumed_work_is_trimmed_from_the_streams(harness: Harness) -> No
         await harness.r.xgroup_create(P + "jobs", "probers", id="0")
         taken = await harness.r.xreadgroup("probers", "p1", {P + "jobs": ">"})
         await harness.r.xack(P + "jobs", "probers", *(entry_id for entry_id, _ in taken[0][1]))
-        for job_id, f in jobs:
+        answered, given_up = jobs[:-2], jobs[-2:]
+        for job_id, f in answered:
             await harness.answer(result(job_id, f["src"], t, ping_max=10_000, fa=None))
+        for job_id, f in given_up:
+            await harness.r.xadd(P + "dead", {**f, "job": job_id, "reason": "deadline passed"})
         await harness.verdicts(len(srcs))
+        await until(lambda: _group_drained(harness.r, P + "dead"), what="dead entries acknowledged")
 
         async def trimmed() -> bool:
             # The newest entry of each may stay (the floor keeps a group's last delivered entry).
@@ -496,8 +501,9 @@ async def test_consumed_work_is_trimmed_from_the_streams(harness: Harness) -> No
         await until(trimmed, what="acknowledged handshakes and results trimmed")
         metrics = await asyncio.to_thread(scrape, port)
     assert await harness.r.xlen(P + "jobs") == len(srcs)
+    assert await harness.r.xlen(P + "dead") == 2  # read, but dead letters stay a day for operators
     assert metrics['stepstone_analyzer_stream_entries_trimmed_total{stream="handshakes"}'] >= len(srcs) - 1
-    assert metrics['stepstone_analyzer_stream_entries_trimmed_total{stream="results"}'] >= len(srcs) - 1
+    assert metrics['stepstone_analyzer_stream_entries_trimmed_total{stream="results"}'] >= len(srcs) - 3
 
 
 async def test_an_entry_that_keeps_failing_is_abandoned_not_retried_forever(harness: Harness) -> None:
@@ -526,3 +532,19 @@ async def test_a_broken_stream_stops_the_service_with_status_1(harness: Harness)
     config = Config(redis_url=harness.url, handshakes=True, zeek_url=None, log_dir=harness.log_dir,
                     consumer="a1")
     assert await asyncio.wait_for(serve(config), 20) == 1
+
+
+async def test_a_side_task_that_dies_stops_the_service_with_status_1(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The lag and retention watch dies of a bug (injected here): the service must not run on
+    without it (Redis would fill up unseen) but stop, non-zero, and say which task died."""
+    import analyzer.service
+
+    async def broken(*_args: Any, **_kwargs: Any) -> int:
+        raise RuntimeError("injected retention bug")
+
+    monkeypatch.setattr(analyzer.service, "trim_consumed", broken)
+    config = Config(redis_url=harness.url, handshakes=True, zeek_url=None, log_dir=harness.log_dir,
+                    consumer="a1")
+    assert await asyncio.wait_for(serve(config), 20) == 1
+    assert "the lag and retention watch ended: RuntimeError('injected retention bug')" in caplog.text
