@@ -412,6 +412,7 @@ class Service:
         self.metrics.errors.labels("malformed").inc()
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
+        trim_refused: set[str] = set()
         while not stop.is_set():
             consumers = [self.hs_stream, self.results_stream, self.dead_stream]
             if self.zeek is not None:
@@ -427,9 +428,18 @@ class Service:
                                ("dead", DEAD_KEEP_S)):
                 try:
                     trimmed = await trim_consumed(self.redis, self.config.prefix + name, keep_seconds=keep)
-                except redis.exceptions.RedisError as exc:
+                except TRANSIENT as exc:
                     log.debug("trimming %s: %s", name, exc)  # Redis down: the consumers report it
                     continue
+                except redis.exceptions.RedisError as exc:
+                    # Refused (an ACL without XTRIM, a key of the wrong type): Redis fills up unless
+                    # someone hears of it. Once per stream until trimming works again.
+                    if name not in trim_refused:
+                        log.warning("cannot trim %s%s: %s", self.config.prefix, name, exc)
+                        trim_refused.add(name)
+                    self.metrics.errors.labels("retention").inc()
+                    continue
+                trim_refused.discard(name)
                 self.metrics.trimmed.labels(name).inc(trimmed)
             if self.zeek is not None:
                 gauge = self.metrics.zeek

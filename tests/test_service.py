@@ -548,3 +548,34 @@ async def test_a_side_task_that_dies_stops_the_service_with_status_1(
                     consumer="a1")
     assert await asyncio.wait_for(serve(config), 20) == 1
     assert "the lag and retention watch ended: RuntimeError('injected retention bug')" in caplog.text
+
+
+async def test_refused_trimming_is_reported_once_and_work_goes_on(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL that forbids XTRIM: the analyzer keeps working, says once per stream that it cannot
+    trim (Redis would fill up unseen otherwise) and counts every refusal."""
+    await harness.r.execute_command("ACL", "SETUSER", "analyst", "on", ">pw", "~*", "&*", "+@all", "-xtrim")
+    port = free_port()
+    t = time.time()
+    await harness.send(handshake("198.18.65.1", "198.19.0.1", t=t))
+    config = Config(redis_url=harness.url.replace("unix://", "unix://analyst:pw@"), handshakes=True,
+                    zeek_url=None, log_dir=harness.log_dir, consumer="a1", metrics_port=port)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop=stop))
+    try:
+        (job_id, f), = await harness.jobs(1)
+        await harness.answer(result(job_id, f["src"], t, ping_max=10_000, fa=None))
+        await harness.verdicts(1)
+
+        async def two_rounds() -> bool:
+            # handshakes, results and dead have a group (jobs has none here: no prober): 3 a round.
+            metrics = await asyncio.to_thread(scrape, port)
+            return metrics.get('stepstone_analyzer_errors_total{kind="retention"}', 0) >= 6
+
+        await until(two_rounds, what="refused trims counted over two rounds")
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 20) == 0
+    warnings = [r.getMessage() for r in caplog.records if "cannot trim" in r.getMessage()]
+    assert sorted(w.split(":", 2)[1] for w in warnings) == ["dead", "handshakes", "results"]
+    assert all("no permissions" in w for w in warnings), warnings
