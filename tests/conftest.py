@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server per test, and network namespaces when root allows."""
+"""Shared fixtures: a real redis-server per test, network namespaces when root allows, the test data."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import pytest
 from lab.netns import Network, unavailable_reason
 from lab.redis import RedisServer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def shared_dir() -> Path:
-    """../shared beside the checkout (CI lays a copy there too)."""
-    for candidate in (SHARED, Path("/work/shared")):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip("../shared is not beside this checkout")
-    raise AssertionError  # unreachable
+# Everything the tests read lives in the repository (a user's clone has nothing beside it):
+# data/captures (real captures, with their licences) and data/zeek-ws (recorded from a real Zeek).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 _NETNS_REASON: list[str | None] = []

@@ -24,7 +24,7 @@ from analyzer.broker import (
     Timespan,
     Timestamp,
 )
-from tests.conftest import shared_dir
+from tests.conftest import DATA
 
 # --- strategies ---------------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ def test_values_without_a_broker_type_are_refused() -> None:
 
 
 def recorded_frames() -> list[bytes]:
-    return (shared_dir() / "zeek-ws" / "received.bin").read_bytes().splitlines()
+    return (DATA / "zeek-ws" / "received.bin").read_bytes().splitlines()
 
 
 EXPECTED_ARGS = (
@@ -246,7 +246,7 @@ def test_recorded_event_decodes_every_type_once_the_string_is_text() -> None:
 
 
 def test_recorded_event_with_metadata() -> None:
-    lines = (shared_dir() / "zeek-ws" / "received-with-metadata.jsonl").read_text().splitlines()
+    lines = (DATA / "zeek-ws" / "received-with-metadata.jsonl").read_text().splitlines()
     obj = json.loads(lines[1])
     obj["data"][2]["data"][1]["data"][6]["data"] = "text"  # the surrogate-escaped binary string
     message = broker.parse_message(obj)
@@ -258,7 +258,7 @@ def test_recorded_event_with_metadata() -> None:
 
 
 def test_our_frame_for_the_recorded_client_event_matches_what_zeek_accepted() -> None:
-    sent = (shared_dir() / "zeek-ws" / "sent.jsonl").read_text().splitlines()
+    sent = (DATA / "zeek-ws" / "sent.jsonl").read_text().splitlines()
     accepted = json.loads(sent[1])
     message = broker.parse_message(accepted)
     assert isinstance(message, DataMessage) and message.event is not None

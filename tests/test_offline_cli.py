@@ -19,7 +19,7 @@ from capfiles import (
     sll2,
     write_pcap,
 )
-from conftest import shared_dir
+from conftest import DATA
 
 from analyzer.cli import main
 from analyzer.record import Record
@@ -126,7 +126,7 @@ def test_replay_only_the_given_darknet(capsys: pytest.CaptureFixture[str], cases
 
 def test_replay_real_vnc_scanner_capture(capsys: pytest.CaptureFixture[str]) -> None:
     """Real traffic (VLAN-tagged, two taps merged: some SYN+ACKs precede their SYN)."""
-    path = shared_dir() / "data" / "captures" / "vnc-scanner.pcap"
+    path = DATA / "captures" / "vnc-scanner.pcap"
     code, lines, err = run(capsys, "replay", str(path), "--darknet", "136.159.0.0/16")
     assert code == 0 and err == ""
     records = [Record.from_json(r) for r in jsonl(lines)]
@@ -227,7 +227,7 @@ def test_replay_pcapng_mixed_link_types(capsys: pytest.CaptureFixture[str], tmp_
 
 def test_replay_real_scan_capture_without_replies(capsys: pytest.CaptureFixture[str]) -> None:
     """A border tap with SYNs only (shared/data/captures/scan-ng-23-tcp.pcap): no handshakes."""
-    path = shared_dir() / "data" / "captures" / "scan-ng-23-tcp.pcap"
+    path = DATA / "captures" / "scan-ng-23-tcp.pcap"
     code, lines, err = run(capsys, "replay", str(path), "--darknet", "0.0.0.0/0", "--summary", "--json")
     assert code == 0 and err == ""
     (table,) = jsonl(lines)

@@ -3,7 +3,7 @@
 For every SYN and SYN+ACK that p0f labels, `stepstone-analyzer fingerprint CAPTURE --p0f-db STOCK`
 must print the same label (and, since the raw signature is what p0f matched on, the same `sig`).
 Captures: (a) every signature of the stock database, (b) the same pushed off their exact values,
-(c) the real captures in ../shared/data/captures (VLAN-tagged: p0f gets an untagged copy).
+(c) the real captures in tests/data/captures (VLAN-tagged: p0f gets an untagged copy).
 One p0f run and one analyzer run per capture.
 """
 
@@ -25,7 +25,7 @@ from osfp.database import load, stock_database_path
 from osfp.fingerprinter import Fingerprinter
 from osfp.reference import P0fEntry, os_text, p0f_binary, run_p0f
 from osfp.result import FingerprintError
-from tests.conftest import shared_dir
+from tests.conftest import DATA
 
 pytestmark = pytest.mark.skipif(p0f_binary() is None, reason="needs Debian's p0f binary")
 
@@ -175,7 +175,7 @@ def _strip_vlan(src: Path, dst: Path) -> None:
 
 @pytest.mark.parametrize("name", ["scan-ng-23-tcp.pcap", "vnc-scanner.pcap"])
 def test_real_captures(tmp_path: Path, name: str) -> None:
-    original = shared_dir() / "data" / "captures" / name
+    original = DATA / "captures" / name
     if not original.exists():
         pytest.skip(f"{original} is missing")
     untagged = tmp_path / name

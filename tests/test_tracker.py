@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from capfiles import Conn, ethernet, handshake_cases, write_pcap
-from conftest import shared_dir
+from conftest import DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +36,7 @@ def by_src(handshakes: Sequence[Handshake]) -> dict[str, Handshake]:
 
 
 def check_zeek_cases(hs: dict[str, Handshake]) -> None:
-    """The answers the Zeek-side logic gives for shared/zeek-ws/handshakes-mkpcap.py's cases."""
+    """The answers the Zeek-side logic gives for tests/data/zeek-ws/handshakes-mkpcap.py's cases."""
     direct = hs["203.0.113.10"]
     assert (direct.reply, direct.tp_us, direct.sport, direct.dport) == ("ack", 20_000, 40001, 23)
     assert direct.t == pytest.approx(1000.0) and direct.synack_times == pytest.approx((1000.0001,))
@@ -67,8 +67,8 @@ def test_zeek_cases_written_by_the_test(tmp_path: Path) -> None:
 
 
 def test_zeek_cases_from_the_shared_recording() -> None:
-    """The very capture Zeek 8.0.10 was run on (shared/zeek-ws/handshakes.pcap)."""
-    path = shared_dir() / "zeek-ws" / "handshakes.pcap"
+    """The very capture Zeek 8.0.10 was run on (tests/data/zeek-ws/handshakes.pcap)."""
+    path = DATA / "zeek-ws" / "handshakes.pcap"
     hs = run((ts, ip_from_frame(lt, frame)) for _, ts, lt, frame, _ in read_capture(path))
     check_zeek_cases(by_src(hs))
 
@@ -131,7 +131,7 @@ def test_reply_before_synack_in_file_order_is_held_and_timed() -> None:
 
 
 def test_synack_before_syn_in_file_order_waits_for_its_syn() -> None:
-    # shared/data/captures/vnc-scanner.pcap has these: two taps merged, SYN+ACK first.
+    # tests/data/captures/vnc-scanner.pcap has these: two taps merged, SYN+ACK first.
     c = Conn("203.0.113.1", "198.18.0.1")
     tracker = HandshakeTracker(DARK)
     hs = run([(1 * S + 1 * MS, c.synack()), (1 * S + 40 * MS, c.syn()), (1 * S + 100 * MS, c.ack())], tracker)

@@ -35,10 +35,10 @@ from analyzer.zeek import (
     handshake_from_event,
     verdict_event,
 )
-from tests.conftest import shared_dir
+from tests.conftest import DATA
 
 TIMEOUT = 10.0
-ZEEK_WS = shared_dir() / "zeek-ws"
+ZEEK_WS = DATA / "zeek-ws"
 RECEIVED = (ZEEK_WS / "received.bin").read_bytes().splitlines()
 ACK, REC_EVENT, ERR_EVENT, ERR_JSON, _ = RECEIVED
 
