@@ -28,8 +28,10 @@ the same `Handshake` the pcap path makes (IP header found with `analyzer.packet.
 `stepstone/verdict` (analyzer -> Zeek) carries `StepStone::verdict(v: StepStone::Verdict)`; record
 fields in order: src addr, cond_os bool, cond_timing bool, relay bool, tp_mean interval?,
 ta_max_mean interval?, samples count, t time?, dst addr?, tp interval?, ping_min interval?,
-ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string (`?` = optional,
-sent as none when unknown). See `verdict_event`.
+ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string, then stepstone's
+own evidence: relay_confident bool?, cond_timing_strong bool?, timing_margin interval?,
+timing_threshold interval?, timing_ref string?, timing_samples count?, os_mismatches count?
+(`?` = optional, sent as none when unknown). See `verdict_event`.
 
 Delivery: verdicts published while Zeek is unreachable wait in a bounded queue (oldest dropped
 first when full) and are sent after the next successful subscription; `publish` returns a future
@@ -51,7 +53,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -73,6 +75,7 @@ from analyzer.broker import (
 )
 from analyzer.handshake import Handshake, HandshakeError
 from analyzer.record import Record, RecordError
+from analyzer.rules import TimingRef
 
 log = logging.getLogger("stepstone.zeek")
 
@@ -81,6 +84,7 @@ VERDICT_TOPIC = "stepstone/verdict"
 HANDSHAKE_EVENT = "StepStone::handshake"
 VERDICT_EVENT = "StepStone::verdict"
 DLT_EN10MB = 1  # pcap's Ethernet link type
+TIMING_REFS: tuple[str, ...] = get_args(TimingRef)
 
 HANDSHAKE_FIELDS = (
     "uid",
@@ -311,8 +315,35 @@ def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any
         record.fp,
         record.fa,
         verdict_reasons(verdict_dict),
+        # stepstone's own evidence (analyzer/rules.py), unset when the verdict has none.
+        _optional_bool(verdict_dict, "relay_confident"),
+        _optional_bool(verdict_dict, "cond_timing_strong"),
+        _us(verdict_dict.get("timing_margin_us"), "timing_margin_us"),
+        _us(verdict_dict.get("timing_threshold_us"), "timing_threshold_us"),
+        _timing_ref(verdict_dict.get("timing_ref")),
+        _optional_count(verdict_dict, "timing_samples"),
+        _optional_count(verdict_dict, "os_mismatches"),
     )
     return Event(VERDICT_EVENT, (value,))
+
+
+def _optional_bool(verdict: Mapping[str, Any], name: str) -> bool | None:
+    return None if verdict.get(name) is None else _bool(verdict, name)
+
+
+def _optional_count(verdict: Mapping[str, Any], name: str) -> Count | None:
+    value = verdict.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"verdict {name} must be a count, not {value!r}")
+    return Count(value)
+
+
+def _timing_ref(value: Any) -> str | None:
+    if value is None or value in TIMING_REFS:
+        return value
+    raise ValueError(f"verdict timing_ref must be one of {', '.join(TIMING_REFS)}, not {value!r}")
 
 
 # --- the client ---------------------------------------------------------------------------------

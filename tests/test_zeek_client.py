@@ -142,6 +142,13 @@ VERDICT_TYPES = (
     str | None,
     str | None,
     str,
+    bool | None,  # relay_confident
+    bool | None,  # cond_timing_strong
+    Timespan | None,  # timing_margin
+    Timespan | None,  # timing_threshold
+    str | None,  # timing_ref
+    Count | None,  # timing_samples
+    Count | None,  # os_mismatches
 )
 
 
@@ -151,7 +158,7 @@ def zeek_would_accept(event: Event) -> bool:
         return False
     fields = event.args[0]
     return len(fields) == len(VERDICT_TYPES) and all(
-        isinstance(v, t) and (isinstance(v, bool) == (t is bool))
+        isinstance(v, t) and (isinstance(v, bool) == (t in (bool, bool | None)))
         for v, t in zip(fields, VERDICT_TYPES, strict=True)
     )
 
@@ -442,7 +449,7 @@ ZEEK_TYPES: dict[str, Any] = {"addr": ADDR, "bool": bool, "count": Count, "int":
 def test_the_records_match_the_zeek_scripts() -> None:
     """Both sides of the fixed record layouts: no Zeek runs here to catch a field moved on one side."""
     verdict = _zeek_record("Verdict")
-    assert len(verdict) == len(VERDICT_TYPES) == 16
+    assert len(verdict) == len(VERDICT_TYPES) == 23
     for (name, zeek_type, optional), ours in zip(verdict, VERDICT_TYPES, strict=True):
         expected = ZEEK_TYPES[zeek_type] | None if optional else ZEEK_TYPES[zeek_type]
         assert ours == expected, name

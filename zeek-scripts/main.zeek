@@ -29,6 +29,29 @@ export {
 	## darknet (Linux: after 1, 3, 7, 15, 31 s) can still be answered.
 	const reply_wait = 30sec &redef;
 
+	## Which verdicts raise StepStone::Relay_Detected.
+	type NoticeRule: enum {
+		## The analyzer's relay_confident: an OS mismatch, or a median
+		## T^p - T^a margin above max(5 ms, 3 standard errors). No direct
+		## host has tripped it in the lab.
+		CONFIDENT,
+		## The paper's relay: an OS mismatch, or mean T^p above the mean
+		## maximum ping with no allowance for noise (flags direct hosts on
+		## long fixed-delay paths by a fraction of a millisecond).
+		PAPER,
+		## Either of the two.
+		EITHER,
+	};
+
+	## The rule behind Relay_Detected. A verdict from an analyzer that
+	## sends no relay_confident is judged by PAPER, and the notice says so.
+	option notice_rule = CONFIDENT;
+
+	## How long a noticed source is remembered, so that a later verdict
+	## that no longer meets *notice_rule* is logged as a clearing
+	## (stepstone.log change=cleared, StepStone::Relay_Cleared).
+	const flag_memory = 1day &redef;
+
 	## At most this many SYN+ACK times are sent per handshake (all are
 	## counted).
 	const max_synacks = 16 &redef;
@@ -107,6 +130,23 @@ export {
 		fa: string &optional;
 		## Why, in words.
 		reasons: string;
+		## stepstone's stronger verdict (analyzer/rules.py): an OS
+		## mismatch, or a timing margin above the noise. Unset when the
+		## analyzer does not send it.
+		relay_confident: bool &optional;
+		## The strong timing test alone: timing_margin > timing_threshold.
+		cond_timing_strong: bool &optional;
+		## Median over the window of T^p - T^a, paired per measurement.
+		timing_margin: interval &optional;
+		## What the margin must exceed: max(5 ms, 3 standard errors).
+		timing_threshold: interval &optional;
+		## The active reference T^a of that test: "ping" (the probe's
+		## maximum ping RTT), "syn" (its SYN probe's RTT) or "ping+syn".
+		timing_ref: string &optional;
+		## Measurements behind the margin.
+		timing_samples: count &optional;
+		## Measurements in the window whose SYN OS and probe OS differ.
+		os_mismatches: count &optional;
 	};
 
 	## Published by the analyzer to *verdict_topic*.
@@ -135,16 +175,32 @@ export {
 		fp: string &log &optional;
 		fa: string &log &optional;
 		reasons: string &log;
+		## The verdict's relay_confident (unset if the analyzer sent none).
+		relay_confident: bool &log &optional;
+		timing_margin: interval &log &optional;
+		timing_threshold: interval &log &optional;
+		timing_ref: string &log &optional;
+		timing_samples: count &log &optional;
+		os_mismatches: count &log &optional;
+		## The rule under *notice_rule* that this verdict meets ("confident",
+		## "paper", "confident+paper"); unset when it meets none.
+		noticed_by: string &log &optional;
+		## "flagged" when the source starts to meet *notice_rule*, "cleared"
+		## when a source flagged within *flag_memory* no longer does.
+		change: string &log &optional;
 	};
 
 	global log_policy: Log::PolicyHook;
 
-	## Raised by the analyzer's verdicts with relay = T.
+	## Raised by the analyzer's verdicts that meet *notice_rule*.
 	redef enum Notice::Type += {
 		## A source that hit the darknet relays for someone else. $src is
-		## the source, $sub the conditions that held, $msg what was
-		## measured (ms). Suppression is per source ($identifier).
+		## the source, $sub the rule that fired and by what margin, $msg
+		## what was measured (ms). Suppression is per source ($identifier).
 		Relay_Detected,
+		## A source noticed as Relay_Detected within *flag_memory* whose
+		## latest verdict no longer meets *notice_rule*. $sub says why.
+		Relay_Cleared,
 	};
 }
 

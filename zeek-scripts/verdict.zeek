@@ -1,15 +1,21 @@
-##! Verdicts from the analyzer: one stepstone.log line each, and a
-##! StepStone::Relay_Detected notice for relays.
+##! Verdicts from the analyzer: one stepstone.log line each, a
+##! StepStone::Relay_Detected notice for those that meet *notice_rule*, and a
+##! StepStone::Relay_Cleared notice when a noticed source stops meeting it.
 ##!
 ##! Notice fields checked against zeek/zeek
 ##! scripts/base/frameworks/notice/main.zeek (6.0 to 8.x): $note, $msg, $sub,
 ##! $src, $identifier; suppression is keyed on note + identifier, so one
-##! notice per source per Notice::default_suppression_interval (1 hr).
+##! notice of each kind per source per Notice::default_suppression_interval
+##! (1 hr).
 
 @load base/frameworks/notice
 @load ./main
 
 module StepStone;
+
+# Sources that met *notice_rule*, with when they last did. Only the node that
+# handles verdicts (the manager, or a standalone node) fills it.
+global flagged: table[addr] of time &write_expire=flag_memory;
 
 function ms(i: interval): string
 	{
@@ -27,7 +33,94 @@ function conditions(v: Verdict): string
 	return "conditions: none";
 	}
 
-event StepStone::verdict(v: Verdict)
+# The rules under notice_rule that the verdict meets, "" for none. A verdict
+# without relay_confident (an older analyzer) is judged by the paper's rule.
+function noticed_by(v: Verdict): string
+	{
+	local confident = v?$relay_confident && v$relay_confident;
+	local paper = v$relay;
+
+	switch ( notice_rule ) {
+	case CONFIDENT:
+		if ( v?$relay_confident )
+			return confident ? "confident" : "";
+		return paper ? "paper (no confident verdict from the analyzer)" : "";
+	case PAPER:
+		return paper ? "paper" : "";
+	case EITHER:
+		if ( confident && paper )
+			return "confident+paper";
+		if ( confident )
+			return "confident";
+		return paper ? "paper" : "";
+	}
+	return "";
+	}
+
+# The confident rule's evidence: the timing margin against its threshold,
+# and the OS mismatches.
+function confident_evidence(v: Verdict): string
+	{
+	local parts: vector of string = vector();
+
+	if ( v?$timing_margin && v?$timing_threshold )
+		{
+		local held = v?$cond_timing_strong && v$cond_timing_strong;
+		parts += fmt("timing margin %s %s threshold %s (%s reference, %d samples)",
+		    ms(v$timing_margin), held ? ">" : "<=", ms(v$timing_threshold),
+		    v?$timing_ref ? v$timing_ref : "?",
+		    v?$timing_samples ? v$timing_samples : 0);
+		}
+	else
+		parts += "no timing reference";
+
+	if ( v$cond_os )
+		parts += fmt("OS mismatch in %d measurements",
+		    v?$os_mismatches ? v$os_mismatches : 1);
+
+	return join_string_vec(parts, ", ");
+	}
+
+# The paper's evidence: its conditions and the margin of its mean comparison.
+function paper_evidence(v: Verdict): string
+	{
+	local s = conditions(v);
+
+	if ( v?$tp_mean && v?$ta_max_mean )
+		s = fmt("%s; mean T^p %s - mean max ping %s = %s", s, ms(v$tp_mean),
+		    ms(v$ta_max_mean), ms(v$tp_mean - v$ta_max_mean));
+
+	return s;
+	}
+
+# $sub of a notice: the rule that fired, or for a clearing the rule that no
+# longer holds, with its margin. Where the confident rule was not the one
+# that fired, its evidence follows, so the margin it missed by is in view.
+function rule_evidence(v: Verdict, rule: string): string
+	{
+	if ( rule == "confident+paper" )
+		return fmt("rule confident+paper: %s; %s", confident_evidence(v),
+		    paper_evidence(v));
+	if ( rule == "confident" )
+		return fmt("rule confident: %s", confident_evidence(v));
+	if ( rule != "" )
+		{
+		if ( v?$relay_confident )
+			return fmt("rule %s: %s; confident rule not met: %s", rule,
+			    paper_evidence(v), confident_evidence(v));
+		return fmt("rule %s: %s", rule, paper_evidence(v));
+		}
+
+	# A clearing: what no longer holds under notice_rule.
+	if ( notice_rule == PAPER || ! v?$relay_confident )
+		return fmt("rule paper not met: %s", paper_evidence(v));
+	if ( notice_rule == CONFIDENT )
+		return fmt("rule confident not met: %s", confident_evidence(v));
+	return fmt("neither rule met: %s; %s", confident_evidence(v),
+	    paper_evidence(v));
+	}
+
+function log_line(v: Verdict): Info
 	{
 	local rec = Info($ts=network_time(), $src=v$src, $relay=v$relay,
 	    $cond_os=v$cond_os, $cond_timing=v$cond_timing, $samples=v$samples,
@@ -53,11 +146,51 @@ event StepStone::verdict(v: Verdict)
 		rec$fp = v$fp;
 	if ( v?$fa )
 		rec$fa = v$fa;
+	if ( v?$relay_confident )
+		rec$relay_confident = v$relay_confident;
+	if ( v?$timing_margin )
+		rec$timing_margin = v$timing_margin;
+	if ( v?$timing_threshold )
+		rec$timing_threshold = v$timing_threshold;
+	if ( v?$timing_ref )
+		rec$timing_ref = v$timing_ref;
+	if ( v?$timing_samples )
+		rec$timing_samples = v$timing_samples;
+	if ( v?$os_mismatches )
+		rec$os_mismatches = v$os_mismatches;
 
-	Log::write(StepStone::LOG, rec);
+	return rec;
+	}
 
-	if ( ! v$relay )
+event StepStone::verdict(v: Verdict)
+	{
+	local rec = log_line(v);
+	local rule = noticed_by(v);
+
+	if ( rule == "" )
+		{
+		if ( v$src in flagged )
+			{
+			rec$change = "cleared";
+			local since = flagged[v$src];
+			delete flagged[v$src];
+			Log::write(StepStone::LOG, rec);
+			NOTICE([$note=Relay_Cleared, $src=v$src,
+			    $msg=fmt("%s is no longer a stepping stone under notice_rule %s (last flagged at %s)",
+			        v$src, notice_rule, strftime("%Y-%m-%dT%H:%M:%S", since)),
+			    $sub=rule_evidence(v, rule), $identifier=cat(v$src)]);
+			return;
+			}
+
+		Log::write(StepStone::LOG, rec);
 		return;
+		}
+
+	rec$noticed_by = rule;
+	if ( v$src !in flagged )
+		rec$change = "flagged";
+	flagged[v$src] = network_time();
+	Log::write(StepStone::LOG, rec);
 
 	local tp_mean = v?$tp_mean ? ms(v$tp_mean) : "?";
 	local ta_max_mean = v?$ta_max_mean ? ms(v$ta_max_mean) : "?";
@@ -68,6 +201,6 @@ event StepStone::verdict(v: Verdict)
 	local msg = fmt("%s is a stepping stone: mean T^p %s vs mean max ping %s over %d samples; last T^p %s, max ping %s; SYN OS %s, probe OS %s",
 	    v$src, tp_mean, ta_max_mean, v$samples, tp, ping_max, fp, fa);
 
-	NOTICE([$note=Relay_Detected, $src=v$src, $msg=msg, $sub=conditions(v),
-	    $identifier=cat(v$src)]);
+	NOTICE([$note=Relay_Detected, $src=v$src, $msg=msg,
+	    $sub=rule_evidence(v, rule), $identifier=cat(v$src)]);
 	}
