@@ -102,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lab.demo import run_demo
         from lab.report import render
 
+        if os.geteuid() != 0:
+            # First: a root's clone sits in a 0700 home, where anyone else cannot even read the scenarios.
+            raise LabError("needs root: network namespaces, TUN devices and nftables "
+                           "(run scripts/demo as root, or through sudo)")
         scenarios = load(args.scenarios)
         if args.keep is not None:
             # Before anything is built: a bad DIR is the user's typo, not a traceback mid-teardown.
