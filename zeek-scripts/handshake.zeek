@@ -145,7 +145,12 @@ event connection_SYN_packet(c: connection, pkt: SYN_packet)
 		{
 		if ( c$uid !in tracks )
 			{
-			if ( in_darknet(c$id$resp_h) )
+			# A SYN+ACK captured before its SYN (real in
+			# tests/btest/Traces/vnc-scanner.pcap) comes first as the
+			# originator's "SYN" until the SYN flips the connection: no
+			# SYN to time or fingerprint, no handshake.
+			if ( in_darknet(c$id$resp_h)
+			    && ( get_current_packet_header()$tcp$flags & 16 ) == 0 )
 				start(c);
 			return;
 			}
