@@ -3,10 +3,12 @@
 Each run builds the lab, plays the scenarios (default: lab/scenarios.toml), and reports TP/FP/TN/FN,
 SYN-to-verdict latency and wall time; at the end, per scenario, how often it was flagged. TP/FP/TN/FN
 and the flag counts are given for the paper's rule and for the analyzer's confident rule
-(`relay_confident`, analyzer/rules.py). Needs root.
-Prints numbers; asserts nothing.
+(`relay_confident`, analyzer/rules.py). With Zeek as the sensor (`--sensor zeek`, the default when a
+zeek binary is on PATH) it also counts what an operator is shown: the sources with a
+`StepStone::Relay_Detected` notice in Zeek's notice.log (under the package's default notice_rule).
+Needs root. Prints numbers; asserts nothing.
 
-    sudo .venv/bin/python bench/lab_bench.py [--runs 3] [--scenarios FILE]
+    sudo .venv/bin/python bench/lab_bench.py [--runs 3] [--scenarios FILE] [--sensor zeek|responder]
 """
 
 from __future__ import annotations
@@ -25,26 +27,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scenarios", type=Path, default=DEFAULT_FILE)
+    parser.add_argument("--sensor", choices=("zeek", "responder"), default=None,
+                        help="the lab's sensor (default: zeek if a zeek binary is on PATH, else responder)")
     args = parser.parse_args()
+    sensor = args.sensor or default_sensor()
+    print(f"sensor: {sensor}", flush=True)
     scenarios = load(args.scenarios)
     flagged: dict[str, int] = defaultdict(int)
     flagged_strong: dict[str, int] = defaultdict(int)
+    noticed: dict[str, int] = defaultdict(int)
+    totals_notice = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     totals_strong = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     truth: dict[str, str] = {}
     totals = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     with open("/dev/null", "w") as quiet:
         for run in range(1, args.runs + 1):
             start = time.monotonic()
-            report = run_demo(scenarios, progress=quiet, sensor=default_sensor())
+            report = run_demo(scenarios, progress=quiet, sensor=sensor)
             wall = time.monotonic() - start
             t, lat = report["truth"], report["latency_s"]
             ts = report["truth_strong"]
             for k in totals:
                 totals[k] += t[k]
                 totals_strong[k] += ts[k]
+                if report.get("truth_notice"):
+                    totals_notice[k] += report["truth_notice"][k]
             for h in report["hosts"]:
                 flagged[h["scenario"]] += bool(h["relay"])
                 flagged_strong[h["scenario"]] += bool(h["relay_strong"])
+                noticed[h["scenario"]] += bool(h.get("notices"))
                 truth[h["scenario"]] = h["truth"]
             print(f"run {run}: TP {t['tp']} FP {t['fp']} TN {t['tn']} FN {t['fn']}  "
                   f"precision {t['precision']} recall {t['recall']}  "
@@ -52,15 +63,20 @@ def main() -> int:
                   f"({report['table3']['answered_requests']} handshakes, {wall:.1f} s wall)", flush=True)
             print(f"       confident rule: TP {ts['tp']} FP {ts['fp']} TN {ts['tn']} FN {ts['fn']}  "
                   f"precision {ts['precision']} recall {ts['recall']}", flush=True)
-    for rule, counts in (("paper's rule", totals), ("confident rule", totals_strong)):
+    rules = [("paper's rule", totals), ("confident rule", totals_strong)]
+    if sensor == "zeek":
+        rules.append(("Zeek notice.log", totals_notice))
+    for rule, counts in rules:
         tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
         precision = tp / (tp + fp) if tp + fp else float("nan")
         recall = tp / (tp + fn) if tp + fn else float("nan")
         print(f"all runs, {rule}: TP {tp} FP {fp} TN {counts['tn']} FN {fn}  "
               f"precision {precision:.3f}  recall {recall:.3f}")
-    print("flagged as relay, per scenario (paper's rule, confident rule):")
+    heading = "paper's rule, confident rule" + (", Relay_Detected in notice.log" if sensor == "zeek" else "")
+    print(f"flagged as relay, per scenario ({heading}):")
     for name, count in flagged.items():
-        print(f"  {count}/{args.runs}  {flagged_strong[name]}/{args.runs}  {truth[name]:<6}  {name}")
+        notice = f"  {noticed[name]}/{args.runs}" if sensor == "zeek" else ""
+        print(f"  {count}/{args.runs}  {flagged_strong[name]}/{args.runs}{notice}  {truth[name]:<6}  {name}")
     return 0
 
 

@@ -183,7 +183,9 @@ class Lab:
                             f"redef StepStone::websocket_port = {ZEEK_WS_PORT}/tcp;\n"
                             # Zeek < 7.2 serves its WebSocket over TLS only unless told otherwise;
                             # the analyzer connects with ws:// (see zeek-scripts/transport.zeek).
-                            "redef Broker::disable_ssl = T;\n")
+                            "redef Broker::disable_ssl = T;\n"
+                            # JSON logs: the lab reads notice.log and stepstone.log back.
+                            "redef LogAscii::use_json = T;\n")
             return ["zeek", "-C", "-i", self.topology.sensor_if, str(ZEEK_SCRIPTS), str(site)]
         if name == "prober":
             # The analyzer's dedup window spaces the probes of an address; the prober need not.
@@ -197,12 +199,19 @@ class Lab:
         runs = sum(1 for c in self.children.children if c.name.split(".")[0] == name)
         label = name if runs == 0 else f"{name}.{runs}"
         if name == "zeek":
-            zeek_dir = self.workdir / "zeek"
-            zeek_dir.mkdir(exist_ok=True)  # Zeek writes its logs in its working directory
+            # Zeek writes its logs in its working directory: one per run, so a restarted Zeek
+            # does not overwrite the logs of the one before.
+            zeek_dir = self.workdir / label
+            zeek_dir.mkdir(exist_ok=True)
             self.services[name] = self.children.start(label, self.service_args(name), ns, cwd=zeek_dir)
         else:
             self.services[name] = self.children.start(label, self.service_args(name), ns, python=True)
         return self.services[name]
+
+    def stop_zeek(self) -> None:
+        """Stops Zeek the way an operator does (SIGTERM): it flushes its logs and exits."""
+        child = self.services.pop("zeek")
+        self.children.stop(child, grace=30)
 
     def kill(self, name: str) -> None:
         """kill -9 a service (the e2e test's crash); `start_service(name)` brings it back."""
@@ -286,6 +295,21 @@ class Lab:
         once the analyzer has acknowledged its entries."""
         return _json_lines(self.logdir / "handshakes.log")
 
+    def zeek_log_runs(self, name: str) -> list[list[dict[str, Any]]]:
+        """The lines of a Zeek log (`notice`, `stepstone`, ...), one list per Zeek run of the lab
+        (a restarted Zeek writes in a folder of its own), in the order the runs started."""
+        dirs = sorted((d for d in self.workdir.glob("zeek*") if d.is_dir()),
+                      key=lambda d: int(d.name.partition(".")[2] or 0))
+        return [_json_lines(d / f"{name}.log") for d in dirs]
+
+    def zeek_log(self, name: str) -> list[dict[str, Any]]:
+        """`zeek_log_runs`, all runs together."""
+        return [line for run in self.zeek_log_runs(name) for line in run]
+
+    def notices(self) -> list[dict[str, Any]]:
+        """notice.log of the lab's Zeek (empty with the responder as the sensor)."""
+        return self.zeek_log("notice")
+
     def stream_length(self, name: str) -> int:
         return int(self.client.xlen(PREFIX + name))  # type: ignore[arg-type]
 
@@ -340,8 +364,9 @@ class Lab:
 
     def report(self) -> dict[str, Any]:
         sources = [report.Source(h.addr, h.host) for h in self.topology.hosts]
+        notices = self.notices() if self.sensor == "zeek" else None
         return report.build(self.scenarios.darknet.num_addresses, sources, self.handshakes(), self.records(),
-                            self.attempts())
+                            self.attempts(), notices=notices)
 
 
 def _listening(ns: Any) -> set[int]:
@@ -379,6 +404,8 @@ def run_demo(
         lab.start_services()
         lab.start_traffic()
         finished = lab.wait_verdicts(scenarios.traffic_s + scenarios.settle_s)
+        if sensor == "zeek":
+            lab.stop_zeek()  # it writes its last log lines (notices) as it stops
         result = lab.report()
         if not finished:
             missing = len(lab.pending_verdicts())

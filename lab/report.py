@@ -45,8 +45,15 @@ def build(
     handshakes: Iterable[Mapping[str, Any]],
     records: Iterable[Mapping[str, Any]],
     attempts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    *,
+    notices: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Table 3, truth, latency and one entry per lab source. `records` are stepstone.log lines."""
+    """Table 3, truth, latency and one entry per lab source. `records` are stepstone.log lines;
+    `notices`, where Zeek was the sensor, its notice.log lines: what an operator is shown."""
+    noticed: dict[str, int] = defaultdict(int)
+    for n in notices or ():
+        if n.get("note") == "StepStone::Relay_Detected" and isinstance(n.get("src"), str):
+            noticed[n["src"]] += 1
     # Table 3 counts answered connection requests (the analyzer's handshakes.log lines say which).
     hs = [entry for entry in handshakes if entry.get("answered")]
     per_src_hs: dict[str, int] = defaultdict(int)
@@ -79,6 +86,7 @@ def build(
     hosts = []
     counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     counts_strong = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    counts_notice = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     per_kind: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
     for source in sources:
         h = source.host
@@ -91,6 +99,9 @@ def build(
         outcome_strong = ("tp" if strong else "fn") if positive else ("fp" if strong else "tn")
         counts_strong[outcome_strong] += 1
         per_kind[h.kind][outcome] += 1
+        n_notices = noticed.get(source.addr, 0)
+        outcome_notice = ("tp" if n_notices else "fn") if positive else ("fp" if n_notices else "tn")
+        counts_notice[outcome_notice] += 1
         recs = per_src.get(source.addr, [])
         made = attempts.get(source.addr, []) if attempts else []
         hosts.append({
@@ -108,6 +119,9 @@ def build(
             "outcome": outcome,
             "relay_strong": strong if verdict else None,
             "outcome_strong": outcome_strong,
+            # Relay_Detected notices in Zeek's notice.log (None: the sensor was not Zeek).
+            "notices": n_notices if notices is not None else None,
+            "outcome_notice": outcome_notice if notices is not None else None,
             "evidence": {
                 "verdict": dict(verdict) if verdict else None,
                 "connections_tried": len(made),
@@ -126,6 +140,7 @@ def build(
         "table3": table3,
         "truth": _scores(counts),
         "truth_strong": _scores(counts_strong),
+        "truth_notice": _scores(counts_notice) if notices is not None else None,
         "truth_by_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
         "latency_s": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95),
                       "mean": round(statistics.fmean(latencies), 3) if latencies else None,
@@ -200,7 +215,8 @@ def render(report: Mapping[str, Any]) -> str:
         "",
         "Detection vs truth",
         f"  {'scenario':<34} {'src':<14} {'truth':<7} {'verdict':<8} {'(1)':<4} {'(2)':<4} "
-        f"{'T^p mean':>9} {'T^a max':>9} {'n':>3}  result  {'conf':<5} {'margin':>9}  conf result",
+        f"{'T^p mean':>9} {'T^a max':>9} {'n':>3}  result  {'conf':<5} {'margin':>9}  conf result"
+        + ("  notices" if report.get("truth_notice") else ""),
     ]
     for h in report["hosts"]:
         v = h["evidence"]["verdict"] or {}
@@ -210,7 +226,8 @@ def render(report: Mapping[str, Any]) -> str:
             f"{_yn(v.get('cond_os')):<4} {_yn(v.get('cond_timing')):<4} "
             f"{_ms(v.get('tp_mean_us')):>9} {_ms(v.get('ta_max_mean_us')):>9} "
             f"{h['evidence']['records']:>3}  {h['outcome'].upper():<6}  {_yn(h.get('relay_strong')):<5} "
-            f"{_ms(v.get('timing_margin_us')):>9}  {str(h.get('outcome_strong', '-')).upper()}"
+            f"{_ms(v.get('timing_margin_us')):>9}  {str(h.get('outcome_strong', '-')).upper():<11}"
+            + (f"  {h['notices']}" if h.get("notices") is not None else "")
         )
     tr = report["truth"]
     lines += [
@@ -222,6 +239,11 @@ def render(report: Mapping[str, Any]) -> str:
     if st:
         lines.append(f"  overall, confident rule: TP {st['tp']}  FP {st['fp']}  TN {st['tn']}  "
                      f"FN {st['fn']}  precision {_num(st['precision'])}  recall {_num(st['recall'])}")
+    nt = report.get("truth_notice")
+    if nt:
+        lines.append(f"  Zeek notice.log:         TP {nt['tp']}  FP {nt['fp']}  TN {nt['tn']}  "
+                     f"FN {nt['fn']}  precision {_num(nt['precision'])}  recall {_num(nt['recall'])}  "
+                     "(Relay_Detected per source)")
     lines.append("  per kind (paper's rule):")
     for kind, c in report["truth_by_kind"].items():
         lines.append(f"    {kind:<7} TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
