@@ -4,6 +4,10 @@ Zeek feed (which lands its handshakes on the same `handshakes` stream).
 Every stream is read the same way: this consumer's own pending entries first (what a previous run
 of it had in hand when it stopped or died), then new entries; from time to time entries that sat
 unacknowledged with another consumer for too long (a dead analyzer) are claimed (XAUTOCLAIM).
+
+Replies are read undecoded and each entry is decoded on its own (`prober.streams`): an entry that
+is not UTF-8 is rejected (reported through `on_reject`) and acknowledged right here, and never
+stops the read or the entries behind it.
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from analyzer.handshake import Handshake
+from analyzer.handshake import Handshake, HandshakeError
+from prober import streams
 
 log = logging.getLogger("stepstone.analyzer")
 
 Entry = tuple[str, dict[str, str]]
+# Told of every entry rejected at the boundary: (stream, entry id, why).
+Reject = Callable[[str, str, Exception], None]
+
+
+def log_reject(stream: str, entry_id: str, exc: Exception) -> None:
+    log.warning("%s %s rejected: %s", stream, entry_id, exc)
 
 
 class HandshakeSource(Protocol):
@@ -44,6 +55,7 @@ class StreamConsumer:
         count: int = 100,
         claim_idle_ms: int = 30_000,
         claim_every: float = 5.0,
+        on_reject: Reject = log_reject,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -53,6 +65,7 @@ class StreamConsumer:
         self.count = count
         self.claim_idle_ms = claim_idle_ms
         self.claim_every = claim_every
+        self.on_reject = on_reject
 
     async def ensure_group(self) -> None:
         # From id 0: entries written before any analyzer ran (a prober that was faster, a responder
@@ -88,40 +101,41 @@ class StreamConsumer:
 
     async def _read(self, start: str, *, block: bool = False) -> list[Entry]:
         try:
-            # The client decodes responses: entries are (id, {field: value}) of str.
-            reply: Any = await self.redis.xreadgroup(
-                self.group, self.consumer, {self.stream: start}, count=self.count,
-                block=self.block_ms if block else None,
-            )
+            entries = await streams.read_group(self.redis, self.group, self.consumer, self.stream, start,
+                                               count=self.count, block_ms=self.block_ms if block else None)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             # The stream or group was deleted under us (redis-cli DEL, FLUSHALL): recreate it.
             await self.ensure_group()
             return []
+        return await self._decoded(entries)
+
+    async def _decoded(self, entries: list[streams.RawEntry]) -> list[Entry]:
+        """The entries as text; the ones that are gone (pending but trimmed from the stream:
+        nothing to do but forget them) or do not decode are acknowledged here."""
         out: list[Entry] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if not fields:
-                    # Pending but trimmed from the stream: nothing to do but forget it.
-                    await self.ack(entry_id)
-                    continue
-                out.append((entry_id, fields))
+        done: list[str] = []
+        for entry_id, raw in entries:
+            if not raw:
+                done.append(entry_id)
+                continue
+            try:
+                out.append((entry_id, streams.decode_entry(raw)))
+            except streams.EntryError as exc:
+                self.on_reject(self.stream, entry_id, exc)
+                done.append(entry_id)
+        await self.ack(*done)
         return out
 
     async def _claim(self) -> list[Entry]:
         out: list[Entry] = []
         start = "0-0"
         while True:
-            reply = await self.redis.xautoclaim(
-                self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.count
-            )
-            start, entries = reply[0], reply[1]
-            for entry_id, fields in entries:
-                if fields:
-                    out.append((entry_id, fields))
-                else:
-                    await self.ack(entry_id)
+            start, entries = await streams.autoclaim(self.redis, self.stream, self.group, self.consumer,
+                                                     min_idle_ms=self.claim_idle_ms, start=start,
+                                                     count=self.count)
+            out += await self._decoded(entries)
             if start == "0-0" or not entries:
                 break
         if out:
@@ -134,32 +148,42 @@ class StreamConsumer:
 
     async def deliveries(self, entry_id: str) -> int:
         """How often the group has delivered this entry (0 if it is not pending)."""
-        pending = await self.redis.xpending_range(self.stream, self.group, min=entry_id, max=entry_id,
-                                                  count=1)
+        pending = await streams.pending_range(self.redis, self.stream, self.group, (entry_id, entry_id),
+                                               count=1)
         return int(pending[0]["times_delivered"]) if pending else 0
 
     async def lag(self) -> int | None:
         """Entries not yet delivered to the group plus delivered but unacknowledged."""
         try:
-            groups = await self.redis.xinfo_groups(self.stream)
+            # Undecoded: another group's name need not be UTF-8.
+            group = streams.find_group(await streams.groups(self.redis, self.stream), self.group)
         except ResponseError:
             return None
-        for group in groups:
-            if group.get("name") == self.group:
-                return int(group.get("lag") or 0) + int(group.get("pending") or 0)
-        return None
+        if group is None:
+            return None
+        return int(group.get("lag") or 0) + int(group.get("pending") or 0)
 
 
 async def zeek_to_stream(
     source: HandshakeSource, redis: aioredis.Redis, stream: str,
     *, on_error: Callable[[Exception], Awaitable[None]],
+    on_reject: Callable[[Handshake, HandshakeError], None] | None = None,
 ) -> None:
     """Land every handshake Zeek sends on the `handshakes` stream, where the normal consumer (of
     this or any analyzer) takes it: one durable path whatever the feed. While Redis is unreachable
     the handshake in hand is kept and retried after `on_error(exc)` returns (it logs and waits);
-    the ones behind it wait in the Zeek client's queue."""
+    the ones behind it wait in the Zeek client's queue. A handshake outside the contract
+    (`Handshake.check`, the check its reader makes) never reaches the stream: `on_reject` hears
+    of it (default: a warning) and the feed goes on."""
     async for handshake in source.handshakes():
-        fields: Any = handshake.to_fields()
+        try:
+            fields: Any = handshake.check().to_fields()
+        except HandshakeError as exc:
+            if on_reject is None:
+                log.warning("a Zeek handshake rejected: %s", exc)
+            else:
+                on_reject(handshake, exc)
+            continue
         while True:
             try:
                 await redis.xadd(stream, fields)

@@ -20,6 +20,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from prober import streams
+
 DEAD_KEEP_S = 86400.0
 # XTRIM with `~` removes at most 100 internal nodes per call (10,000 entries by default), so that
 # one call never blocks Redis for long; a backlog is worked off a batch at a time, this many per
@@ -27,7 +29,9 @@ DEAD_KEEP_S = 86400.0
 MAX_ROUNDS = 10
 
 
-def _parse_id(entry_id: str) -> tuple[int, int]:
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode("ascii")
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -36,18 +40,19 @@ async def consumed_floor(redis: aioredis.Redis, stream: str) -> tuple[int, int] 
     """The smallest entry id some group may still need (its oldest pending entry, or
     the last one delivered to it), as (ms, seq); None when the stream has no group or no key."""
     try:
-        groups: list[dict[str, Any]] = await redis.xinfo_groups(stream)
+        # Undecoded: a group's name is anyone's choice and need not be UTF-8.
+        groups: list[dict[str, Any]] = await streams.groups(redis, stream)
     except ResponseError:  # no such key
         return None
     floor: tuple[int, int] | None = None
     for group in groups:
         # Everything up to last-delivered-id was handed out; what is still pending starts at the
         # group's oldest pending id. Keeping last-delivered-id itself costs one entry, no more.
-        need = _parse_id(str(group["last-delivered-id"]))
+        need = _parse_id(group["last-delivered-id"])
         if int(group.get("pending") or 0):
-            summary = await redis.xpending(stream, group["name"])
+            summary = await streams.pending_summary(redis, stream, group["name"])
             if summary.get("min"):
-                need = min(need, _parse_id(str(summary["min"])))
+                need = min(need, _parse_id(summary["min"]))
         floor = need if floor is None else min(floor, need)
     return floor
 

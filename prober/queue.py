@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from prober import streams
 from prober.job import DEFAULT_PORTS, Job, JobError, Result
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,11 @@ DEFAULT_PREFIX = "stepstone:"
 MAX_CONNECTIONS = 32  # per client; Redis answers in microseconds, more rarely helps
 PROBERS = "probers"
 ANALYZERS = "analyzers"
+
+# Longest dedup window and job deadline a queue accepts (a year, a day): past them a setting is a
+# typo, and their milliseconds would overflow Redis's expiry arithmetic.
+MAX_DEDUP_WINDOW = 365 * 86400.0
+MAX_DEADLINE = 86400.0
 
 # Errors after which a client should reconnect and retry rather than give up.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -147,8 +152,10 @@ class ProbeQueue:
     def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX,
                  dedup_window: float = 3600.0, deadline: float = 60.0) -> None:
         # Written so that nan and inf fail too (they passed `< 0` and broke int() in enqueue).
-        if not (0 <= dedup_window < math.inf and 0 < deadline < math.inf):
-            raise QueueConfigError("dedup_window must be >= 0 and deadline > 0 seconds, both finite")
+        if not (0 <= dedup_window <= MAX_DEDUP_WINDOW and 0 < deadline <= MAX_DEADLINE):
+            raise QueueConfigError(
+                f"dedup_window must be >= 0 and deadline > 0 seconds, both finite (at most "
+                f"{MAX_DEDUP_WINDOW:.0f} and {MAX_DEADLINE:.0f}), not {dedup_window:g} and {deadline:g}")
         self.redis = redis
         self.keys = Keys(prefix)
         self.dedup_window = dedup_window
@@ -211,19 +218,19 @@ class ProbeQueue:
 
     async def _read(self, consumer: str, group: str, start: str, block_ms: int | None
                     ) -> list[tuple[str, Result | None]]:
-        resp = await self.redis.xreadgroup(group, consumer, {self.keys.results: start}, count=256,
-                                           block=block_ms)
+        # Undecoded, then one entry at a time: a byte that is not UTF-8 spoils its entry only.
+        entries = await streams.read_group(self.redis, group, consumer, self.keys.results, start,
+                                           count=256, block_ms=block_ms)
         out: list[tuple[str, Result | None]] = []
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                try:
-                    if not fields:
-                        raise JobError("entry was deleted (trimmed) before it was read")
-                    out.append((entry_id, Result.from_fields(fields)))
-                except JobError as exc:
-                    log.warning("results: dropping malformed entry %s: %s", entry_id, exc)
-                    await self.ack_result(entry_id, group=group)
-                    out.append((entry_id, None))
+        for entry_id, raw in entries:
+            try:
+                if not raw:
+                    raise JobError("entry was deleted (trimmed) before it was read")
+                out.append((entry_id, Result.from_fields(streams.decode_entry(raw))))
+            except (JobError, streams.EntryError) as exc:
+                log.warning("results: dropping malformed entry %s: %s", entry_id, exc)
+                await self.ack_result(entry_id, group=group)
+                out.append((entry_id, None))
         return out
 
     async def ack_result(self, entry_id: str, *, group: str = ANALYZERS) -> None:

@@ -1,4 +1,8 @@
-"""`stepstone-prober status`: the state of the queue, from Redis alone (no worker needs to answer)."""
+"""`stepstone-prober status`: the state of the queue, from Redis alone (no worker needs to answer).
+
+Everything is read undecoded (`prober.streams`): group, consumer and key names are anyone's
+choice, and one that is not UTF-8 is shown with \\xNN escapes, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import json
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
+from prober import streams
 from prober.queue import ANALYZERS, PROBERS, Keys
 
 
@@ -15,6 +21,14 @@ def _id_ms(entry_id: str | None) -> int | None:
     if not entry_id:
         return None
     return int(entry_id.split("-", 1)[0])
+
+
+def _count(raw: bytes | None) -> int | None:
+    """A counter Redis holds as text, or None when someone wrote something else there."""
+    try:
+        return int(raw.decode("ascii")) if raw is not None and len(raw) <= 20 else None
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 async def gather(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
@@ -27,42 +41,54 @@ async def gather(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
 
     async def group_info(stream: str, group: str) -> dict[str, Any] | None:
         try:
-            groups = await redis.xinfo_groups(stream)
+            found = streams.find_group(await streams.groups(redis, stream), group)
         except ResponseError:  # no such stream yet
             return None
-        found = next((g for g in groups if g["name"] == group), None)
         if found is None:
             return None
-        summary = await redis.xpending(stream, group)
-        consumers = await redis.xinfo_consumers(stream, group)
+        summary = await streams.pending_summary(redis, stream, group)
+        consumers = await streams.consumers(redis, stream, group)
         oldest = _id_ms(summary.get("min"))
         return {
             "pending": summary["pending"],
             "lag": found.get("lag"),  # entries not delivered to anyone yet (None if Redis can't tell)
             "oldest_pending_age_s": None if oldest is None else round((now_ms - oldest) / 1000, 3),
-            "consumers": [{"name": c["name"], "pending": c["pending"], "idle_s": c["idle"] / 1000}
-                          for c in consumers],
+            "consumers": [{"name": streams.shown(c["name"], 200), "pending": c["pending"],
+                           "idle_s": c["idle"] / 1000} for c in consumers],
         }
 
     out["probers"] = await group_info(keys.jobs, PROBERS)
     out["analyzers"] = await group_info(keys.results, ANALYZERS)
 
     workers = []
-    async for key in redis.scan_iter(match=keys.worker_pattern, count=500):
-        raw = await redis.get(key)
-        if raw is None:
-            continue
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            info = {}
-        workers.append({"name": key[len(keys.worker("")):], **info})
+    prefix = keys.worker("").encode()
+    cursor: int | bytes = 0
+    while True:
+        cursor, found_keys = await redis.execute_command(
+            "SCAN", cursor, "MATCH", keys.worker_pattern, "COUNT", 500, **{NEVER_DECODE: []})
+        for key in found_keys:
+            raw = await redis.execute_command("GET", key, **{NEVER_DECODE: []})
+            if raw is None:
+                continue
+            try:
+                info = json.loads(raw)
+            except (ValueError, RecursionError):
+                info = {}
+            if not isinstance(info, dict):
+                info = {}
+            # The heartbeat's fields are shown as they are; its name is always our own, from the key.
+            workers.append({**info, "name": streams.shown(key[len(prefix):], 200)})
+        if int(cursor) == 0:
+            break
     out["workers_alive"] = sorted(workers, key=lambda w: w["name"])
 
     now_s = now_ms // 1000
-    counts = await redis.mget([keys.probes_second(s) for s in range(now_s - 60, now_s)])
-    out["probes_per_s_last_minute"] = round(sum(int(c) for c in counts if c) / 60, 3)
-    out["counters"] = {k: int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
+    counts = await redis.execute_command(
+        "MGET", *[keys.probes_second(s) for s in range(now_s - 60, now_s)], **{NEVER_DECODE: []})
+    out["probes_per_s_last_minute"] = round(sum(_count(c) or 0 for c in counts) / 60, 3)
+    stats = await redis.execute_command("HGETALL", keys.stats, **{NEVER_DECODE: []})
+    out["counters"] = {streams.shown(k, 200): n for k, v in (stats or {}).items()
+                       if (n := _count(v)) is not None}
     return out
 
 

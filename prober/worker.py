@@ -6,6 +6,9 @@ result (or its dead-letter entry), so a worker killed at any point loses nothing
 takes the job over with XAUTOCLAIM once it has been idle for `claim_idle` seconds. While a job is
 in hand its idle time is reset regularly (XCLAIM JUSTID, which does not count as a delivery), so a
 slow probe is never taken over from a live worker.
+
+Jobs are read undecoded (`prober.streams`) and decoded one at a time: a job that is not UTF-8 is
+dead-lettered like any other malformed job, and never stops the worker or the jobs behind it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from prober import streams
 from prober.audit import AuditLog
 from prober.job import Job, JobError, Result
 from prober.queue import ANALYZERS, PROBERS, TRANSIENT, Keys, ensure_group
@@ -106,11 +110,10 @@ class Worker:
                             free -= await self._autoclaim(free)
                             next_claim = time.monotonic() + min(s.claim_idle / 2, 5.0)
                         if free > 0:
-                            resp = await self.redis.xreadgroup(PROBERS, s.name, {self.keys.jobs: ">"},
-                                                               count=free, block=s.block_ms)
-                            for _stream, entries in resp or []:
-                                for entry_id, fields in entries:
-                                    self._spawn(entry_id, fields, 1)
+                            for entry_id, fields in await streams.read_group(
+                                    self.redis, PROBERS, s.name, self.keys.jobs, ">", count=free,
+                                    block_ms=s.block_ms):
+                                self._spawn(entry_id, fields, 1)
                         backoff = 0.1
                 except ResponseError as exc:
                     if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
@@ -150,9 +153,8 @@ class Worker:
             free = await self._free_slots(stop)
             if free == 0:
                 continue
-            resp = await self.redis.xreadgroup(PROBERS, self.settings.name, {self.keys.jobs: last},
-                                               count=free)
-            read = [e for _s, es in resp or [] for e in es]
+            read = await streams.read_group(self.redis, PROBERS, self.settings.name, self.keys.jobs, last,
+                                            count=free)
             if not read:
                 return
             last = read[-1][0]
@@ -165,11 +167,11 @@ class Worker:
     async def _autoclaim(self, free: int) -> int:
         """Take over jobs other workers left idle too long; returns how many were taken."""
         s = self.settings
-        resp = await self.redis.xautoclaim(self.keys.jobs, PROBERS, s.name,
-                                           min_idle_time=int(s.claim_idle * 1000),
-                                           start_id=self._claim_cursor, count=free)
-        self._claim_cursor = resp[0] if resp[0] else "0-0"
-        entries = [e for e in resp[1] if e[0] not in self._in_hand]
+        cursor, claimed = await streams.autoclaim(self.redis, self.keys.jobs, PROBERS, s.name,
+                                                  min_idle_ms=int(s.claim_idle * 1000),
+                                                  start=self._claim_cursor, count=free)
+        self._claim_cursor = cursor or "0-0"
+        entries = [e for e in claimed if e[0] not in self._in_hand]
         if not entries:
             return 0
         counts = await self._deliveries([e[0] for e in entries])
@@ -182,14 +184,15 @@ class Worker:
         """Delivery counts of pending entries (only needed for re-deliveries: a fresh one is 1)."""
         pipe = self.redis.pipeline(transaction=False)
         for entry_id in ids:
-            pipe.xpending_range(self.keys.jobs, PROBERS, min=entry_id, max=entry_id, count=1)
+            # Undecoded: the reply names the consumer, and a consumer's name is anyone's choice.
+            streams.pending_range(pipe, self.keys.jobs, PROBERS, (entry_id, entry_id), count=1)
         out = {}
         for rows in await pipe.execute():
             for row in rows:
-                out[row["message_id"]] = int(row["times_delivered"])
+                out[row["message_id"].decode("ascii")] = int(row["times_delivered"])
         return out
 
-    def _spawn(self, entry_id: str, fields: dict[str, str] | None, deliveries: int) -> None:
+    def _spawn(self, entry_id: str, fields: streams.RawFields | None, deliveries: int) -> None:
         self._in_hand.add(entry_id)
         task = asyncio.create_task(self._handle(entry_id, fields, deliveries))
         self._tasks.add(task)
@@ -231,12 +234,21 @@ class Worker:
 
     # ---- one job ---------------------------------------------------------------------------
 
-    async def _handle(self, entry_id: str, fields: dict[str, str] | None, deliveries: int) -> None:
+    async def _handle(self, entry_id: str, raw: streams.RawFields | None, deliveries: int) -> None:
         s = self.settings
         try:
-            if not fields:
+            if not raw:
                 # Trimmed from the stream while pending: nothing left to probe or report.
                 await self.redis.xack(self.keys.jobs, PROBERS, entry_id)
+                return
+            try:
+                fields = streams.decode_entry(raw)
+            except streams.EntryError as exc:
+                # Dead-lettered with its fields shown escaped, so that `dead` stays readable text.
+                fields = {streams.shown(k, 200): streams.shown(v, 200) for k, v in list(raw.items())[:16]}
+                self.audit.write("rejected", target=fields.get("src", ""), reason=f"malformed job: {exc}",
+                                 job=entry_id)
+                await self._dead(entry_id, fields, f"malformed job: {exc}", "malformed")
                 return
             src = fields.get("src", "")
             try:
@@ -320,7 +332,9 @@ class Worker:
                     fut.set_result(None)
 
     async def _dead(self, entry_id: str, fields: dict[str, str], reason: str, counter: str) -> None:
-        entry = {**fields, "job": entry_id, "src": fields.get("src", ""), "reason": reason,
+        # The job's own fields travel along, cut short: a dead letter is for reading, not a copy.
+        entry = {**{k[:200]: v[:1000] for k, v in fields.items()}, "job": entry_id,
+                 "src": fields.get("src", "")[:200], "reason": reason,
                  "worker": self.settings.name, "dead_at": repr(time.time())}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead, entry)  # type: ignore[arg-type]
