@@ -12,10 +12,13 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from prober.job import epoch_seconds
+from prober.job import DURATION_MAX_US, EPOCH_MAX, epoch_seconds, short
 
 Reply = Literal["ack", "rst"]
 Feed = Literal["pcap", "zeek", "responder"]
+FEEDS = ("pcap", "zeek", "responder")
+MAX_SYN_BYTES = 65535  # an IP packet
+MAX_SYNACKS = 64  # SYN+ACK times of one connection (a sensor keeps a handful)
 
 
 class HandshakeError(ValueError):
@@ -69,53 +72,104 @@ class Handshake:
             "feed": self.feed,
         }
 
+    def check(self) -> Handshake:
+        """This handshake if every value is within the contract, else HandshakeError naming the
+        field. The one check of every handshake that crosses a process boundary: `from_fields`
+        (the `handshakes` stream) ends with it, and the Zeek feed runs it before a handshake
+        lands on the stream."""
+
+        def epoch(name: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= EPOCH_MAX:
+                raise HandshakeError(f"{name} is not epoch seconds within 0..{EPOCH_MAX:.0f}: {short(value)}")
+
+        def port(name: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+                raise HandshakeError(f"{name} is not a port number: {short(value)}")
+
+        for name in ("src", "dst"):
+            value = getattr(self, name)
+            try:
+                canonical = isinstance(value, str) and str(ipaddress.ip_address(value)) == value
+            except ValueError:
+                canonical = False
+            if not canonical:
+                raise HandshakeError(f"{name} is not an IP address: {short(value)}")
+        epoch("t", self.t)
+        port("sport", self.sport)
+        port("dport", self.dport)
+        syn = self.syn
+        if syn is not None and (not isinstance(syn, bytes) or not 0 < len(syn) <= MAX_SYN_BYTES):
+            raise HandshakeError(f"syn is not an IP packet of 1..{MAX_SYN_BYTES} bytes")
+        if not isinstance(self.synack_times, tuple) or len(self.synack_times) > MAX_SYNACKS:
+            raise HandshakeError(f"synack_times: more than {MAX_SYNACKS} SYN+ACK times")
+        for value in self.synack_times:
+            epoch("synack_times", value)
+        if self.reply not in (None, "ack", "rst"):
+            raise HandshakeError(f"reply must be ack, rst or empty, not {short(self.reply)}")
+        if (self.reply is None) != (self.reply_time is None):
+            raise HandshakeError("reply_time must be set exactly when there is a reply")
+        if self.reply_time is not None:
+            epoch("reply_time", self.reply_time)
+        if self.tp_us is not None:
+            if (isinstance(self.tp_us, bool) or not isinstance(self.tp_us, int)
+                    or not 0 <= self.tp_us <= DURATION_MAX_US):
+                raise HandshakeError(f"tp_us is not microseconds within 0..{DURATION_MAX_US}: "
+                                     f"{short(self.tp_us)}")
+            if self.reply is None:
+                raise HandshakeError("tp_us without a reply")
+        if self.feed not in FEEDS:
+            raise HandshakeError(f"unknown feed {short(self.feed)}")
+        return self
+
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Handshake:
         def epoch(name: str, text: str) -> float:
             value = epoch_seconds(text)
             if value is None:
-                raise HandshakeError(f"{name} is not epoch seconds: {text!r}")
+                raise HandshakeError(f"{name} is not epoch seconds within 0..{EPOCH_MAX:.0f}: {short(text)}")
             return value
 
         def address(name: str) -> str:
-            try:
-                return str(ipaddress.ip_address(fields.get(name, "")))
-            except ValueError:
-                raise HandshakeError(f"{name} is not an IP address: {fields.get(name)!r}") from None
-
-        def port(name: str) -> int:
             text = fields.get(name, "")
-            if not _decimal(text) or not 0 <= int(text) < 65536:
-                raise HandshakeError(f"{name} is not a port number: {text!r}")
+            try:
+                return str(ipaddress.ip_address(text))
+            except ValueError:
+                raise HandshakeError(f"{name} is not an IP address: {short(text)}") from None
+
+        def count(name: str, text: str, digits: int) -> int:
+            # Length first: int() of a 5000-digit string raises ValueError, not a HandshakeError.
+            if not _decimal(text) or len(text) > digits:
+                raise HandshakeError(f"{name} is not a number: {short(text)}")
             return int(text)
 
+        syn_text = fields.get("syn", "")
+        if len(syn_text) > 4 * (MAX_SYN_BYTES // 3 + 1):
+            raise HandshakeError(f"syn is longer than an IP packet ({len(syn_text)} characters)")
         try:
-            syn = base64.b64decode(fields.get("syn", ""), validate=True) or None
+            syn = base64.b64decode(syn_text, validate=True) or None
         except binascii.Error:
             raise HandshakeError("syn is not base64") from None
         reply = fields.get("reply", "")
         if reply not in ("", "ack", "rst"):
-            raise HandshakeError(f"reply must be ack, rst or empty, not {reply!r}")
+            raise HandshakeError(f"reply must be ack, rst or empty, not {short(reply)}")
         tp_text = fields.get("tp_us", "")
-        if tp_text and not _decimal(tp_text):
-            raise HandshakeError(f"tp_us is not a count of microseconds: {tp_text!r}")
-        feed = fields.get("feed", "responder")
-        if feed not in ("pcap", "zeek", "responder"):
-            raise HandshakeError(f"unknown feed {feed!r}")
         times = fields.get("synack_times", "")
+        synacks = times.split(",") if times else []
+        if len(synacks) > MAX_SYNACKS:
+            raise HandshakeError(f"synack_times: more than {MAX_SYNACKS} SYN+ACK times")
         return cls(
             t=epoch("t", fields.get("t", "")),
             src=address("src"),
-            sport=port("sport"),
+            sport=count("sport", fields.get("sport", ""), 5),
             dst=address("dst"),
-            dport=port("dport"),
+            dport=count("dport", fields.get("dport", ""), 5),
             syn=syn,
-            synack_times=tuple(epoch("synack_times", x) for x in times.split(",")) if times else (),
+            synack_times=tuple(epoch("synack_times", x) for x in synacks),
             reply=reply or None,  # type: ignore[arg-type]
             reply_time=epoch("reply_time", fields["reply_time"]) if fields.get("reply_time") else None,
-            tp_us=int(tp_text) if tp_text else None,
-            feed=feed,  # type: ignore[arg-type]
-        )
+            tp_us=count("tp_us", tp_text, 10) if tp_text else None,
+            feed=fields.get("feed", "responder"),  # type: ignore[arg-type]
+        ).check()
 
 
 def _decimal(text: str) -> bool:

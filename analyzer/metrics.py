@@ -33,6 +33,20 @@ class Metrics:
         self.verdicts = Counter(f"{NS}_verdicts", "Records written with a verdict", registry=r)
         self.relays = Counter(f"{NS}_relays", "Verdicts that said relay", registry=r)
         self.errors = Counter(f"{NS}_errors", "Malformed entries and failed steps", ["kind"], registry=r)
+        self.rejected = Counter(
+            f"{NS}_rejected_entries",
+            "Stream entries rejected where they were read (not UTF-8, a field missing, malformed or out "
+            "of range): logged once, acknowledged, skipped; stream = handshakes, results, dead, verdicts, "
+            "or zeek (a Zeek handshake refused before it reached the handshakes stream)",
+            ["stream"],
+            registry=r,
+        )
+        self.dropped_records = Counter(
+            f"{NS}_window_records_dropped",
+            "Records of a source's window in Redis that did not read back or could not be judged: "
+            "dropped from the window, the rest of it still counts",
+            registry=r,
+        )
         self.lag = Gauge(
             f"{NS}_queue_lag",
             "Entries of a stream not yet processed by group analyzers (undelivered + pending)",

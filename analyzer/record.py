@@ -2,7 +2,10 @@
 
 Field names are a fixed contract (DESIGN.md). Records cross process boundaries as JSON lines
 (`replay` writes them, `judge` reads them, the live analyzer logs them), so `from_json` validates
-every field and says which one is wrong.
+every field and says which one is wrong. The bounds and the label rule are the streams' own
+(`prober.job`): a probe result that passed the `results` stream's check always makes a record that
+reads back, and whatever reads records (the live analyzer's window in Redis, `judge`, the Zeek
+verdict) can count on finite, bounded numbers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import ipaddress
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from prober.job import DURATION_MAX_US, VARIANCE_MAX_US2, bounded, epoch, p0f_label, short
 
 
 class RecordError(ValueError):
@@ -45,49 +50,60 @@ class Record:
         for name in ("t", "src", "dst"):
             if obj.get(name) is None:
                 raise RecordError(f"field {name!r} is missing")
+        t = _number(obj, "t", nullable=False)
+        try:
+            epoch("'t'", t)
+        except ValueError as exc:
+            raise RecordError(f"field {exc}") from None
         return cls(
-            t=_number(obj, "t", nullable=False),
+            t=t,
             src=_address(obj, "src"),
             dst=_address(obj, "dst"),
             tp_us=_micros(obj, "tp_us"),
             ping_min_us=_micros(obj, "ping_min_us"),
             ping_avg_us=_micros(obj, "ping_avg_us"),
             ping_max_us=_micros(obj, "ping_max_us"),
-            ping_var_us2=_number(obj, "ping_var_us2"),
+            ping_var_us2=_number(obj, "ping_var_us2", hi=VARIANCE_MAX_US2),
             syn_rtt_us=_micros(obj, "syn_rtt_us"),
             fp=_label(obj, "fp"),
             fa=_label(obj, "fa"),
         )
 
 
-def _number(obj: dict[str, Any], name: str, *, nullable: bool = True) -> Any:
+def _number(obj: dict[str, Any], name: str, *, nullable: bool = True, hi: float = math.inf) -> Any:
     value = obj.get(name)
     if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RecordError(f"field {name!r} must be a finite number, not {value!r}")
+    # Ints of any size are compared as they are: float() of a 400-digit one overflows.
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise RecordError(f"field {name!r} must be a finite number, not {short(value)}")
     if value < 0:
-        raise RecordError(f"field {name!r} must not be negative, not {value!r}")
+        raise RecordError(f"field {name!r} must not be negative, not {short(value)}")
+    try:
+        bounded(repr(name), value, 0, hi)
+    except ValueError as exc:
+        raise RecordError(f"field {exc}") from None
     return float(value)
 
 
 def _micros(obj: dict[str, Any], name: str) -> int | None:
-    value = _number(obj, name)
+    value = _number(obj, name, hi=DURATION_MAX_US)
     return None if value is None else round(value)
 
 
 def _address(obj: dict[str, Any], name: str) -> str:
     value = obj.get(name)
+    if not isinstance(value, str):  # ip_address() also takes ints (and True): not a contract
+        raise RecordError(f"field {name!r} is not an IP address: {short(value)}")
     try:
-        return str(ipaddress.ip_address(value))  # type: ignore[arg-type]
+        return str(ipaddress.ip_address(value))
     except ValueError:
-        raise RecordError(f"field {name!r} is not an IP address: {value!r}") from None
+        raise RecordError(f"field {name!r} is not an IP address: {short(value)}") from None
 
 
 def _label(obj: dict[str, Any], name: str) -> str | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or value.count(":") < 2:
-        raise RecordError(f"field {name!r} must be a p0f label 'class:name:flavor' or null, not {value!r}")
-    return value
+    try:
+        return p0f_label(f"field {name!r}", obj.get(name))
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None

@@ -40,7 +40,8 @@ from analyzer.rules import OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored
 from analyzer.verdicts import JsonLog, entry_fields, from_entry
 from osfp import FingerprintError
-from prober.job import JobError, Result
+from prober import streams
+from prober.job import JobError, Result, short
 
 log = logging.getLogger("stepstone.analyzer")
 
@@ -59,6 +60,8 @@ Closing = tuple[str, str | None, Outcome | None, str | None]
 OS_LEVELS = ("class", "name", "flavor")
 # Entry failures that retrying cannot fix: log, count, acknowledge.
 POISON = (HandshakeError, JobError, StateError)
+MAX_JOB_ID = 64  # characters of a job id (Redis makes them: ms-seq)
+MAX_REASON = 1000  # characters of a dead letter's reason kept with the job's outcome
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
 
 EPILOG = """\
@@ -255,7 +258,8 @@ class Service:
         def consumer(stream: str, group: str = GROUP) -> StreamConsumer:
             return StreamConsumer(redis, config.prefix + stream, group, config.consumer,
                                   claim_idle_ms=int(config.claim_after * 1000),
-                                  claim_every=max(0.1, min(5.0, config.claim_after / 2)))
+                                  claim_every=max(0.1, min(5.0, config.claim_after / 2)),
+                                  on_reject=self._reject)
 
         self.hs_stream = consumer("handshakes")
         self.results_stream = consumer("results")
@@ -408,8 +412,11 @@ class Service:
             await consumer.ack(entry[0])
 
     def _reject(self, stream: str, entry_id: str, exc: Exception) -> None:
+        """An entry (or stored item) that cannot be used: one line, counted; the caller
+        acknowledges it, so it is never read again and never holds up the ones behind it."""
         log.warning("%s %s rejected: %s", stream, entry_id, exc)
         self.metrics.errors.labels("malformed").inc()
+        self.metrics.rejected.labels(stream.removeprefix(self.config.prefix)).inc()
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
         trim_refused: set[str] = set()
@@ -456,8 +463,12 @@ class Service:
             self.metrics.errors.labels("redis").inc()
             await asyncio.sleep(1.0)  # backoff before retrying; `run` cancels this task on stop
 
+        def rejected(handshake: Handshake, exc: HandshakeError) -> None:
+            self._reject("zeek", f"handshake {short(handshake.src)} -> {short(handshake.dst)}", exc)
+
         # Returns when the client is closed; `run` cancels it on stop.
-        await zeek_to_stream(self.zeek, self.redis, self.config.prefix + "handshakes", on_error=redis_down)
+        await zeek_to_stream(self.zeek, self.redis, self.config.prefix + "handshakes", on_error=redis_down,
+                             on_reject=rejected)
 
     async def send_verdicts(self, batch: list[Entry], stop: asyncio.Event) -> list[str]:
         """Hand a batch of `verdicts` entries to Zeek; the ids to acknowledge: those written to a
@@ -471,7 +482,7 @@ class Service:
             try:
                 _, verdict, record = from_entry(fields)
                 waiting.append((entry_id, await self.zeek.publish_verdict(verdict, record)))
-            except ValueError as exc:  # VerdictEntryError, or values that make no Zeek event
+            except (ValueError, RecursionError) as exc:  # VerdictEntryError, values that make no event
                 self._reject(self.verdicts_stream.stream, entry_id, exc)
                 done.append(entry_id)
         if not waiting:
@@ -596,14 +607,15 @@ class Service:
                 return job
             await asyncio.sleep(0.02)
         # Or an analyzer died between enqueueing and recording the job: the job is on the stream.
-        entries: Any = await self.redis.xrevrange(  # decoded: [(id, {field: value})] of str
-            self.config.prefix + "jobs", count=JOB_SCAN)
+        # Undecoded: anyone may write to `jobs`; an entry that is not UTF-8 is not ours, skip it.
+        entries = await streams.newest(self.redis, self.config.prefix + "jobs", count=JOB_SCAN)
         oldest_ms = (time.time() - self.config.dedup_window) * 1000
+        want = src.encode()
         for job_id, fields in entries:
-            if int(str(job_id).split("-")[0]) < oldest_ms:
+            if int(job_id.split("-")[0]) < oldest_ms:
                 break  # older than the dedup window: its outcome may be gone, never wait on it
-            if fields.get("src") == src:
-                return str(job_id)
+            if fields and fields.get(b"src") == want:
+                return job_id
         return None
 
     async def handle_results(self, batch: list[Entry]) -> None:
@@ -622,11 +634,13 @@ class Service:
         settling: list[tuple[str, Outcome]] = []
         for entry_id, fields in batch:
             job = fields.get("job", "")
-            if not job:
-                self._reject(self.dead_stream.stream, entry_id, JobError("dead entry without a job id"))
+            if not job or len(job) > MAX_JOB_ID:
+                self._reject(self.dead_stream.stream, entry_id,
+                             JobError(f"dead entry without a job id: {short(job)}"))
                 continue
             self.metrics.dead.inc()
-            settling.append((job, Outcome(result=None, dead=fields.get("reason") or "no reason given")))
+            reason = (fields.get("reason") or "no reason given")[:MAX_REASON]
+            settling.append((job, Outcome(result=None, dead=reason)))
         await self._settle(settling)
 
     async def _settle(self, settling: list[tuple[str, Outcome]]) -> None:
@@ -670,10 +684,11 @@ class Service:
         windows = await self.state.add_records([(hid, record) for hid, _, _, record, _, _ in ready])
         lines: list[tuple[str, dict[str, Any]]] = []
         for (hid, job, stored, record, result, reason), window in zip(ready, windows, strict=True):
-            if isinstance(window, StateError):
-                self._reject("state", hid, window)
-                continue
-            verdict = judge(window, window=self.config.window, os_level=self.config.os_level)
+            for why in window.dropped:
+                log.warning("a record in the window of %s dropped: %s", record.src, why)
+                self.metrics.errors.labels("bad_record").inc()
+                self.metrics.dropped_records.inc()
+            verdict = self._judge(record, window.records)
             lines.append((hid, {
                 **record.to_dict(),
                 "verdict": verdict.to_dict(),
@@ -701,6 +716,32 @@ class Service:
             if line["verdict"].get("relay"):
                 self.metrics.relays.inc()
             self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
+
+
+    def _judge(self, record: Record, window: list[Record]) -> Any:
+        """The rules over the window. Every record in it passed the same checks, so this cannot
+        fail; should it still, the records the rules cannot take are dropped (and counted) and the
+        rest of the window still counts."""
+        config = self.config
+        try:
+            return judge(window, window=config.window, os_level=config.os_level)
+        except (ArithmeticError, ValueError) as exc:
+            log.warning("judging %s over %d records failed (%s); dropping the records it cannot take",
+                        record.src, len(window), exc)
+        kept: list[Record] = []
+        for r in window:
+            try:
+                judge([*kept, r], window=config.window, os_level=config.os_level)
+                kept.append(r)
+            except (ArithmeticError, ValueError):
+                self.metrics.errors.labels("bad_record").inc()
+                self.metrics.dropped_records.inc()
+        if record not in kept:
+            kept.append(record)
+        try:
+            return judge(kept, window=config.window, os_level=config.os_level)
+        except (ArithmeticError, ValueError):
+            return judge([record], window=config.window, os_level=config.os_level)
 
 
 def _handshake_line(h: Handshake, fp: str | None, job: str | None, deduped: bool) -> dict[str, Any]:

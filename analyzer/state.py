@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 
 from analyzer.record import Record, RecordError
 from prober.job import JobError, Result
+from prober.streams import EntryError, decode_entry, shown
 
 # KEYS: outcome:<job>, job:<job>, hs:<hid>, probe:<src>; ARGV: hid, job, ttl seconds, own (1/0).
 # Also records the job on the handshake (and, for the job's own handshake, as the address's latest
@@ -134,12 +136,28 @@ class Stored:
     job: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A source's records as read back from Redis, and the ones that did not read back (each
+    dropped from the window, with why: a record stored by another version, or by hand)."""
+
+    records: list[Record]
+    dropped: list[str] = field(default_factory=list)
+
+
 def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _chunks(replies: list[Any], n: int) -> list[list[Any]]:
     return [replies[i : i + n] for i in range(0, len(replies), n)]
+
+
+def read_member(raw: bytes) -> Record:
+    """A record of a source's window as `add_records` stores it; the same checks as every other
+    record reader (`Record.from_json`)."""
+    obj = json.loads(raw.decode("utf-8"))
+    return Record.from_json(obj["record"])
 
 
 def _stored(hid: str, fields: dict[str, str]) -> Stored | StateError:
@@ -211,10 +229,18 @@ class State:
         name) has already; a StateError for one that does not decode."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for hid in hids:
-                pipe.hgetall(self.key("hs", hid))
+                # Undecoded: one hash edited by hand must fail alone, not the whole batch.
+                pipe.execute_command("HGETALL", self.key("hs", hid), **{NEVER_DECODE: []})
             replies = await pipe.execute()
-        return [None if not fields or fields.get(f"logged_{unless_logged}") else _stored(hid, fields)
-                for hid, fields in zip(hids, replies, strict=True)]
+        out: list[Stored | StateError | None] = []
+        for hid, raw in zip(hids, replies, strict=True):
+            try:
+                fields = decode_entry(raw or {})
+            except EntryError as exc:
+                out.append(StateError(f"stored handshake {hid} does not decode: {exc}"))
+                continue
+            out.append(None if not fields or fields.get(f"logged_{unless_logged}") else _stored(hid, fields))
+        return out
 
     async def last_probes(self, srcs: Sequence[str]) -> list[str | None]:
         """The latest job of each address (None: no probe known)."""
@@ -248,10 +274,11 @@ class State:
             replies = await pipe.execute()
         return [(Outcome.from_fields(_pairs(flat)), sorted(members)) for members, flat in replies]
 
-    async def add_records(self, batch: Sequence[tuple[str, Record]]) -> list[list[Record] | StateError]:
+    async def add_records(self, batch: Sequence[tuple[str, Record]]) -> list[Window]:
         """Add closed records (hid, record) to their sources' windows; per record, its source's
         records in Redis right after it was added (the rules apply the window themselves; much
-        older ones are trimmed here)."""
+        older ones are trimmed here). A stored record that does not read back is removed from
+        its window (and named in `Window.dropped`): one bad record must not block its source."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for hid, record in batch:
                 key = self.key("src", record.src)
@@ -263,14 +290,24 @@ class State:
                 # A source that floods the darknet is judged on its newest records only.
                 pipe.zremrangebyrank(key, 0, -self.max_records - 1)
                 pipe.expire(key, int(2 * self.window) + 3600)
-                pipe.zrange(key, 0, -1)
+                pipe.execute_command("ZRANGE", key, 0, -1, **{NEVER_DECODE: []})  # each decoded alone
             replies = await pipe.execute()
-        out: list[list[Record] | StateError] = []
+        out: list[Window] = []
+        bad: dict[str, set[bytes]] = {}
         for (_hid, record), (*_, members) in zip(batch, _chunks(replies, 5), strict=True):
-            try:
-                out.append([Record.from_json(json.loads(text)["record"]) for text in members])
-            except (ValueError, KeyError, TypeError, RecordError) as exc:
-                out.append(StateError(f"a record of {record.src} in Redis does not decode: {exc}"))
+            window = Window([])
+            for raw in members:
+                try:
+                    window.records.append(read_member(raw))
+                except (ValueError, KeyError, TypeError, RecordError, RecursionError) as exc:
+                    window.dropped.append(f"{shown(raw)}: {exc}")
+                    bad.setdefault(self.key("src", record.src), set()).add(raw)
+            out.append(window)
+        if bad:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, members in bad.items():
+                    pipe.zrem(key, *members)
+                await pipe.execute()
         return out
 
     async def logged(self, log: str, hids: Sequence[str]) -> list[bool]:

@@ -12,17 +12,23 @@ them the tail alone guards a restart.)
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from analyzer.record import Record, RecordError
 from analyzer.state import State
+from prober.job import short
 
 # Lines written but not yet marked in Redis when a process dies are among the last few; a
 # generous tail covers every handshake a process can have in hand at once.
 TAIL_BYTES = 1 << 20
 RECENT = 4096
+# A verdict's numbers are counts and microseconds (analyzer.rules): beyond 2^53 they are not exact
+# in a double and no Zeek count takes them.
+VERDICT_NUMBER_MAX = 2**53
 
 
 class VerdictEntryError(ValueError):
@@ -40,23 +46,43 @@ def entry_fields(hid: str, verdict: dict[str, Any], record: dict[str, Any]) -> d
 
 
 def from_entry(fields: dict[str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(hid, verdict, record) of a `verdicts` entry; VerdictEntryError if it is not one. (The
-    values themselves are checked where they become a Zeek event: `analyzer.zeek.verdict_event`.)"""
+    """(hid, verdict, record) of a `verdicts` entry; VerdictEntryError if it is not one: the
+    record must pass `Record.from_json` (bounded times and durations), and every number in the
+    verdict must be finite and within +-2^53. (What makes a Zeek event is checked again where it
+    becomes one: `analyzer.zeek.verdict_event`.)"""
     hid = fields.get("hid")
-    if not hid:
-        raise VerdictEntryError("verdicts entry without a hid")
+    if not hid or len(hid) > 64:
+        raise VerdictEntryError(f"verdicts entry without a hid: {short(hid)}")
+    about = f"verdicts entry {short(hid)}"
     out: list[dict[str, Any]] = []
     for name in ("verdict", "record"):
         try:
             value = json.loads(fields[name])
         except KeyError:
-            raise VerdictEntryError(f"verdicts entry {hid} without {name}") from None
-        except ValueError as exc:
-            raise VerdictEntryError(f"verdicts entry {hid}: {name} is not JSON: {exc}") from None
+            raise VerdictEntryError(f"{about} without {name}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise VerdictEntryError(f"{about}: {name} is not JSON: {short(str(exc))}") from None
         if not isinstance(value, dict):
-            raise VerdictEntryError(f"verdicts entry {hid}: {name} is not an object")
+            raise VerdictEntryError(f"{about}: {name} is not an object")
         out.append(value)
-    return hid, out[0], out[1]
+    verdict, record = out
+    try:
+        Record.from_json(record)
+    except RecordError as exc:
+        raise VerdictEntryError(f"{about}: record: {exc}") from None
+    for key, value in verdict.items():
+        if not _fits(value):
+            raise VerdictEntryError(f"{about}: verdict {short(key)} out of range: {short(value)}")
+    return hid, verdict, record
+
+
+def _fits(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    # Ints are compared as they are: math.isfinite() of a 400-digit one overflows.
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return -VERDICT_NUMBER_MAX <= value <= VERDICT_NUMBER_MAX
 
 
 class JsonLog:
