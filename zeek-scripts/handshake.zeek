@@ -37,16 +37,18 @@ export {
 
 	## Publishes *h* (cluster-aware); see transport.zeek.
 	global publish_handshake: function(h: HandshakeInfo);
+
+	## A darknet connection being followed.
+	type Track: record {
+		info: HandshakeInfo;
+		last_synack: time &optional;
+		published: bool &default=F;
+	};
+
+	## Keyed by uid; entries live until connection_state_remove. Exported
+	## so that its size can be watched (bench/zeek_overhead.py).
+	global tracks: table[string] of Track;
 }
-
-type Track: record {
-	info: HandshakeInfo;
-	last_synack: time &optional;
-	published: bool &default=F;
-};
-
-# Keyed by uid; entries live until connection_state_remove.
-global tracks: table[string] of Track;
 
 function since_epoch(t: time): interval
 	{

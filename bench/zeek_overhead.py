@@ -1,0 +1,526 @@
+"""Cost of the Zeek package on the sensor: `zeek -C -r` on a large darknet-like capture, with and
+without zeek-scripts/ loaded, and the package's state under a SYN flood that is never answered.
+
+Captures (written here with plain struct, deterministic for a seed, cached under
+$TMPDIR/stepstone-zeek-bench so reruns skip the writing):
+  darknet  many sources (a few heavy scanners, a long tail) towards 198.18.0.0/15 and
+           2001:db8:ffff::/48 (1 in 10 darknet connections over IPv6):
+             55 %  stack-less scanner: option-less (or MSS-only) SYN, SYN+ACK, RST
+             15 %  full handshake: SYN, SYN+ACK, ACK; half of them send data (ACKed), then
+                   close with FIN or RST
+              2 %  SYN+ACK retransmitted after 1 s before the reply (Karn's rule)
+              5 %  SYN+ACK (and its retransmissions at 1 s and 3 s) never answered
+             13 %  SYN the darknet never answers (3 in 10 repeated after 1 s)
+             10 %  not darknet traffic: TCP conversations between outside hosts (~10 packets)
+  flood    random sources (a fresh one per SYN) over simulated minutes; the darknet answers half
+           of the SYNs with a SYN+ACK and its retransmissions at 1 s and 3 s; no client answers.
+Checksums are left zero: Zeek runs with -C, as on a sensor behind a NIC offloading them.
+
+"Zeek alone" is `zeek -C -r capture`: Zeek with its default scripts (base/, which writes conn.log
+and the rest), not site/local.zeek, which each site tunes; --local loads `local` in both runs.
+"With the package" adds zeek-scripts/ with darknet_subnets set to the capture's darknet and no
+WebSocket listener (websocket_port 0/tcp), so what is measured is the scripts' cost. Each figure
+is the best (lowest) of --runs runs, from os.wait4's rusage of that Zeek process: wall time, CPU
+time (user + system, all of Zeek's threads) and peak resident memory. The goal (the package adds
+at most 30 % to Zeek's own time) is judged on CPU time: on a shared machine wall time also counts
+the other processes.
+
+For the flood, a small script loaded with the package samples |StepStone::tracks| every 10 s of
+trace time and prints the largest and the last sample before Zeek shut down.
+
+    python bench/zeek_overhead.py [--zeek PATH] [--runs 3] [--connections 800000]
+                                  [--flood-syns 1000000] [--no-flood] [--local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import ipaddress
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "zeek-scripts"
+GENERATOR = 1  # part of the cached file names: bump when the traffic written changes
+START_US = 1_700_000_000 * 1_000_000  # first packet, epoch microseconds
+DARKNET4 = ipaddress.ip_network("198.18.0.0/15")
+DARKNET6 = ipaddress.ip_network("2001:db8:ffff::/48")
+GOAL = 30.0  # %: the most the package may add to Zeek's own CPU time
+
+MAC_TAP = bytes.fromhex("020000000001")  # the upstream router, as the tap sees it
+MAC_DARK = bytes.fromhex("020000000002")  # the darknet's responder
+ETH4_IN = MAC_DARK + MAC_TAP + b"\x08\x00"
+ETH4_OUT = MAC_TAP + MAC_DARK + b"\x08\x00"
+ETH6_IN = MAC_DARK + MAC_TAP + b"\x86\xdd"
+ETH6_OUT = MAC_TAP + MAC_DARK + b"\x86\xdd"
+
+IP4 = struct.Struct("!BBHHHBBH4s4s")
+IP6 = struct.Struct("!IHBB16s16s")
+TCP = struct.Struct("!HHIIBBHHH")
+UDP = struct.Struct("!HHHH")
+RECORD = struct.Struct("<IIII")
+# MSS, SACK permitted, timestamps, NOP, window scale: a Linux SYN and SYN+ACK.
+LINUX_OPTS = struct.pack("!BBH BB BBII B BBB", 2, 4, 1460, 4, 2, 8, 10, 1, 0, 1, 3, 3, 7)
+MSS_OPT = struct.pack("!BBH", 2, 4, 1460)
+FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
+PORTS = (23, 22, 80, 443, 445, 3389, 8080, 2323, 5555, 6379, 1433, 3306, 5900, 8443, 81, 8291)
+PAYLOAD = bytes(random.Random(7).randrange(256) for _ in range(4096))
+
+
+class Pcap:
+    """A pcap file (DLT_EN10MB, microsecond times) written in big buffered chunks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_suffix(".part")
+        self.file = self.tmp.open("wb")
+        self.file.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        self.buf: list[bytes] = []
+        self.packets = 0
+
+    def write(self, t_us: int, frame: bytes) -> None:
+        if len(frame) < 60:
+            frame += bytes(60 - len(frame))  # Ethernet pads short frames
+        n = len(frame)
+        self.buf.append(RECORD.pack(t_us // 1_000_000, t_us % 1_000_000, n, n) + frame)
+        self.packets += 1
+        if len(self.buf) >= 65536:
+            self.file.write(b"".join(self.buf))
+            self.buf.clear()
+
+    def close(self) -> None:
+        self.file.write(b"".join(self.buf))
+        self.file.close()
+        self.tmp.replace(self.path)  # a run cut short leaves no half capture in the cache
+
+
+def tcp4(  # noqa: PLR0917 - the header's fields, in the header's order
+    inbound: bool,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    win: int,
+    ttl: int,
+    opts: bytes = b"",
+    payload: bytes = b"",
+) -> bytes:
+    tcp = TCP.pack(sport, dport, seq, ack, (5 + len(opts) // 4) << 4, flags, win, 0, 0)
+    ip = IP4.pack(0x45, 0, 40 + len(opts) + len(payload), seq & 0xFFFF, 0x4000, ttl, 6, 0, src, dst)
+    return (ETH4_IN if inbound else ETH4_OUT) + ip + tcp + opts + payload
+
+
+def tcp6(  # noqa: PLR0917
+    inbound: bool,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    win: int,
+    ttl: int,
+    opts: bytes = b"",
+    payload: bytes = b"",
+) -> bytes:
+    tcp = TCP.pack(sport, dport, seq, ack, (5 + len(opts) // 4) << 4, flags, win, 0, 0)
+    ip = IP6.pack(0x60000000, 20 + len(opts) + len(payload), 6, ttl, src, dst)
+    return (ETH6_IN if inbound else ETH6_OUT) + ip + tcp + opts + payload
+
+
+Packets = list[tuple[int, bytes]]  # (offset from the first SYN in microseconds, frame)
+
+
+class Traffic:
+    """Darknet-like connections, each as its packets; `rng` decides everything."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.sources4 = [self._outside4() for _ in range(60_000)]
+        self.sources6 = [
+            struct.pack("!QQ", 0x2001_0DB8_0000_0000 | rng.getrandbits(32), rng.getrandbits(64))
+            for _ in range(6_000)
+        ]
+        self.servers4 = [bytes((192, 0, 2, i)) for i in range(1, 255)]
+
+    def _outside4(self) -> bytes:
+        rng = self.rng
+        while True:
+            a = rng.randrange(1 << 24, 224 << 24)
+            if not (0xC6120000 <= a < 0xC6140000 or a >> 24 in (10, 127)):
+                return a.to_bytes(4, "big")
+
+    def _source(self, v6: bool) -> bytes:
+        pool = self.sources6 if v6 else self.sources4
+        # Skewed: a few sources send most of the SYNs, as on a real darknet.
+        return pool[int(len(pool) * self.rng.random() ** 3)]
+
+    def _darknet(self, v6: bool) -> bytes:
+        if v6:
+            return DARKNET6.network_address.packed[:6] + self.rng.getrandbits(80).to_bytes(10, "big")
+        return (0xC6120000 | self.rng.getrandbits(17)).to_bytes(4, "big")
+
+    def _tp(self) -> int:
+        """Client round trip, microseconds: 5 ms to 800 ms around 80 ms."""
+        return min(800_000, max(5_000, int(self.rng.lognormvariate(11.3, 0.8))))
+
+    def darknet(self) -> Packets:
+        rng = self.rng
+        v6 = rng.random() < 0.1
+        tcp = tcp6 if v6 else tcp4
+        src, dst = self._source(v6), self._darknet(v6)
+        sport, dport = rng.randrange(1024, 65536), rng.choice(PORTS)
+        cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
+        kind = rng.random()
+        synack_at = rng.randrange(50, 400)
+        ttl = rng.randrange(30, 250)
+
+        def synack(at: int) -> tuple[int, bytes]:
+            return at, tcp(False, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS)
+
+        def client(at: int, flags: int, payload: bytes = b"", seq: int = 1) -> tuple[int, bytes]:
+            return at, tcp(
+                True, src, dst, sport, dport, cseq + seq, sseq + 1, flags, 502, ttl, payload=payload
+            )
+
+        if kind < 0.55:  # stack-less scanner
+            opts = MSS_OPT if rng.random() < 0.5 else b""
+            syn = (0, tcp(True, src, dst, sport, dport, cseq, 0, SYN, rng.choice((1024, 65535)), ttl, opts))
+            at = synack_at + self._tp()
+            rst = (at, tcp(True, src, dst, sport, dport, cseq + 1, 0, RST, 0, ttl))
+            return [syn, synack(synack_at), rst]
+        syn = (0, tcp(True, src, dst, sport, dport, cseq, 0, SYN, 64240, ttl, LINUX_OPTS))
+        if kind < 0.70:  # a stack that completes the handshake
+            at = synack_at + self._tp()
+            out = [syn, synack(synack_at), client(at, ACK)]
+            seq = 1
+            if rng.random() < 0.5:
+                size = rng.randrange(20, 400)
+                data = PAYLOAD[rng.randrange(4096 - size) :][:size]
+                out.append(client(at + 200, PSH | ACK, data))
+                out.append(
+                    (at + 400, tcp(False, dst, src, dport, sport, sseq + 1, cseq + 1 + size, ACK, 509, 64))
+                )
+                seq += size
+            if rng.random() < 0.5:
+                rtt = at - synack_at
+                out.append(client(at + 1000, FIN | ACK, seq=seq))
+                out.append(
+                    (
+                        at + 1200,
+                        tcp(False, dst, src, dport, sport, sseq + 1, cseq + seq + 1, FIN | ACK, 509, 64),
+                    )
+                )
+                out.append(client(at + 1200 + rtt, ACK, seq=seq + 1))
+            else:
+                out.append(client(at + 1000, RST | ACK, seq=seq))
+            return out
+        if kind < 0.72:  # the reply comes after a retransmitted SYN+ACK
+            at = 1_000_000 + synack_at + self._tp()
+            return [syn, synack(synack_at), synack(1_000_000 + synack_at), client(at, RST)]
+        if kind < 0.77:  # SYN+ACK never answered
+            return [syn, synack(synack_at), synack(1_000_000 + synack_at), synack(3_000_000 + synack_at)]
+        if rng.random() < 0.3:  # the darknet does not answer this port; the client tries again
+            return [syn, (1_000_000, syn[1])]
+        return [syn]
+
+    def outside(self) -> Packets:
+        """A short TCP conversation between two hosts outside the darknet."""
+        rng = self.rng
+        src, dst = self._source(False), rng.choice(self.servers4)
+        sport, dport = rng.randrange(1024, 65536), rng.choice((443, 80, 8443))
+        cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
+        rtt = self._tp() // 4
+        out: Packets = [
+            (0, tcp4(False, src, dst, sport, dport, cseq, 0, SYN, 64240, 60, LINUX_OPTS)),
+            (rtt, tcp4(True, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS)),
+            (rtt + 50, tcp4(False, src, dst, sport, dport, cseq + 1, sseq + 1, ACK, 502, 60)),
+        ]
+        at, c, s = rtt + 100, 1, 1
+        for _ in range(rng.randrange(1, 4)):
+            ask, answer = rng.randrange(50, 300), rng.randrange(100, 1400)
+            out.append(
+                (
+                    at,
+                    tcp4(
+                        False,
+                        src,
+                        dst,
+                        sport,
+                        dport,
+                        cseq + c,
+                        sseq + s,
+                        PSH | ACK,
+                        502,
+                        60,
+                        payload=PAYLOAD[:ask],
+                    ),
+                )
+            )
+            c += ask
+            at += rtt
+            out.append(
+                (
+                    at,
+                    tcp4(
+                        True,
+                        dst,
+                        src,
+                        dport,
+                        sport,
+                        sseq + s,
+                        cseq + c,
+                        PSH | ACK,
+                        509,
+                        64,
+                        payload=PAYLOAD[ask : ask + answer],
+                    ),
+                )
+            )
+            s += answer
+            at += 100
+        out.append((at, tcp4(False, src, dst, sport, dport, cseq + c, sseq + s, FIN | ACK, 502, 60)))
+        out.append((at + rtt, tcp4(True, dst, src, dport, sport, sseq + s, cseq + c + 1, FIN | ACK, 509, 64)))
+        out.append(
+            (at + rtt + 50, tcp4(False, src, dst, sport, dport, cseq + c + 1, sseq + s + 1, ACK, 502, 60))
+        )
+        return out
+
+    def flood(self) -> Packets:
+        """One SYN from a fresh random source; half get a SYN+ACK (retransmitted), none a reply."""
+        rng = self.rng
+        src, dst = self._outside4(), self._darknet(False)
+        sport, dport = rng.randrange(1024, 65536), rng.choice(PORTS)
+        cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
+        out = [(0, tcp4(True, src, dst, sport, dport, cseq, 0, SYN, 1024, rng.randrange(30, 250)))]
+        if rng.random() < 0.5:
+            for at in (100, 1_000_100, 3_000_100):
+                out.append(
+                    (
+                        at,
+                        tcp4(False, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS),
+                    )
+                )
+        return out
+
+
+def write_capture(
+    path: Path, count: int, rate: float, make: Callable[[], Packets], rng: random.Random
+) -> int:
+    """`count` connections starting at `rate` per second (Poisson), merged in time order."""
+    pcap = Pcap(path)
+    pending: list[tuple[int, int, bytes]] = []  # heap of (time, tie-break, frame)
+    order = 0
+    t = START_US
+    for _ in range(count):
+        t += int(rng.expovariate(rate) * 1e6) + 1
+        while pending and pending[0][0] <= t:
+            at, _, frame = heapq.heappop(pending)
+            pcap.write(at, frame)
+        for offset, frame in make():
+            order += 1
+            heapq.heappush(pending, (t + offset, order, frame))
+    while pending:
+        at, _, frame = heapq.heappop(pending)
+        pcap.write(at, frame)
+    pcap.close()
+    return pcap.packets
+
+
+@dataclass
+class Capture:
+    path: Path
+    packets: int
+    connections: int
+    seconds: float  # of trace time
+
+
+def capture(cache: Path, name: str, count: int, rate: float, seed: int) -> Capture:
+    path = cache / f"{name}-g{GENERATOR}-n{count}-r{rate:g}-s{seed}.pcap"
+    meta = path.with_suffix(".packets")
+    if not (path.exists() and meta.exists()):
+        rng = random.Random(f"{name}/{seed}")
+        traffic = Traffic(rng)
+        if name == "flood":
+            make = traffic.flood
+        else:
+
+            def make() -> Packets:
+                return traffic.outside() if rng.random() < 0.10 else traffic.darknet()
+
+        began = time.perf_counter()
+        print(f"writing {path} ...", file=sys.stderr, flush=True)
+        packets = write_capture(path, count, rate, make, rng)
+        meta.write_text(f"{packets}\n")
+        print(f"  {packets} packets in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    return Capture(path, int(meta.read_text()), count, count / rate)
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float
+    rss_mb: float
+    stdout: str
+
+
+def run_zeek(zeek: str, args: list[str], workdir: Path) -> Run:
+    """One `zeek` process in a fresh directory (its logs are written and thrown away)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    out, err = workdir / "stdout", workdir / "stderr"
+    with out.open("wb") as o, err.open("wb") as e:
+        began = time.perf_counter()
+        proc = subprocess.Popen([zeek, *args], cwd=workdir, stdout=o, stderr=e)
+        # wait4: the rusage of this one child (RUSAGE_CHILDREN would keep the largest RSS so far).
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - began
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(
+            f"zeek_overhead: {zeek} {' '.join(args)} exited {proc.returncode}: "
+            f"{err.read_text(errors='replace').strip()[-500:]}"
+        )
+    text = out.read_text(errors="replace")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, text)
+
+
+def best(runs: list[Run]) -> Run:
+    return Run(
+        min(r.wall for r in runs), min(r.cpu for r in runs), min(r.rss_mb for r in runs), runs[-1].stdout
+    )
+
+
+SITE = """\
+# Written by bench/zeek_overhead.py: the capture's darknet, no WebSocket listener.
+redef StepStone::darknet_subnets = {{ {v4}, [{v6}]/{v6len} }};
+redef StepStone::websocket_port = 0/tcp;
+"""
+
+SAMPLER = """\
+# Written by bench/zeek_overhead.py: |StepStone::tracks| every 10 s of trace time.
+global stepstone_bench_max = 0;
+global stepstone_bench_last = 0;
+
+event stepstone_bench_sample()
+	{
+	if ( zeek_is_terminating() )
+		return;
+	stepstone_bench_last = |StepStone::tracks|;
+	if ( stepstone_bench_last > stepstone_bench_max )
+		stepstone_bench_max = stepstone_bench_last;
+	schedule 10sec { stepstone_bench_sample() };
+	}
+
+event network_time_init()
+	{
+	schedule 10sec { stepstone_bench_sample() };
+	}
+
+event zeek_done()
+	{
+	print fmt("tracks max %d last %d", stepstone_bench_max, stepstone_bench_last);
+	}
+"""
+
+
+def measure(zeek: str, cap: Capture, scripts: list[str], runs: int, work: Path) -> Run:
+    return best([run_zeek(zeek, ["-C", "-r", str(cap.path), *scripts], work) for _ in range(runs)])
+
+
+def row(label: str, r: Run) -> str:
+    return f"  {label:<22} {r.wall:9.2f} {r.cpu:9.2f} {r.rss_mb:9.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zeek", default=shutil.which("zeek"), help="zeek binary (default: zeek on PATH)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each measure; the best counts")
+    parser.add_argument("--connections", type=int, default=800_000, help="connections in the capture")
+    parser.add_argument("--rate", type=float, default=2000.0, help="new connections per second of trace")
+    parser.add_argument("--flood-syns", type=int, default=1_000_000, help="SYNs in the flood capture")
+    parser.add_argument("--flood-rate", type=float, default=2000.0, help="flood SYNs per second of trace")
+    parser.add_argument("--no-flood", action="store_true", help="skip the flood")
+    parser.add_argument("--local", action="store_true", help="load site/local.zeek in both runs")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "stepstone-zeek-bench")
+    args = parser.parse_args(argv)
+    if not args.zeek or not Path(args.zeek).is_file() or not os.access(args.zeek, os.X_OK):
+        print(
+            f"zeek_overhead: no zeek binary ({args.zeek or 'none on PATH'}); use --zeek PATH", file=sys.stderr
+        )
+        return 2
+    if args.runs < 1 or args.connections < 1 or args.flood_syns < 1 or args.rate <= 0 or args.flood_rate <= 0:
+        print(
+            "zeek_overhead: --runs, --connections, --flood-syns and the rates must be positive",
+            file=sys.stderr,
+        )
+        return 2
+    zeek = str(Path(args.zeek).resolve())
+    version = subprocess.run([zeek, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    site = args.cache / "bench-site.zeek"
+    site.write_text(SITE.format(v4=DARKNET4, v6=DARKNET6.network_address, v6len=DARKNET6.prefixlen))
+    sampler = args.cache / "bench-tracks.zeek"
+    sampler.write_text(SAMPLER)
+    base = ["local"] if args.local else []
+    package = [*base, str(PACKAGE), str(site)]
+    work = args.cache / f"run-{os.getpid()}"
+
+    dark = capture(args.cache, "darknet", args.connections, args.rate, args.seed)
+    print(f"measuring {version} on {dark.path.name}, best of {args.runs} ...", file=sys.stderr, flush=True)
+    alone = measure(zeek, dark, base, args.runs, work)
+    with_pkg = measure(zeek, dark, package, args.runs, work)
+    flood = flood_alone = flood_pkg = None
+    if not args.no_flood:
+        flood = capture(args.cache, "flood", args.flood_syns, args.flood_rate, args.seed)
+        flood_alone = measure(zeek, flood, base, args.runs, work)
+        flood_pkg = measure(zeek, flood, [*package, str(sampler)], args.runs, work)
+
+    baseline = "base scripts + site/local.zeek" if args.local else "default (base) scripts"
+    print(f"{version}, {baseline}; best of {args.runs} runs")
+    print(
+        f"capture: {dark.packets} packets, {dark.connections} connections over {dark.seconds:.0f} s of trace"
+    )
+    print(f"  {'':<22} {'wall s':>9} {'CPU s':>9} {'peak MB':>9}")
+    print(row("Zeek alone", alone))
+    print(row("with the package", with_pkg))
+    cpu = (with_pkg.cpu / alone.cpu - 1) * 100
+    wall = (with_pkg.wall / alone.wall - 1) * 100
+    verdict = "met" if cpu <= GOAL else "NOT met"
+    print(
+        f"  overhead: CPU {cpu:+.1f} %, wall {wall:+.1f} %, memory {with_pkg.rss_mb - alone.rss_mb:+.0f} MB; "
+        f"goal <= {GOAL:.0f} % CPU: {verdict}"
+    )
+    if flood and flood_alone and flood_pkg:
+        print(
+            f"flood: {flood.packets} packets, {flood.connections} SYNs over {flood.seconds:.0f} s of trace, "
+            "never answered by the client"
+        )
+        print(row("Zeek alone", flood_alone))
+        print(row("with the package", flood_pkg))
+        print(
+            f"  package memory {flood_pkg.rss_mb - flood_alone.rss_mb:+.0f} MB; "
+            f"|StepStone::tracks| {flood_pkg.stdout.strip().removeprefix('tracks ')} "
+            f"(sampled every 10 s; SYNs in one reply_wait: {args.flood_rate * 30:.0f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
