@@ -42,6 +42,8 @@ from analyzer.verdicts import JsonLog, entry_fields, from_entry
 from osfp import FingerprintError
 from prober import streams
 from prober.job import JobError, Result, short
+from prober.options import DAY, YEAR, check_ranges
+from prober.queue import MAX_DEADLINE, MAX_DEDUP_WINDOW
 
 log = logging.getLogger("stepstone.analyzer")
 
@@ -62,6 +64,15 @@ OS_LEVELS = ("class", "name", "flavor")
 POISON = (HandshakeError, JobError, StateError)
 MAX_JOB_ID = 64  # characters of a job id (Redis makes them: ms-seq)
 MAX_REASON = 1000  # characters of a dead letter's reason kept with the job's outcome
+# Every numeric option's range (by argparse dest), checked after the more specific checks.
+RANGES: dict[str, tuple[float, float]] = {
+    "metrics_port": (0, 65535),
+    "window": (1, YEAR),
+    "dedup_window": (0.001, MAX_DEDUP_WINDOW),
+    "deadline": (0.001, MAX_DEADLINE),
+    "claim_after": (0.001, DAY),
+    "max_records": (1, 1_000_000),
+}
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
 
 EPILOG = """\
@@ -206,6 +217,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise InputError(f"--metrics-port: not a port: {args.metrics_port}")
     if not args.consumer or not args.prefix or not args.zeek_group:
         raise InputError("--consumer, --prefix and --zeek-group must not be empty")
+    try:
+        check_ranges(args, RANGES)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     return Config(
         redis_url=args.redis, handshakes=args.handshakes, zeek_url=args.zeek, log_dir=args.log_dir,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, prefix=args.prefix,

@@ -18,9 +18,10 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober.audit import AuditLog, default_path
-from prober.job import DEFAULT_PORTS, Job, JobError
+from prober.job import DEFAULT_PORTS, EPOCH_MAX, Job, JobError
+from prober.options import DAY, YEAR, check_ranges
 from prober.probe import Prober, ProbeSettings
-from prober.queue import DEFAULT_PREFIX, ProbeQueue, QueueConfigError, connect
+from prober.queue import DEFAULT_PREFIX, MAX_DEADLINE, MAX_DEDUP_WINDOW, ProbeQueue, QueueConfigError, connect
 from prober.safety import TargetPolicy, parse_networks
 from prober.worker import Worker, WorkerSettings, default_name
 
@@ -29,6 +30,30 @@ DEFAULT_REDIS = os.environ.get("STEPSTONE_REDIS", "redis://localhost:6379/0")
 
 class UsageError(Exception):
     """Bad configuration: one line on stderr, exit 2."""
+
+
+# Every numeric option's range (by argparse dest), checked after the more specific checks below.
+RANGES: dict[str, tuple[float, float]] = {
+    "concurrency": (1, 10_000),
+    "rate": (0, 1e6),
+    "target_interval": (0, YEAR),
+    "claim_idle": (0.001, DAY),
+    "max_deliveries": (1, 1000),
+    "max_ports": (1, 65535),
+    "count": (1, 100),
+    "interval": (0, 10),
+    "reply_wait": (0.01, 30),
+    "t": (0, EPOCH_MAX),
+    "deadline": (0.001, MAX_DEADLINE),
+    "dedup_window": (0, MAX_DEDUP_WINDOW),
+}
+
+
+def _ranges(args: argparse.Namespace) -> None:
+    try:
+        check_ranges(args, RANGES)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _ports(text: str) -> tuple[int, ...]:
@@ -199,6 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # rate limiter's arithmetic on the first job (a safety limit must fail at start-up).
     if not (0 <= args.rate < math.inf and 0 <= args.target_interval < math.inf):
         raise UsageError("--rate and --target-interval must be finite numbers >= 0")
+    _ranges(args)
     audit = _audit(args, name)
 
     async def main() -> int:
@@ -241,6 +267,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     policy, probe_settings = _policy(args), _settings(args)
+    _ranges(args)
     try:
         job = Job.from_fields("cli", {"src": args.address, "t": repr(time.time()),
                                       "deadline": repr(time.time() + 3600),
@@ -269,6 +296,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    try:
+        ProbeQueue.check_settings(args.dedup_window, args.deadline)  # the same limits, its message
+    except QueueConfigError as exc:
+        raise UsageError(str(exc)) from None
+    _ranges(args)
+
     async def main() -> int:
         conn = await _connect(args.redis)
         try:

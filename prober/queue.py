@@ -151,17 +151,22 @@ class ProbeQueue:
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX,
                  dedup_window: float = 3600.0, deadline: float = 60.0) -> None:
-        # Written so that nan and inf fail too (they passed `< 0` and broke int() in enqueue).
-        if not (0 <= dedup_window <= MAX_DEDUP_WINDOW and 0 < deadline <= MAX_DEADLINE):
-            raise QueueConfigError(
-                f"dedup_window must be >= 0 and deadline > 0 seconds, both finite (at most "
-                f"{MAX_DEDUP_WINDOW:.0f} and {MAX_DEADLINE:.0f}), not {dedup_window:g} and {deadline:g}")
+        self.check_settings(dedup_window, deadline)
         self.redis = redis
         self.keys = Keys(prefix)
         self.dedup_window = dedup_window
         self.deadline = deadline
         self._enqueue = redis.register_script(_ENQUEUE)
         self._lost_ack = False
+
+    @staticmethod
+    def check_settings(dedup_window: float, deadline: float) -> None:
+        """QueueConfigError unless both settings are usable."""
+        # Written so that nan and inf fail too (they passed `< 0` and broke int() in enqueue).
+        if not (0 <= dedup_window <= MAX_DEDUP_WINDOW and 0 < deadline <= MAX_DEADLINE):
+            raise QueueConfigError(
+                f"dedup_window must be >= 0 and deadline > 0 seconds, both finite (at most "
+                f"{MAX_DEDUP_WINDOW:.0f} and {MAX_DEADLINE:.0f}), not {dedup_window:g} and {deadline:g}")
 
     async def enqueue(self, src: str, t: float, *, ports: Sequence[int] | None = None) -> str | None:
         """Queue a probe of `src` for the SYN seen at epoch `t`; the job id, or None when `src` was

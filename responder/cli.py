@@ -37,7 +37,8 @@ def _darknet(text: str) -> Network:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits, at most 5: int() refuses '²' and a 5000-digit number with a traceback-ish error.
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
     return int(text)
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from analyzer.handshake import Handshake
 from osfp.checksum import internet_checksum, tcp_checksum
+from prober.job import DURATION_MAX_US
 
 # Not exported by Python's socket module (linux/tcp.h, linux/netfilter_ipv4.h, ..._ipv6.h).
 TCP_SAVE_SYN = 27
@@ -104,7 +105,8 @@ def describe(conn: socket.socket, peer: tuple[str, int] | tuple[str, int, int, i
     (rtt_us,) = struct.unpack_from("=I", info, _TCPI_RTT)
     (retrans,) = struct.unpack_from("=I", info, _TCPI_TOTAL_RETRANS)
     # A retransmitted SYN+ACK makes the sample ambiguous (Karn): keep the connection, drop the time.
-    tp_us = rtt_us if retrans == 0 and rtt_us > 0 else None
+    # (An RTT past the streams' bound, an hour, is no measurement either: the analyzer refuses it.)
+    tp_us = rtt_us if retrans == 0 and 0 < rtt_us <= DURATION_MAX_US else None
     # Accept happens just after the ACK; the SYN+ACK went out one RTT earlier, a moment after the SYN.
     synack = now - (tp_us or 0) / 1e6
     src = str(ipaddress.ip_address(peer[0].split("%")[0]))
