@@ -147,10 +147,22 @@ export {
 		timing_samples: count &optional;
 		## Measurements in the window whose SYN OS and probe OS differ.
 		os_mismatches: count &optional;
+		## The analyzer's id for this verdict. When set, the verdict is
+		## confirmed with *verdict_ack* once it is logged; the analyzer
+		## sends again what was not confirmed (at least once).
+		id: string &optional;
 	};
 
 	## Published by the analyzer to *verdict_topic*.
 	global verdict: event(v: Verdict);
+
+	## Topic of *verdict_ack* (Zeek -> analyzer).
+	const verdict_ack_topic = "stepstone/verdict-ack" &redef;
+
+	## Published for each verdict with an *id* once it is logged: the
+	## analyzer then lets go of it. A verdict sent again (Zeek restarted
+	## before confirming it) is logged again.
+	global verdict_ack: event(id: string);
 
 	redef enum Log::ID += { LOG };
 

@@ -60,6 +60,17 @@ function publish_handshake(h: HandshakeInfo)
 @endif
 	}
 
+# Only the hub handles verdicts (it alone subscribes to verdict_topic), so it
+# answers on the topic its WebSocket clients subscribe to.
+function publish_verdict_ack(id: string)
+	{
+@if ( Version::number >= 70100 )
+	Cluster::publish(verdict_ack_topic, StepStone::verdict_ack, id);
+@else
+	Broker::publish(verdict_ack_topic, StepStone::verdict_ack, id);
+@endif
+	}
+
 event StepStone::relay_handshake(h: HandshakeInfo)
 	{
 	if ( is_hub() )

@@ -10,6 +10,7 @@
 
 @load base/frameworks/notice
 @load ./main
+@load ./transport
 
 module StepStone;
 
@@ -162,7 +163,7 @@ function log_line(v: Verdict): Info
 	return rec;
 	}
 
-event StepStone::verdict(v: Verdict)
+function handle_verdict(v: Verdict)
 	{
 	local rec = log_line(v);
 	local rule = noticed_by(v);
@@ -203,4 +204,13 @@ event StepStone::verdict(v: Verdict)
 
 	NOTICE([$note=Relay_Detected, $src=v$src, $msg=msg,
 	    $sub=rule_evidence(v, rule), $identifier=cat(v$src)]);
+	}
+
+event StepStone::verdict(v: Verdict)
+	{
+	handle_verdict(v);
+
+	# Logged and noticed: the analyzer may let go of it.
+	if ( v?$id )
+		publish_verdict_ack(v$id);
 	}
