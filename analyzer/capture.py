@@ -6,20 +6,24 @@ larger than `len(frame)` when the capture's snapshot length cut the frame short.
 integer nanoseconds so that T^p (a difference of two timestamps) is exact in microseconds whatever
 the file's resolution.
 
+The input is read in chunks, never whole: a regular file, a pipe (`<(zcat x.pcap.gz)`), a
+character device or standard input (`tcpdump -w - | ...`) all take memory bounded by the chunk
+size and the largest record allowed (MAX_CAPLEN, MAX_BLOCK).
+
 A framing error (bad magic, truncated header or record, impossible length) makes the rest of the
 file unreadable: the reader raises `CaptureError` naming the byte offset and packet number after
 yielding every packet before it. A record that is readable but odd (captured length larger than the
-original length) is reported through `on_error` and skipped, and reading goes on.
+original length, an undeclared pcapng interface) is reported through `on_error` and skipped, and
+reading goes on.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 # packet number (1-based), timestamp ns, linktype, frame bytes (as captured), original length
 Frame = tuple[int, int, int, bytes, int]
@@ -27,6 +31,11 @@ Frame = tuple[int, int, int, bytes, int]
 # Larger than any snapshot length tools write (262144; 256 MiB is libpcap's hard limit for some
 # link types, but nothing we read comes close): a bigger length means a corrupt file.
 MAX_CAPLEN = 262_144 * 4
+# A pcapng block we parse (section and interface headers, packets) is at most a packet plus its
+# options; longer means a corrupt file. Blocks we skip (statistics, name resolution, custom) may be
+# any length: they are read past in chunks, never held.
+MAX_BLOCK = MAX_CAPLEN + 65_536
+CHUNK = 1 << 20  # bytes per read
 
 _PCAP_MAGIC = {
     b"\xd4\xc3\xb2\xa1": ("<", 1_000, 16),  # microseconds, little endian
@@ -37,6 +46,7 @@ _PCAP_MAGIC = {
     b"\xa1\xb2\xcd\x34": (">", 1_000, 24),
 }
 _PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+_PCAPNG_PARSED = frozenset((0x0A0D0D0A, 1, 2, 3, 6))  # SHB, IDB, PB, SPB, EPB
 
 
 class CaptureError(ValueError):
@@ -46,79 +56,156 @@ class CaptureError(ValueError):
 ErrorHandler = Callable[[str], None]
 
 
+class _Input:
+    """The bytes of a capture, read in chunks: `buf[pos:]` is read but not yet parsed.
+
+    `base` is the file offset of `buf[0]`, so `base + pos` is the byte offset errors name.
+    """
+
+    __slots__ = ("base", "buf", "eof", "fd", "name", "pos")
+
+    def __init__(self, name: str, fd: int) -> None:
+        self.name = name
+        self.fd = fd
+        self.buf = b""
+        self.pos = 0
+        self.base = 0
+        self.eof = False
+
+    def fill(self, need: int) -> bool:
+        """Make `buf[pos:pos + need]` available; False when the input ends first."""
+        have = len(self.buf) - self.pos
+        if have >= need:
+            return True
+        parts = [self.buf[self.pos :]]
+        self.base += self.pos
+        self.pos = 0
+        while have < need and not self.eof:
+            data = self._read(max(CHUNK, need - have))
+            if data:
+                parts.append(data)
+                have += len(data)
+            else:
+                self.eof = True
+        self.buf = b"".join(parts)
+        return have >= need
+
+    def skip(self, count: int) -> int:
+        """Pass over `count` bytes without keeping them; returns how many there were."""
+        have = len(self.buf) - self.pos
+        if have >= count:
+            self.pos += count
+            return count
+        skipped = have
+        self.base += len(self.buf)
+        self.buf = b""
+        self.pos = 0
+        while skipped < count and not self.eof:
+            data = self._read(min(CHUNK, count - skipped))
+            if data:
+                skipped += len(data)
+            else:
+                self.eof = True
+        self.base += skipped - have
+        return skipped
+
+    @property
+    def available(self) -> int:
+        return len(self.buf) - self.pos
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return os.read(self.fd, size)
+        except OSError as exc:
+            raise CaptureError(f"{self.name}: byte offset {self.base + len(self.buf)}: read error: "
+                               f"{exc.strerror or exc}") from None
+
+
 def read_capture(path: str | os.PathLike[str], on_error: ErrorHandler | None = None) -> Iterator[Frame]:
-    """Every packet of a pcap or pcapng file, in file order."""
+    """Every packet of a pcap or pcapng file, in file order. '-' reads standard input."""
     name = os.fspath(path)
     if name == "-":
-        yield from _read_bytes("standard input", sys.stdin.buffer.read(), on_error)
+        yield from _read(_Input("standard input", sys.stdin.fileno()), on_error)
         return
     try:
-        f: BinaryIO = open(name, "rb")  # noqa: SIM115 (closed in finally; mmap needs the file)
+        fd = os.open(name, os.O_RDONLY)
     except OSError as exc:
         raise CaptureError(f"{name}: cannot open: {exc.strerror}") from None
-    data: bytes | mmap.mmap = b""
     try:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CaptureError(f"{name}: cannot open: Is a directory")
+        # A pipe or device (`<(zcat x.pcap.gz)`, /dev/stdin) has no size: read it as a stream.
+        if stat.S_ISREG(mode) and os.fstat(fd).st_size == 0:
             raise CaptureError(f"{name}: empty file, not a capture")
-        try:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            data = f.read()  # a pipe or special file: read it whole
-        yield from _read_bytes(name, data, on_error)
+        yield from _read(_Input(name, fd), on_error)
     finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
-        f.close()
+        os.close(fd)
 
 
-def _read_bytes(name: str, data: bytes | mmap.mmap, on_error: ErrorHandler | None) -> Iterator[Frame]:
+def _read(src: _Input, on_error: ErrorHandler | None) -> Iterator[Frame]:
     report = on_error or (lambda message: None)
-    magic = bytes(data[:4])
+    src.fill(4)
+    magic = bytes(src.buf[:4])
     if magic in _PCAP_MAGIC:
-        yield from _pcap(name, data, magic, report)
+        yield from _pcap(src, magic, report)
     elif magic == _PCAPNG_SHB:
-        yield from _pcapng(name, data, report)
+        yield from _pcapng(src, report)
     elif not magic:
-        raise CaptureError(f"{name}: empty, not a capture")
+        raise CaptureError(f"{src.name}: empty, not a capture")
     else:
-        raise CaptureError(f"{name}: byte offset 0: not a pcap or pcapng file (magic {magic.hex()})")
+        raise CaptureError(f"{src.name}: byte offset 0: not a pcap or pcapng file (magic {magic.hex()})")
 
 
-def _pcap(name: str, data: bytes | mmap.mmap, magic: bytes, report: ErrorHandler) -> Iterator[Frame]:
+def _pcap(src: _Input, magic: bytes, report: ErrorHandler) -> Iterator[Frame]:
+    name = src.name
     order, scale, record_size = _PCAP_MAGIC[magic]
-    if len(data) < 24:
-        raise CaptureError(f"{name}: byte offset 0: pcap file header truncated ({len(data)} of 24 bytes)")
-    linktype = struct.unpack_from(order + "I", data, 20)[0] & 0xFFFF  # upper bits: FCS info
-    record = struct.Struct(order + "IIII")
-    unpack = record.unpack_from
-    end = len(data)
-    offset = 24
+    if not src.fill(24):
+        raise CaptureError(f"{name}: byte offset 0: pcap file header truncated ({src.available} of 24 bytes)")
+    linktype = struct.unpack_from(order + "I", src.buf, src.pos + 20)[0] & 0xFFFF  # upper bits: FCS info
+    unpack = struct.Struct(order + "IIII").unpack_from
+    buf = src.buf
+    pos = src.pos + 24
+    end = len(buf)
     number = 0
-    while offset < end:
+    while True:
+        if pos + record_size > end:
+            src.pos = pos
+            if not src.fill(record_size):
+                if not src.available:
+                    return
+                raise CaptureError(
+                    f"{name}: byte offset {src.offset}: packet {number + 1}: record header truncated "
+                    f"({src.available} of {record_size} bytes)"
+                )
+            buf, pos, end = src.buf, src.pos, len(src.buf)
         number += 1
-        if offset + record_size > end:
-            raise CaptureError(
-                f"{name}: byte offset {offset}: packet {number}: record header truncated "
-                f"({end - offset} of {record_size} bytes)"
-            )
-        sec, frac, caplen, wirelen = unpack(data, offset)
-        start = offset + record_size
+        sec, frac, caplen, wirelen = unpack(buf, pos)
         if caplen > MAX_CAPLEN:
             raise CaptureError(
-                f"{name}: byte offset {offset}: packet {number}: absurd captured length {caplen}"
+                f"{name}: byte offset {src.base + pos}: packet {number}: absurd captured length {caplen}"
             )
+        start = pos + record_size
         if start + caplen > end:
-            raise CaptureError(
-                f"{name}: byte offset {offset}: packet {number}: packet data truncated "
-                f"({end - start} of {caplen} bytes)"
-            )
-        offset = start + caplen
+            src.pos = pos
+            if not src.fill(record_size + caplen):
+                raise CaptureError(
+                    f"{name}: byte offset {src.offset}: packet {number}: packet data truncated "
+                    f"({src.available - record_size} of {caplen} bytes)"
+                )
+            buf, pos, end = src.buf, src.pos, len(src.buf)
+            start = pos + record_size
+        record_offset = src.base + pos
+        pos = start + caplen
         if caplen > wirelen:
-            report(f"{name}: byte offset {start - record_size}: packet {number}: captured length {caplen} "
+            report(f"{name}: byte offset {record_offset}: packet {number}: captured length {caplen} "
                    f"exceeds original length {wirelen}; skipped")
             continue
-        yield number, sec * 1_000_000_000 + frac * scale, linktype, data[start:offset], wirelen
+        yield number, sec * 1_000_000_000 + frac * scale, linktype, buf[start:pos], wirelen
 
 
 class _Interface:
@@ -143,19 +230,21 @@ def _resolution(code: int) -> Callable[[int], int]:
     return lambda ts: ts // divisor
 
 
-def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterator[Frame]:
-    end = len(data)
-    offset = 0
+def _pcapng(src: _Input, report: ErrorHandler) -> Iterator[Frame]:
+    name = src.name
     number = 0
     order = "<"
     interfaces: list[_Interface] = []
-    while offset < end:
-        where = f"{name}: byte offset {offset}"
-        if offset + 12 > end:
-            raise CaptureError(f"{where}: pcapng block header truncated ({end - offset} of 12 bytes)")
-        block_type_raw = bytes(data[offset : offset + 4])
-        if block_type_raw == _PCAPNG_SHB:
-            bom = bytes(data[offset + 8 : offset + 12])
+    while True:
+        if not src.fill(12):
+            if not src.available:
+                return
+            raise CaptureError(f"{name}: byte offset {src.offset}: pcapng block header truncated "
+                               f"({src.available} of 12 bytes)")
+        where = f"{name}: byte offset {src.offset}"
+        buf, offset = src.buf, src.pos
+        if buf[offset : offset + 4] == _PCAPNG_SHB:
+            bom = bytes(buf[offset + 8 : offset + 12])
             if bom == b"\x4d\x3c\x2b\x1a":
                 order = "<"
             elif bom == b"\x1a\x2b\x3c\x4d":
@@ -163,22 +252,37 @@ def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterato
             else:
                 raise CaptureError(f"{where}: pcapng section header with bad byte-order magic {bom.hex()}")
             interfaces = []  # interface ids are per section
-        block_type, length = struct.unpack_from(order + "II", data, offset)
+        block_type, length = struct.unpack_from(order + "II", buf, offset)
         if length < 12 or length % 4:
             raise CaptureError(f"{where}: pcapng block length {length} is impossible")
-        if offset + length > end:
-            raise CaptureError(f"{where}: pcapng block truncated ({end - offset} of {length} bytes)")
-        trailer = struct.unpack_from(order + "I", data, offset + length - 4)[0]
+        if block_type not in _PCAPNG_PARSED:
+            # Name resolution, statistics, custom, decryption secrets: skipped, whatever their size.
+            got = src.skip(length - 4)
+            if got < length - 4 or not src.fill(4):
+                have = got + src.available
+                raise CaptureError(f"{where}: pcapng block truncated ({have} of {length} bytes)")
+            trailer = struct.unpack_from(order + "I", src.buf, src.pos)[0]
+            if trailer != length:
+                raise CaptureError(f"{where}: pcapng block lengths disagree ({length} and {trailer})")
+            src.pos += 4
+            continue
+        if length > MAX_BLOCK:
+            raise CaptureError(f"{where}: pcapng block length {length} is absurd")
+        if not src.fill(length):
+            raise CaptureError(f"{where}: pcapng block truncated ({src.available} of {length} bytes)")
+        buf, offset = src.buf, src.pos
+        trailer = struct.unpack_from(order + "I", buf, offset + length - 4)[0]
         if trailer != length:
             raise CaptureError(f"{where}: pcapng block lengths disagree ({length} and {trailer})")
+        src.pos = offset + length
         body = offset + 8
         body_end = offset + length - 4
         if block_type == 1:  # Interface Description Block
             if body + 8 > body_end:
                 raise CaptureError(f"{where}: interface description block too short")
-            linktype, _reserved, snaplen = struct.unpack_from(order + "HHI", data, body)
+            linktype, _reserved, snaplen = struct.unpack_from(order + "HHI", buf, body)
             tsresol, tsoffset = 6, 0
-            for code, value in _options(data, body + 8, body_end, order):
+            for code, value in _options(buf, body + 8, body_end, order):
                 if code == 9 and len(value) >= 1:
                     tsresol = value[0]
                 elif code == 14 and len(value) == 8:
@@ -189,10 +293,10 @@ def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterato
             if body + 20 > body_end:
                 raise CaptureError(f"{where}: packet {number}: packet block too short")
             if block_type == 6:
-                iface_id, ts_high, ts_low, caplen, wirelen = struct.unpack_from(order + "IIIII", data, body)
+                iface_id, ts_high, ts_low, caplen, wirelen = struct.unpack_from(order + "IIIII", buf, body)
             else:
                 iface_id, _drops, ts_high, ts_low, caplen, wirelen = struct.unpack_from(
-                    order + "HHIIII", data, body
+                    order + "HHIIII", buf, body
                 )
             start = body + 20
             if start + caplen > body_end:
@@ -205,7 +309,7 @@ def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterato
             else:
                 iface = interfaces[iface_id]
                 ts = iface.to_ns((ts_high << 32) | ts_low) + iface.offset_ns
-                yield number, ts, iface.linktype, bytes(data[start : start + caplen]), wirelen
+                yield number, ts, iface.linktype, bytes(buf[start : start + caplen]), wirelen
         elif block_type == 3:  # Simple Packet Block: interface 0, no timestamp
             number += 1
             if body + 4 > body_end:
@@ -213,20 +317,19 @@ def _pcapng(name: str, data: bytes | mmap.mmap, report: ErrorHandler) -> Iterato
             if not interfaces:
                 report(f"{where}: packet {number}: simple packet block before any interface; skipped")
             else:
-                wirelen = struct.unpack_from(order + "I", data, body)[0]
+                wirelen = struct.unpack_from(order + "I", buf, body)[0]
                 caplen = min(wirelen, body_end - body - 4)
                 if interfaces[0].snaplen:
                     caplen = min(caplen, interfaces[0].snaplen)
-                yield number, 0, interfaces[0].linktype, bytes(data[body + 4 : body + 4 + caplen]), wirelen
-        # Every other block (name resolution, statistics, custom, decryption secrets) is skipped.
-        offset += length
+                yield number, 0, interfaces[0].linktype, bytes(buf[body + 4 : body + 4 + caplen]), wirelen
+        # A section header needs nothing more: its byte order was taken above.
 
 
-def _options(data: bytes | mmap.mmap, pos: int, end: int, order: str) -> Iterator[tuple[int, bytes]]:
+def _options(data: bytes, pos: int, end: int, order: str) -> Iterator[tuple[int, bytes]]:
     while pos + 4 <= end:
         code, length = struct.unpack_from(order + "HH", data, pos)
         if code == 0:
             return
-        value = bytes(data[pos + 4 : pos + 4 + length])
+        value = bytes(data[pos + 4 : min(pos + 4 + length, end)])
         pos += 4 + ((length + 3) & ~3)
         yield code, value
