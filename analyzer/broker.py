@@ -35,6 +35,13 @@ and `internal/json.cc`, and against the recordings of a real Zeek 8.0.10 in `sha
 - Strings are written unescaped: a frame may be invalid UTF-8 or carry raw control characters.
   Invalid UTF-8 or invalid JSON is rejected here (`BrokerError`); raw control characters inside
   strings are accepted, since they are the string's real content.
+
+Frames are hostile input: `parse_frame` and `decode` raise `BrokerError` and nothing else, for
+anything. Before the JSON is parsed a frame's nesting is bounded (`MAX_NESTING`) and so is its
+number of JSON values (`MAX_VALUES`, which bounds the memory a frame can take once parsed); number
+literals longer than a 64-bit value or a double can be (`MAX_INT_CHARS`, `MAX_NUMBER_CHARS`) and
+NaN/Infinity are refused while parsing, so Python's int-digits limit and recursion limit are never
+reached. Error messages quote at most `QUOTE` characters of what was received.
 """
 
 from __future__ import annotations
@@ -54,9 +61,28 @@ Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
 _U64 = 2**64
 _I64 = 2**63
 
+# Bounds on one frame. A StepStone::handshake event is 11 JSON levels deep and about 60 values.
+MAX_NESTING = 64  # JSON arrays/objects inside each other (a Broker value takes two levels)
+MAX_VALUES = 100_000  # JSON containers plus separators: about 6 MB of Python objects at most
+MAX_INT_CHARS = 21  # "-9223372036854775808", "18446744073709551615": 64-bit is all Broker has
+MAX_NUMBER_CHARS = 400  # a double written in full ("%f" of 1.8e308) takes 317
+QUOTE = 60  # characters of a received value quoted in an error message
+
 
 class BrokerError(ValueError):
     """A value or message that is not valid Broker JSON v1; the message says what and where."""
+
+
+def quote(value: Any, limit: int = QUOTE) -> str:
+    """`repr(value)` cut to `limit` characters: received values go into one log line, whatever
+    their size (repr also escapes newlines and control characters)."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        value = value[: limit + 1]  # repr of a 1 MiB string is not needed to cut it
+    try:
+        text = repr(value)
+    except RecursionError:  # a structure built outside parse_frame (whose nesting is bounded)
+        text = f"<{type(value).__name__} nested too deep>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Count(int):
@@ -111,11 +137,19 @@ class Timespan:
         return round(self.ns / 1000)
 
 
+_ENUM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_:]*")
+
+
 @dataclass(frozen=True, slots=True)
 class Enum:
-    """A Broker `enum-value`: the Zeek enum's name, e.g. `tcp` or `LINK_ETHERNET`."""
+    """A Broker `enum-value`: the Zeek enum's name, e.g. `tcp` or `LINK_ETHERNET` (a Zeek
+    identifier, module-qualified with `::` or not)."""
 
     name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _ENUM_NAME.fullmatch(self.name):
+            raise BrokerError(f"enum-value must be a Zeek identifier, not {quote(self.name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,20 +217,25 @@ def encode(value: Any) -> dict[str, Any]:
     raise BrokerError(f"no Broker type for {type(value).__name__}")
 
 
-def decode(obj: Any, where: str = "value") -> Any:
+def decode(obj: Any, where: str = "value", depth: int = 0) -> Any:
     """Broker JSON object -> Python value; `BrokerError` naming `where` on anything invalid."""
+    if depth > MAX_NESTING // 2:
+        # parse_frame bounds nesting already; this guards objects built by other callers.
+        raise BrokerError(f"{where}: nested deeper than {MAX_NESTING // 2} Broker values")
     if not isinstance(obj, dict) or "@data-type" not in obj or "data" not in obj:
         raise BrokerError(f"{where}: not a Broker value object")
     kind, data = obj["@data-type"], obj["data"]
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
-        raise BrokerError(f"{where}: unknown @data-type {kind!r}")
+        raise BrokerError(f"{where}: unknown @data-type {quote(kind)}")
     try:
+        if decoder in _CONTAINERS:
+            return decoder(data, where, depth + 1)
         return decoder(data, where)
     except BrokerError:
         raise
-    except (ValueError, TypeError) as exc:
-        raise BrokerError(f"{where}: bad {kind} {data!r}: {exc}") from None
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise BrokerError(f"{where}: bad {kind} {quote(data)}: {quote(str(exc), 200)}") from None
 
 
 def _none(data: Any, where: str) -> None:
@@ -212,19 +251,19 @@ def _boolean(data: Any, where: str) -> bool:
 
 def _count(data: Any, where: str) -> Count:
     if isinstance(data, bool) or not isinstance(data, int):
-        raise BrokerError(f"{where}: count must be a JSON integer, not {data!r}")
+        raise BrokerError(f"{where}: count must be a JSON integer, not {quote(data)}")
     return Count(data)
 
 
 def _integer(data: Any, where: str) -> int:
     if isinstance(data, bool) or not isinstance(data, int) or not -_I64 <= data < _I64:
-        raise BrokerError(f"{where}: integer must be a 64-bit JSON integer, not {data!r}")
+        raise BrokerError(f"{where}: integer must be a 64-bit JSON integer, not {quote(data)}")
     return data
 
 
 def _real(data: Any, where: str) -> float:
     if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
-        raise BrokerError(f"{where}: real must be a finite number, not {data!r}")
+        raise BrokerError(f"{where}: real must be a finite number, not {quote(data)}")
     return float(data)
 
 
@@ -237,7 +276,7 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 def _timestamp(data: Any, where: str) -> Timestamp:
     match = _TIMESTAMP.fullmatch(data) if isinstance(data, str) else None
     if match is None:
-        raise BrokerError(f"{where}: timestamp must be ISO 8601, not {data!r}")
+        raise BrokerError(f"{where}: timestamp must be ISO 8601, not {quote(data)}")
     year, month, day, hour, minute, second = (int(x) for x in match.groups()[:6])
     zone = match.group(8)
     tz = _dt.UTC  # Broker reads a time without zone as UTC
@@ -263,7 +302,7 @@ def _format_timestamp(value: Timestamp) -> str:
     return f"{text}.{fraction:09d}"
 
 
-_TIMESPAN = re.compile(r"(-?\d+)(ns|us|ms|s|min|h|d)")
+_TIMESPAN = re.compile(r"(-?[0-9]{1,20})(ns|us|ms|s|min|h|d)")  # 20 digits: past any 64-bit value
 _UNIT_NS = {
     "ns": 1,
     "us": 1000,
@@ -278,10 +317,10 @@ _UNIT_NS = {
 def _timespan(data: Any, where: str) -> Timespan:
     match = _TIMESPAN.fullmatch(data) if isinstance(data, str) else None
     if match is None:
-        raise BrokerError(f"{where}: timespan must be like '12345us', not {data!r}")
+        raise BrokerError(f"{where}: timespan must be like '12345us', not {quote(data)}")
     ns = int(match.group(1)) * _UNIT_NS[match.group(2)]
     if not -_I64 <= ns < _I64:
-        raise BrokerError(f"{where}: timespan out of range: {data!r}")
+        raise BrokerError(f"{where}: timespan out of range: {quote(data)}")
     return Timespan(ns)
 
 
@@ -302,19 +341,37 @@ def _format_timespan(value: Timespan) -> str:
 def _string(data: Any, where: str) -> str:
     if not isinstance(data, str):
         raise BrokerError(f"{where}: string must be a JSON string")
+    return check_text(data, where)
+
+
+def check_text(data: str, where: str) -> str:
+    """`data` if it can be written out again: JSON escapes can spell a lone surrogate ("\\ud800"),
+    which no log file, Redis entry or frame of ours could encode later."""
+    if not data.isascii():
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BrokerError(f"{where}: string holds a lone surrogate at {exc.start}") from None
     return data
 
 
 def _enum(data: Any, where: str) -> Enum:
-    if not isinstance(data, str) or not data:
-        raise BrokerError(f"{where}: enum-value must be a non-empty name")
-    return Enum(data)
+    if not isinstance(data, str):
+        raise BrokerError(f"{where}: enum-value must be a name")
+    try:
+        return Enum(data)
+    except BrokerError as exc:
+        raise BrokerError(f"{where}: {exc}") from None
 
 
 def _address(data: Any, where: str) -> Address:
     if not isinstance(data, str):
         raise BrokerError(f"{where}: address must be a string")
-    return ipaddress.ip_address(data)
+    address = ipaddress.ip_address(data)
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        # Python accepts "fe80::1%eth0"; Zeek never writes a zone, and it is not an address to probe.
+        raise BrokerError(f"{where}: address with a zone: {quote(data)}")
+    return address
 
 
 def _subnet(data: Any, where: str) -> Subnet:
@@ -326,36 +383,40 @@ def _subnet(data: Any, where: str) -> Subnet:
 
 def _port(data: Any, where: str) -> Port:
     number, sep, proto = data.partition("/") if isinstance(data, str) else ("", "", "")
-    if not sep or not number.isdigit():
-        raise BrokerError(f"{where}: port must be like '22/tcp', not {data!r}")
-    return Port(int(number), proto)
+    # ASCII digits only: isdigit() alone accepts "²", which int() refuses.
+    if not sep or not (number.isascii() and number.isdigit()) or len(number) > 5:
+        raise BrokerError(f"{where}: port must be like '22/tcp', not {quote(data)}")
+    try:
+        return Port(int(number), proto)
+    except BrokerError as exc:
+        raise BrokerError(f"{where}: {exc}") from None
 
 
-def _vector(data: Any, where: str) -> tuple[Any, ...]:
+def _vector(data: Any, where: str, depth: int) -> tuple[Any, ...]:
     if not isinstance(data, list):
         raise BrokerError(f"{where}: vector must be a JSON array")
-    return tuple(decode(x, f"{where}[{i}]") for i, x in enumerate(data))
+    return tuple(decode(x, f"{where}[{i}]", depth) for i, x in enumerate(data))
 
 
-def _set(data: Any, where: str) -> frozenset[Any]:
+def _set(data: Any, where: str, depth: int) -> frozenset[Any]:
     if not isinstance(data, list):
         raise BrokerError(f"{where}: set must be a JSON array")
     try:
-        return frozenset(decode(x, f"{where}{{{i}}}") for i, x in enumerate(data))
+        return frozenset(decode(x, f"{where}{{{i}}}", depth) for i, x in enumerate(data))
     except TypeError:
         raise BrokerError(f"{where}: set member is not hashable (a table?)") from None
 
 
-def _table(data: Any, where: str) -> dict[Any, Any]:
+def _table(data: Any, where: str, depth: int) -> dict[Any, Any]:
     if not isinstance(data, list):
         raise BrokerError(f"{where}: table must be a JSON array of {{key, value}}")
     table: dict[Any, Any] = {}
     for i, item in enumerate(data):
         if not isinstance(item, dict) or set(item) != {"key", "value"}:
             raise BrokerError(f"{where}[{i}]: table entry must be {{key, value}}")
-        key = decode(item["key"], f"{where}[{i}].key")
+        key = decode(item["key"], f"{where}[{i}].key", depth)
         try:
-            table[key] = decode(item["value"], f"{where}[{i}].value")
+            table[key] = decode(item["value"], f"{where}[{i}].value", depth)
         except TypeError:
             raise BrokerError(f"{where}[{i}].key is not hashable (a table?)") from None
     return table
@@ -378,6 +439,7 @@ _DECODERS: dict[str, Any] = {
     "set": _set,
     "table": _table,
 }
+_CONTAINERS = (_vector, _set, _table)
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -421,20 +483,84 @@ Message = Ack | Error | DataMessage
 
 
 def parse_frame(frame: bytes | str) -> Message:
-    """One WebSocket frame from Zeek -> a message; `BrokerError` says why it is unusable."""
+    """One WebSocket frame from Zeek -> a message; `BrokerError` (and nothing else) says why it is
+    unusable."""
     if isinstance(frame, bytes | bytearray | memoryview):
         try:
             text = bytes(frame).decode("utf-8")
         except UnicodeDecodeError as exc:
             # Zeek writes binary strings unescaped; such a frame cannot be trusted as JSON.
             raise BrokerError(f"frame is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
-    else:
+    elif isinstance(frame, str):
         text = frame
+    else:
+        raise BrokerError(f"frame must be bytes or text, not {type(frame).__name__}")
+    _check_structure(text)
     try:
-        obj = json.loads(text, strict=False)  # strict=False: raw control characters in strings
+        obj = json.loads(
+            text,
+            strict=False,  # raw control characters in strings
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+        )
     except json.JSONDecodeError as exc:
         raise BrokerError(f"frame is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:  # _check_structure keeps nesting far below the limit; in case it is low
+        raise BrokerError("frame is nested too deep for this process's recursion limit") from None
     return parse_message(obj)
+
+
+# A JSON string (unescaped control characters included, as Zeek writes them). Possessive: a
+# string that never ends is given up on in one pass.
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.S)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _check_structure(text: str) -> None:
+    """Refuse a frame nested deeper than MAX_NESTING or holding more than MAX_VALUES values before
+    `json.loads` sees it: Python's parser recurses per level (a RecursionError, not a JSONDecodeError)
+    and would build every value of a frame, however many. Linear in the frame's length."""
+    shape: list[str] = []  # the frame without its strings
+    pos = strings = 0
+    while (start := text.find('"', pos)) >= 0:
+        shape.append(text[pos:start])
+        strings += 1
+        string = _JSON_STRING.match(text, start)
+        if string is None or strings > MAX_VALUES:
+            pos = len(text)  # the rest is one unterminated string (json.loads says so) or too much
+            break
+        pos = string.end()
+    shape.append(text[pos:])
+    skeleton = "".join(shape)
+    values = strings + skeleton.count(",") + skeleton.count("[") + skeleton.count("{")
+    if values > MAX_VALUES:
+        raise BrokerError(f"frame holds more than the {MAX_VALUES} JSON values allowed")
+    depth = 0
+    for bracket in _BRACKETS.findall(skeleton):
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise BrokerError(f"frame is nested deeper than {MAX_NESTING} levels")
+        else:
+            depth -= 1
+
+
+def _json_int(literal: str) -> int:
+    if len(literal) > MAX_INT_CHARS:
+        # Also keeps int() away from Python's 4300-digit limit (a ValueError of its own).
+        raise BrokerError(f"frame holds an integer of {len(literal)} digits; Broker numbers are 64-bit")
+    return int(literal)
+
+
+def _json_float(literal: str) -> float:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise BrokerError(f"frame holds a number of {len(literal)} characters")
+    return float(literal)
+
+
+def _json_constant(name: str) -> Any:
+    raise BrokerError(f"frame is not valid JSON: {name} is not a JSON number")
 
 
 def parse_message(obj: Any) -> Message:
@@ -445,19 +571,20 @@ def parse_message(obj: Any) -> Message:
         endpoint, version = obj.get("endpoint"), obj.get("version")
         if not isinstance(endpoint, str) or not isinstance(version, str):
             raise BrokerError("ack must carry endpoint and version strings")
-        return Ack(endpoint, version)
+        return Ack(check_text(endpoint, "ack endpoint"), check_text(version, "ack version"))
     if kind == "error":
         code, context = obj.get("code"), obj.get("context", "")
         if not isinstance(code, str) or not isinstance(context, str):
             raise BrokerError("error must carry code and context strings")
-        return Error(code, context)
+        return Error(check_text(code, "error code"), check_text(context, "error context"))
     if kind == "data-message":
         topic = obj.get("topic")
         if not isinstance(topic, str) or not topic:
-            raise BrokerError("data-message without a topic")
+            raise BrokerError(f"data-message without a topic string (topic {quote(topic)})")
+        check_text(topic, "data-message topic")
         data = decode({k: obj[k] for k in ("@data-type", "data") if k in obj}, "data-message")
         return DataMessage(topic, _event_of(data), data)
-    raise BrokerError(f"unknown message type {kind!r}")
+    raise BrokerError(f"unknown message type {quote(kind)}")
 
 
 def _event_of(data: Any) -> Event | None:
@@ -471,7 +598,7 @@ def _event_of(data: Any) -> Event | None:
         raise BrokerError("event must be [name, args] or [name, args, metadata]")
     name, args = body[0], body[1]
     if not isinstance(name, str) or not name:
-        raise BrokerError("event name must be a non-empty string")
+        raise BrokerError(f"event name must be a non-empty string, not {quote(name)}")
     if not isinstance(args, tuple):
         raise BrokerError(f"event {name}: arguments must be a vector")
     metadata = None

@@ -24,6 +24,9 @@ wait for it ends. The record travels as a positional vector; fields in order:
 
 Trailing fields a newer script may add are ignored. `handshake_from_event` turns the event into
 the same `Handshake` the pcap path makes (IP header found with `analyzer.packet.ip_from_frame`).
+It is the boundary for Zeek's handshakes: types, and bounds on every number (an interval within
+an hour, at most `MAX_SYNACKS` SYN+ACK times), then the `Handshake`'s own checks; anything else is
+one `HandshakeError` and the event is dropped (the client logs it and counts it as rejected).
 
 `stepstone/verdict` (analyzer -> Zeek) carries `StepStone::verdict(v: StepStone::Verdict)`; record
 fields in order: src addr, cond_os bool, cond_timing bool, relay bool, tp_mean interval?,
@@ -32,6 +35,14 @@ ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string, 
 own evidence: relay_confident bool?, cond_timing_strong bool?, timing_margin interval?,
 timing_threshold interval?, timing_ref string?, timing_samples count?, os_mismatches count?
 (`?` = optional, sent as none when unknown). See `verdict_event`.
+
+Bad frames (`ZeekClient`): a frame that is not valid Broker JSON (bad UTF-8 or JSON, nesting or
+number size past `analyzer.broker`'s bounds, wrong types anywhere) or an event that is not a valid
+handshake is one log line and `stats.rejected`; the connection stays and the frames behind it are
+read. A frame larger than `MAX_FRAME_BYTES` cannot be skipped (the WebSocket library refuses to
+read it and closes the connection, 1009): one line says so, `stats.oversized` counts it, and the
+client reconnects; what Zeek had queued behind that frame on the old connection is lost with it,
+while the handshakes already read and the verdicts still queued here are kept.
 
 Delivery: verdicts published while Zeek is unreachable wait in a bounded queue (oldest dropped
 first when full) and are sent after the next successful subscription; `publish` returns a future
@@ -44,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import ipaddress
 import logging
@@ -71,6 +81,7 @@ from analyzer.broker import (
     Timestamp,
     event_frame,
     parse_frame,
+    quote,
     subscription_frame,
 )
 from analyzer.handshake import Handshake, HandshakeError
@@ -84,6 +95,16 @@ VERDICT_TOPIC = "stepstone/verdict"
 HANDSHAKE_EVENT = "StepStone::handshake"
 VERDICT_EVENT = "StepStone::verdict"
 DLT_EN10MB = 1  # pcap's Ethernet link type
+# Bounds at the boundary. T^p and the SYN+ACK and reply times relative to the SYN come from one
+# connection that Zeek publishes after StepStone::reply_wait (30 s by default): an hour is far past
+# anything real. StepStone::max_synacks sends 16 SYN+ACK times by default.
+MAX_SPAN_S = 3600.0
+MAX_SYNACKS = 256
+# A handshake event is a few kB (90 kB with a 64 KiB SYN frame in base64). 4 MiB leaves room for
+# other events under the subscribed topic prefix, which are rejected without losing the connection;
+# with MAX_QUEUE frames buffered at most, websockets holds no more than 64 MiB (as 64 x 1 MiB did).
+MAX_FRAME_BYTES = 4 * 2**20
+MAX_QUEUE = 16
 TIMING_REFS: tuple[str, ...] = get_args(TimingRef)
 
 HANDSHAKE_FIELDS = (
@@ -115,7 +136,7 @@ HANDSHAKE_FIELDS = (
 def handshake_from_event(event: Event) -> Handshake:
     """`StepStone::handshake` -> `Handshake`; `HandshakeError` (or `BrokerError`) if it is invalid."""
     if event.name != HANDSHAKE_EVENT:
-        raise HandshakeError(f"not a handshake event: {event.name}")
+        raise HandshakeError(f"not a handshake event: {quote(event.name)}")
     if len(event.args) != 1 or not isinstance(event.args[0], tuple):
         raise HandshakeError("handshake event must carry one StepStone::HandshakeInfo record")
     values = event.args[0]
@@ -127,8 +148,10 @@ def handshake_from_event(event: Event) -> Handshake:
         value = h[name]
         if value is None and optional:
             return None
-        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            raise HandshakeError(f"HandshakeInfo.{name}: unexpected {type(value).__name__} {value!r}")
+        # bool is an int and a Count is an int; Broker tells boolean, count and integer apart.
+        if (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)
+                or (kind is int and isinstance(value, Count))):
+            raise HandshakeError(f"HandshakeInfo.{name}: unexpected {type(value).__name__} {quote(value)}")
         return value
 
     def epoch(name: str, optional: bool = False) -> float | None:
@@ -138,6 +161,12 @@ def handshake_from_event(event: Event) -> Handshake:
         if span.ns < 0:
             raise HandshakeError(f"HandshakeInfo.{name} is negative")
         return span.seconds
+
+    def near_syn(name: str, seconds: float) -> float:
+        if abs(seconds - t) > MAX_SPAN_S:
+            raise HandshakeError(f"HandshakeInfo.{name} is {seconds - t:.0f} s from the SYN "
+                                 f"(at most {MAX_SPAN_S:.0f} s)")
+        return seconds
 
     uid = need("uid", str)
     if not uid:
@@ -166,34 +195,45 @@ def handshake_from_event(event: Event) -> Handshake:
         raise HandshakeError("HandshakeInfo without a SYN+ACK: nothing to measure")
     if len(synacks) > synack_count:
         raise HandshakeError("more SYN+ACK times than SYN+ACKs")
+    if len(synacks) > MAX_SYNACKS:
+        raise HandshakeError(f"HandshakeInfo.synacks holds {len(synacks)} times (at most {MAX_SYNACKS})")
     synack_times: list[float] = []
     for i, span in enumerate(synacks):
         if not isinstance(span, Timespan) or span.ns < 0:
-            raise HandshakeError(f"HandshakeInfo.synacks[{i}] is not a time since the epoch: {span!r}")
-        synack_times.append(span.seconds)
+            raise HandshakeError(f"HandshakeInfo.synacks[{i}] is not a time since the epoch: {quote(span)}")
+        synack_times.append(near_syn(f"synacks[{i}]", span.seconds))
     reply = need("reply", str)
     if reply not in ("ack", "rst", ""):
-        raise HandshakeError(f"HandshakeInfo.reply must be ack, rst or empty, not {reply!r}")
+        raise HandshakeError(f"HandshakeInfo.reply must be ack, rst or empty, not {quote(reply)}")
     reply_time = epoch("reply_epoch", optional=True)
     if (reply_time is None) != (reply == ""):
         raise HandshakeError("HandshakeInfo.reply_epoch must be set exactly when there is a reply")
+    if reply_time is not None:
+        near_syn("reply_epoch", reply_time)
     tp = need("tp", Timespan, optional=True)
     if tp is not None and (reply == "" or tp.ns < 0 or synack_count != 1):
         # Karn's rule: a T^p exists only for a reply to the one and only SYN+ACK.
         raise HandshakeError(f"HandshakeInfo.tp {tp!r} without a reply, negative, or ambiguous")
-    return Handshake(
-        t=t,
-        src=str(orig_h),
-        sport=orig_p.number,
-        dst=str(resp_h),
-        dport=resp_p.number,
-        syn=_syn_packet(uid, need("syn", str), link_type, encap),
-        synack_times=tuple(synack_times),
-        reply=reply or None,  # type: ignore[arg-type]
-        reply_time=reply_time,
-        tp_us=None if tp is None else tp.us,
-        feed="zeek",
-    )
+    if tp is not None and tp.seconds > MAX_SPAN_S:
+        raise HandshakeError(f"HandshakeInfo.tp is {tp.seconds:.0f} s (at most {MAX_SPAN_S:.0f} s)")
+    syn = _syn_packet(uid, need("syn", str), link_type, encap)
+    try:
+        # The Handshake checks what every feed must hold to; its refusal is this event's too.
+        return Handshake(
+            t=t,
+            src=str(orig_h),
+            sport=orig_p.number,
+            dst=str(resp_h),
+            dport=resp_p.number,
+            syn=syn,
+            synack_times=tuple(synack_times),
+            reply=reply or None,  # type: ignore[arg-type]
+            reply_time=reply_time,
+            tp_us=None if tp is None else tp.us,
+            feed="zeek",
+        )
+    except (ValueError, TypeError, ArithmeticError) as exc:  # HandshakeError is a ValueError
+        raise HandshakeError(f"HandshakeInfo refused: {exc}") from None
 
 
 def _syn_packet(uid: str, b64: str, link_type: int, encap: Enum) -> bytes | None:
@@ -202,7 +242,7 @@ def _syn_packet(uid: str, b64: str, link_type: int, encap: Enum) -> bytes | None
         return None
     try:
         frame = base64.b64decode(b64, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a str with non-ASCII characters
         raise HandshakeError("HandshakeInfo.syn is not base64") from None
     # `$l2$encap` is right for Ethernet even where the packet's own `$link_type` is not (zeek-ws
     # README); other link layers only have the packet source's DLT.
@@ -212,7 +252,8 @@ def _syn_packet(uid: str, b64: str, link_type: int, encap: Enum) -> bytes | None
     try:
         return ip_from_frame(dlt, frame)
     except ValueError as exc:
-        log.warning("handshake %s: SYN frame unusable (DLT %d): %s; keeping its timing only", uid, dlt, exc)
+        log.warning("handshake %s: SYN frame unusable (DLT %d): %s; keeping its timing only",
+                    quote(uid), dlt, exc)
         return None
 
 
@@ -357,6 +398,7 @@ class ClientStats:
     zeek_errors: int = 0  # error messages Zeek sent (it could not use something we sent)
     sent: int = 0
     dropped: int = 0  # verdicts dropped because the re-send queue was full
+    oversized: int = 0  # connections closed on a frame over MAX_FRAME_BYTES
 
 
 class ZeekClient:
@@ -485,7 +527,8 @@ class ZeekClient:
                     ping_interval=self.ping_interval,
                     open_timeout=self.ack_timeout,
                     close_timeout=2.0,
-                    max_queue=64,
+                    max_size=MAX_FRAME_BYTES,
+                    max_queue=MAX_QUEUE,
                 ) as ws:
                     self._ws = ws
                     if await self._subscribe(ws):
@@ -493,8 +536,18 @@ class ZeekClient:
                         await self._session(ws)
             except asyncio.CancelledError:
                 raise
+            except websockets.ConnectionClosedError as exc:
+                if exc.sent is not None and exc.sent.code == websockets.CloseCode.MESSAGE_TOO_BIG:
+                    self.stats.oversized += 1
+                    log.warning(
+                        "Zeek at %s sent a frame over %d bytes (the client's limit): it cannot be "
+                        "skipped, so the connection is closed (1009) and the events Zeek had queued "
+                        "behind it on that connection are lost; reconnecting (%d verdicts queued here "
+                        "are kept and sent after it)", self.url, MAX_FRAME_BYTES, self.pending)
+                else:
+                    log.warning("Zeek at %s: %s", self.url, _reason(exc))
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-                log.warning("Zeek at %s: %s", self.url, exc or type(exc).__name__)
+                log.warning("Zeek at %s: %s", self.url, _reason(exc))
             except Exception:
                 # A bug of ours must not end the link for good: log it and reconnect.
                 log.exception("Zeek client failed; reconnecting")
@@ -510,24 +563,33 @@ class ZeekClient:
 
     async def _subscribe(self, ws: ClientConnection) -> bool:
         await ws.send(subscription_frame(self.topics))
-        async with asyncio.timeout(self.ack_timeout):
-            while True:
-                try:
-                    message = parse_frame(await ws.recv(decode=False))
-                except BrokerError as exc:
-                    self.stats.rejected += 1
-                    log.warning("Zeek sent an unusable frame before its ack: %s", exc)
-                    continue
-                if isinstance(message, Ack):
-                    self.server_version = message.version
-                    self.stats.connects += 1
-                    log.info("subscribed to %s on Zeek %s (%s)", self.topics, message.version, self.url)
-                    return True
-                if isinstance(message, Error):
-                    self.stats.zeek_errors += 1
-                    log.warning("Zeek refused the subscription: %s: %s", message.code, message.context)
-                    return False
-                log.warning("Zeek sent a %s before its ack; ignored", type(message).__name__)
+        try:
+            async with asyncio.timeout(self.ack_timeout):
+                return await self._await_ack(ws)
+        except TimeoutError:
+            log.warning("Zeek at %s: no ack from Zeek within %g s after subscribing to %s; reconnecting",
+                        self.url, self.ack_timeout, ", ".join(self.topics))
+            return False
+
+    async def _await_ack(self, ws: ClientConnection) -> bool:
+        while True:
+            try:
+                message = parse_frame(await ws.recv(decode=False))
+            except BrokerError as exc:
+                self.stats.rejected += 1
+                log.warning("Zeek sent an unusable frame before its ack: %s", exc)
+                continue
+            if isinstance(message, Ack):
+                self.server_version = message.version
+                self.stats.connects += 1
+                log.info("subscribed to %s on Zeek %s (%s)", self.topics, quote(message.version), self.url)
+                return True
+            if isinstance(message, Error):
+                self.stats.zeek_errors += 1
+                log.warning("Zeek refused the subscription: %s: %s", quote(message.code),
+                            quote(message.context, 200))
+                return False
+            log.warning("Zeek sent a %s before its ack; ignored", type(message).__name__)
 
     async def _session(self, ws: ClientConnection) -> None:
         self.connected.set()
@@ -556,6 +618,17 @@ class ZeekClient:
     def _handle(self, frame: bytes | str) -> Handshake | None:
         """Validate one frame; the handshake it carries, or None (logged) for anything else."""
         try:
+            return self._handshake_of(frame)
+        except Exception as exc:
+            # A frame the checks above did not foresee is a bug of ours, but it still costs only
+            # that frame, not the connection and the frames queued behind it.
+            self.stats.rejected += 1
+            log.error("a frame from Zeek broke its decoding (a bug): %s: %s; frame of %d bytes skipped",
+                      type(exc).__name__, quote(str(exc), 200), len(frame))
+            return None
+
+    def _handshake_of(self, frame: bytes | str) -> Handshake | None:
+        try:
             message = parse_frame(frame)
         except BrokerError as exc:
             self.stats.rejected += 1
@@ -564,18 +637,18 @@ class ZeekClient:
         if isinstance(message, Error):
             # Zeek's answer to something we published; it does not say which message.
             self.stats.zeek_errors += 1
-            log.warning("Zeek reports %s: %s", message.code, message.context)
+            log.warning("Zeek reports %s: %s", quote(message.code), quote(message.context, 200))
             return None
         if not isinstance(message, DataMessage):
             log.warning("unexpected %s from Zeek; ignored", type(message).__name__)
             return None
         if message.event is None:
             self.stats.rejected += 1
-            log.warning("data on %s that is not an event; ignored", message.topic)
+            log.warning("data on %s that is not an event; ignored", quote(message.topic))
             return None
         if message.event.name != HANDSHAKE_EVENT:
             self.stats.rejected += 1
-            log.warning("unknown event %s on %s; ignored", message.event.name, message.topic)
+            log.warning("unknown event %s on %s; ignored", quote(message.event.name), quote(message.topic))
             return None
         try:
             handshake = handshake_from_event(message.event)
@@ -597,6 +670,11 @@ class ZeekClient:
                 self.stats.sent += 1
             self._outbox_ready.clear()
             await self._outbox_ready.wait()
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, never empty: some exceptions (TimeoutError) carry no message."""
+    return str(exc) or type(exc).__name__
 
 
 def _resolve(done: asyncio.Future[bool], sent: bool) -> None:

@@ -9,6 +9,7 @@ import base64
 import importlib.util
 import ipaddress
 import json
+import logging
 import re
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -169,7 +170,10 @@ class FakeZeek:
 
     port: int = 0
     script: list[bytes] = field(default_factory=list)  # frames sent (as text frames) after the ack
+    # Per connection, first to last: frames sent after the ack instead of `script` (when present).
+    scripts: list[list[bytes]] = field(default_factory=list)
     refuse_first: int = 0  # answer this many subscriptions with an error
+    ack: bool = True  # False: a Zeek that never acks the subscription
     # Events this Zeek knows, each with its check of arity and types.
     known: dict[str, Callable[[Event], bool]] = field(
         default_factory=lambda: {VERDICT_EVENT: zeek_would_accept}
@@ -221,11 +225,16 @@ class FakeZeek:
             await ws.close()
             await self._notify()
             return
+        if not self.ack:
+            await self._notify()
+            await ws.wait_closed()
+            return
         await ws.send(ACK, text=True)
         self.live.add(ws)
         await self._notify()
+        script = self.scripts.pop(0) if self.scripts else self.script
         try:
-            for frame in self.script:
+            for frame in script:
                 await ws.send(frame, text=True)
             async for text in ws:
                 await self._client_message(ws, text)
@@ -685,3 +694,202 @@ def test_bad_urls_and_topics_are_refused() -> None:
         ZeekClient("http://127.0.0.1:27759/v1/messages/json")
     with pytest.raises(ValueError):
         ZeekClient("ws://127.0.0.1:27759/v1/messages/json", topics=("",))
+
+
+# --- hostile frames: rejected one by one, on the same connection ----------------------------------
+
+
+def _nested(levels: int) -> bytes:
+    """A data-message whose value is `levels` vectors inside each other."""
+    inner = '{"@data-type":"vector","data":[' * levels + "]}" * levels
+    return ('{"type":"data-message","topic":"stepstone/handshake",' + inner[1:-1] + "}").encode()
+
+
+def _data_message(value: str) -> bytes:
+    """A data-message around raw JSON text for its Broker value."""
+    return ('{"type":"data-message","topic":"stepstone/handshake",' + value + "}").encode()
+
+
+HUGE_INT = _data_message('"@data-type":"count","data":' + "9" * 5000)
+NON_ASCII_SYN = hs_frame(_bad(7, "AAAA\u00fc"))  # not base64 (b64decode: ValueError, not binascii.Error)
+
+
+async def _survives(zeek: FakeZeek, client: ZeekClient, bad: list[bytes]) -> list[Handshake]:
+    """Sends each bad frame followed by a valid handshake; all valid ones arrive on one connection."""
+    good = [hs_frame(handshake_info(case("direct").segments, uid=f"C{i}")) for i in range(len(bad))]
+    zeek.script = [frame for pair in zip(bad, good, strict=True) for frame in pair]
+    got = await take(client.handshakes(), len(bad))
+    assert zeek.connections == 1 and client.stats.connects == 1
+    assert client.stats.rejected == len(bad) and client.stats.handshakes == len(bad)
+    return got
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _nested(400),  # main: RecursionError, the connection and the frames behind it lost
+        _nested(100_000),  # json.loads itself recursed past the limit
+        HUGE_INT,  # main: ValueError (Python's 4300-digit limit)
+        _data_message('"@data-type":"real","data":1' + "0" * 5000 + ".5"),
+        _data_message('"@data-type":"real","data":NaN'),
+        _data_message('"@data-type":"timespan","data":"' + "9" * 5000 + 's"'),
+        _data_message('"@data-type":"vector","data":[' + "[]," * 200_000 + "[]]"),  # too many values
+        b'"' + b'\\"' * 200_000,  # a string that never ends: linear, not quadratic
+        NON_ASCII_SYN,  # main: ValueError out of handshake_from_event
+    ],
+    ids=["nested-400", "nested-100k", "int-5000-digits", "real-5000-digits", "NaN",
+         "timespan-5000-digits", "200k-values", "unterminated-escapes", "syn-not-ascii"],
+)
+async def test_a_hostile_frame_is_rejected_and_the_connection_kept(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient], bad: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = client_for(zeek.url)
+    (h,) = await _survives(zeek, client, [bad])
+    assert h.tp_us == 20_000
+    warnings = [r for r in caplog.records if r.name == "stepstone.zeek" and r.levelname != "INFO"]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()  # one line
+    assert len(warnings[0].getMessage()) < 400  # the frame is not quoted whole
+
+
+def _bad_value(index: int, value: Any) -> bytes:
+    return hs_frame(_bad(index, value))
+
+
+async def test_wrong_types_and_values_at_every_position_are_rejected_one_by_one(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    """Every HandshakeInfo field with a value of each other Broker type, then the odd values that
+    pass a type check: each frame is rejected and the valid handshake right behind it arrives."""
+    samples: list[Any] = [None, True, Count(7), -7, 2.5, Timestamp(10**18), Timespan(10**9), "x",
+                          Enum("x"), ipaddress.ip_address("192.0.2.1"),
+                          ipaddress.ip_network("192.0.2.0/24"), Port(1, "udp"), (Count(1),),
+                          frozenset({Count(1)}), {"k": Count(1)}]
+    valid = handshake_info(case("direct").segments)
+    bad: list[bytes] = []
+    for index, right in enumerate(valid):
+        for value in samples:
+            optional = index in (11, 12, 13, 18) and (value is None or isinstance(value, Count))
+            if type(value) is type(right) or optional or (index == 0 and isinstance(value, str)):
+                continue
+            if index == 7 and isinstance(value, str):  # "x" is an empty frame once base64-decoded
+                continue
+            bad.append(_bad_value(index, value))
+    raw = hs_frame(valid)
+    bad += [
+        raw.replace(b'"stepstone/handshake"', b"42"),  # topic not a string
+        raw.replace(b'"stepstone/handshake"', b'"\\ud800"'),  # a lone surrogate
+        raw.replace(b'"LINK_ETHERNET"', b'"LINK ETHERNET;"'),  # not an enum name
+        raw.replace(b'"LINK_ETHERNET"', b'""'),
+        raw.replace(b'"203.0.113.10"', b'"fe80::1%eth0"'),  # an address with a zone
+        raw.replace(b'"203.0.113.10"', b'"203.0.113.300"'),
+        raw.replace(b'"40001/tcp"', b'"65536/tcp"'),  # port out of range
+        raw.replace(b'"40001/tcp"', b'"\xc2\xb2/tcp"'),  # a digit int() refuses
+        raw.replace(b'"40001/tcp"', b'"40001/sctp"'),
+        raw.replace(b'{"@data-type":"count","data":1}', b'{"@data-type":"count","data":1.5}', 1),
+        raw.replace(b'"StepStone::handshake"', b"[]"),
+        raw.replace(b'"@data-type":"string"', b'"@data-type":["string"]', 1),
+        NON_ASCII_SYN,
+    ]
+    client = client_for(zeek.url)
+    got = await _survives(zeek, client, bad)
+    assert [h.src for h in got] == ["203.0.113.10"] * len(bad)
+
+
+def _with_synacks(n: int) -> tuple[Any, ...]:
+    info = list(_bad(14, Count(2**64 - 1)))  # as many SYN+ACKs as a count holds
+    info[15] = (info[15][0],) * n
+    info[18] = None  # no T^p after retransmitted SYN+ACKs (Karn's rule)
+    return tuple(info)
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        handshake_info(case("direct").segments, tp_override=Timespan(7200 * 10**9)),  # T^p of 2 h
+        handshake_info(case("direct").segments, tp_override=Timespan(2**63 - 1)),
+        _bad(15, (Timespan.from_seconds(1e9),)),  # a SYN+ACK decades from the SYN
+        _bad(17, Timespan(2**63 - 1)),  # a reply in 2262
+        _with_synacks(300),
+    ],
+    ids=["tp-2h", "tp-max", "synack-far", "reply-2262", "300-synacks"],
+)
+async def test_numbers_out_of_bounds_drop_the_event_not_the_connection(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient], info: tuple[Any, ...],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(HandshakeError):
+        handshake_from_event(Event(HANDSHAKE_EVENT, (info,)))
+    client = client_for(zeek.url)
+    (h,) = await _survives(zeek, client, [hs_frame(info)])
+    assert h.tp_us == 20_000  # the valid one behind it, not the bad one
+    assert any("rejected a handshake event" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_zeek_that_never_acks_is_named_in_the_log(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    zeek.ack = False
+    said = asyncio.Event()
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "no ack" in record.getMessage():
+                said.set()
+
+    listener = Listener()
+    logging.getLogger("stepstone.zeek").addHandler(listener)
+    try:
+        client = client_for(zeek.url, ack_timeout=0.3)
+        client.start()
+        async with asyncio.timeout(TIMEOUT):
+            await said.wait()
+    finally:
+        logging.getLogger("stepstone.zeek").removeHandler(listener)
+    line = next(r.getMessage() for r in caplog.records if "no ack" in r.getMessage())
+    assert line == (f"Zeek at {zeek.url}: no ack from Zeek within 0.3 s after subscribing to "
+                    "stepstone/handshake; reconnecting")
+    assert client.stats.connects == 0
+
+
+async def test_a_frame_of_a_few_mib_is_rejected_and_the_connection_kept(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    """2 MiB: past websockets' default (1 MiB, which closed the connection) but within our bound."""
+    big = json.dumps({"type": "data-message", "topic": HANDSHAKE_TOPIC,
+                      **broker.encode(("x" * 2**21,))}).encode()
+    client = client_for(zeek.url)
+    await _survives(zeek, client, [big])
+    assert client.stats.oversized == 0
+
+
+async def test_a_frame_over_the_limit_is_said_and_what_can_be_kept_is_kept(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over MAX_FRAME_BYTES the connection is lost (websockets cannot skip a frame): the log says
+    so, the handshake read before it is delivered, the verdicts queued are all sent (at least once)
+    on the next connection, and the client carries on there."""
+    from analyzer.zeek import MAX_FRAME_BYTES
+
+    await zeek.stop()
+    client = client_for(zeek.url)
+    stream = client.handshakes()
+    records = [RECORD.to_dict() | {"tp_us": 1000 * i} for i in range(3)]
+    sent = [await client.publish_verdict(VERDICT.to_dict(), r) for r in records]
+    assert client.pending == 3
+    huge = _data_message('"@data-type":"string","data":"' + "x" * MAX_FRAME_BYTES + '"')
+    before = hs_frame(handshake_info(case("direct").segments))
+    behind = hs_frame(handshake_info(case("karn").segments))
+    after = hs_frame(handshake_info(case("ipv6").segments))
+    zeek.scripts = [[before, huge, behind], [after]]
+    await zeek.start()
+    got = await take(stream, 2)
+    # `behind` went down with the first connection; `after` came on the second.
+    assert [h.src for h in got] == ["203.0.113.10", "2001:db8::10"]
+    assert zeek.connections == 2 and client.stats.oversized == 1 and client.stats.connects == 2
+    expected = [verdict_event(VERDICT.to_dict(), r) for r in records]
+    await zeek.wait_for(lambda: all(e in zeek.received for e in expected))
+    async with asyncio.timeout(TIMEOUT):
+        assert await asyncio.gather(*sent) == [True, True, True]
+    line = next(r.getMessage() for r in caplog.records if "over" in r.getMessage())
+    assert f"sent a frame over {MAX_FRAME_BYTES} bytes" in line
+    assert "events Zeek had queued behind it on that connection are lost" in line
