@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -288,3 +289,84 @@ def test_subscription_frame() -> None:
     assert json.loads(broker.subscription_frame(["stepstone/handshake"])) == ["stepstone/handshake"]
     with pytest.raises(BrokerError):
         broker.subscription_frame([""])
+
+
+# --- hostile frames: BrokerError and nothing else, in bounded time --------------------------------
+
+
+def _message(value: str) -> str:
+    return '{"type":"data-message","topic":"t",' + value + "}"
+
+
+def _vectors(levels: int) -> str:
+    return _message(('{"@data-type":"vector","data":[' * levels + "]}" * levels)[1:-1])
+
+
+@pytest.mark.parametrize(
+    ("frame", "fragment"),
+    [
+        (_vectors(400), "nested deeper than 64"),  # was RecursionError
+        ("[" * 1_000_000, "JSON values"),  # was RecursionError inside json.loads
+        ("[" * 60 + "]" * 59, "not valid JSON"),  # within the bound: json.loads says what is wrong
+        (_message('"@data-type":"count","data":' + "9" * 5000), "5000 digits"),  # was ValueError
+        (_message('"@data-type":"integer","data":-' + "9" * 30), "31 digits"),
+        (_message('"@data-type":"real","data":' + "1" * 500 + ".0"), "502 characters"),
+        (_message('"@data-type":"real","data":-Infinity'), "-Infinity is not a JSON number"),
+        (_message('"@data-type":"timespan","data":"' + "9" * 5000 + 'ns"'), "timespan must be like"),
+        (_message('"@data-type":"port","data":"' + "9" * 5000 + '/tcp"'), "port must be like"),
+        (_message('"@data-type":"port","data":"\u00b2/tcp"'), "port must be like"),
+        (_message('"@data-type":"port","data":"65536/tcp"'), "data-message: port number out of range"),
+        (_message('"@data-type":"enum-value","data":"a b"'), "data-message: enum-value must be"),
+        (_message('"@data-type":"address","data":"fe80::1%eth0"'), "zone"),
+        (_message('"@data-type":"string","data":"\\udc80"'), "lone surrogate"),
+        (_message('"@data-type":"timestamp","data":"2025-02-30T00:00:00"'), "bad timestamp"),
+        (_message('"@data-type":"timestamp","data":"2025-01-01T00:00:00+99:00"'), "bad timestamp"),
+        ('{"type":"data-message","topic":["t"],"@data-type":"none","data":{}}', "topic string"),
+        ('{"type":"data-message","topic":"\\ud800","@data-type":"none","data":{}}', "lone surrogate"),
+        ('{"type":"ack","endpoint":"\\udfff","version":"8"}', "lone surrogate"),
+        ('{"type":' + '"x' * 10_000 + '"}', "not valid JSON"),
+        ('"' + '\\"' * 1_000_000, "not valid JSON"),  # unterminated: one pass, not quadratic
+    ],
+)
+def test_hostile_frames_raise_broker_error_naming_the_problem(frame: str, fragment: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(BrokerError) as caught:
+        broker.parse_frame(frame)
+    assert time.perf_counter() - started < 2.0
+    assert fragment in str(caught.value)
+    assert len(str(caught.value)) < 300  # received values are quoted, not copied
+
+
+def test_the_bounds_admit_what_zeek_can_send() -> None:
+    # 64-bit extremes, a full-length double, and nesting right at the bound.
+    for value in (Count(2**64 - 1), -(2**63), 2**63 - 1, -1.7976931348623157e308, 5e-324):
+        assert same(broker.parse_frame(broker.event_frame("t", Event("e", (value,)))).event.args[0], value)  # type: ignore[union-attr]
+    assert broker.decode({"@data-type": "real", "data": float("1" * 309)}) == float("1" * 309)
+    frame = _message('"@data-type":"real","data":' + "1" * 309 + "." + "0" * 6)
+    assert isinstance(broker.parse_frame(frame), DataMessage)
+    # 32 vectors, the outermost being the message object itself: 64 JSON levels.
+    deepest = broker.parse_frame(_vectors(32))
+    assert isinstance(deepest, DataMessage)
+    with pytest.raises(BrokerError, match="nested deeper"):
+        broker.parse_frame(_vectors(33))
+
+
+def test_decode_bounds_nesting_of_objects_built_elsewhere() -> None:
+    obj: dict[str, Any] = {"@data-type": "none", "data": {}}
+    for _ in range(5000):
+        obj = {"@data-type": "vector", "data": [obj]}
+    with pytest.raises(BrokerError, match="nested deeper"):
+        broker.decode(obj)
+
+
+def test_enum_names_are_zeek_identifiers() -> None:
+    assert broker.encode(Enum("StepStone::Relay_Detected"))["data"] == "StepStone::Relay_Detected"
+    for name in ("", "a b", "1abc", "x\n"):
+        with pytest.raises(BrokerError):
+            Enum(name)
+
+
+def test_quote_cuts_long_values_and_escapes_control_characters() -> None:
+    assert broker.quote("x" * 10**6) == "'" + "x" * 56 + "..."
+    assert broker.quote("a\nb") == "'a\\nb'"
+    assert len(broker.quote(list(range(10**5)))) == broker.QUOTE
