@@ -208,6 +208,16 @@ class Lab:
             self.services[name] = self.children.start(label, self.service_args(name), ns, python=True)
         return self.services[name]
 
+    def verdicts_delivered(self) -> bool:
+        """Zeek has confirmed every verdict on the `verdicts` stream: its consumer group has none
+        left undelivered and none pending (the analyzer acknowledges a verdict on Zeek's ack)."""
+        try:
+            groups = {g["name"]: g for g in self.client.xinfo_groups(PREFIX + "verdicts")}
+        except redis.ResponseError:
+            return False  # no stream yet
+        zeek = groups.get("zeek")
+        return bool(zeek) and zeek["pending"] == 0 and zeek["lag"] == 0
+
     def stop_zeek(self) -> None:
         """Stops Zeek the way an operator does (SIGTERM): it flushes its logs and exits."""
         child = self.services.pop("zeek")
@@ -405,6 +415,8 @@ def run_demo(
         lab.start_traffic()
         finished = lab.wait_verdicts(scenarios.traffic_s + scenarios.settle_s)
         if sensor == "zeek":
+            with contextlib.suppress(LabError):  # the report says what is missing
+                wait_for(lab.verdicts_delivered, 15, "Zeek to confirm the last verdicts")
             lab.stop_zeek()  # it writes its last log lines (notices) as it stops
         result = lab.report()
         if not finished:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from lab.demo import PREFIX, ZEEK_WS_PORT, Lab, _listening, preflight
+from lab.demo import ZEEK_WS_PORT, Lab, _listening, preflight
 from lab.netns import unavailable_reason
 from lab.process import wait_for
 from lab.scenarios import Scenarios, parse
@@ -92,16 +92,6 @@ def _run_responder(sc: Scenarios) -> tuple[dict[str, Any], list[dict[str, Any]]]
         return lab.report(), lab.records()
 
 
-def _decided_and_sent(lab: Lab) -> bool:
-    """Every handshake the analyzer holds has its verdict, and the verdicts stream has nothing
-    left for the Zeek group: no entry undelivered, none pending."""
-    if lab.pending_verdicts():
-        return False
-    groups = {g["name"]: g for g in lab.client.xinfo_groups(PREFIX + "verdicts")}
-    zeek = groups.get("zeek")
-    return bool(zeek) and zeek["pending"] == 0 and zeek["lag"] == 0
-
-
 def test_zeek_and_responder_agree_and_notices_are_exact_across_a_zeek_restart() -> None:
     sc = parse(SCENARIOS, "e2e-zeek")
     responder_report, responder_records = _run_responder(sc)
@@ -125,7 +115,8 @@ def test_zeek_and_responder_agree_and_notices_are_exact_across_a_zeek_restart() 
         wait_for(lambda: ZEEK_WS_PORT in _listening(sensor), 60, "the restarted Zeek's WebSocket listener",
                  alive=lab.service_died)
         wait_for(lab.traffic_done, sc.traffic_s + 30, "the traffic", alive=lab.service_died)
-        wait_for(lambda: _decided_and_sent(lab), sc.settle_s, "every verdict decided and sent to Zeek",
+        wait_for(lambda: not lab.pending_verdicts() and lab.verdicts_delivered(), sc.settle_s,
+                 "every verdict decided and confirmed by Zeek",
                  alive=lab.service_died)
         lab.stop_zeek()  # Zeek writes its last log lines as it stops
         zeek_report = lab.report()
