@@ -1,8 +1,15 @@
 """Offline commands: `fingerprint` and `replay` read capture files, `judge` reads measurement records.
 
 All three write JSON lines on stdout. Bad input is reported as one line per problem on stderr,
-naming the file and the position (byte offset, packet number or line number); the good input
-around it is still processed and printed, and the exit status is 2 when anything was wrong.
+naming the file and the position (byte offset, packet number or line number), the first
+MAX_REPORTED of them and then a count; the good input around it is still processed and printed.
+
+Exit status 2 (README "Bad input: captures, records and the offline commands"): a capture that
+cannot be read on (bad header, cut mid-record: everything before is still processed), a capture
+whose snapshot length cut off the SYNs' options, a records line that is not a record, bad options
+or database. A malformed packet inside a readable capture (a runt frame, a broken header, options
+p0f cannot read, a timestamp that jumps) is what real taps record: counted and reported, exit 0,
+unless --strict.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TextIO
 
 from analyzer.capture import CaptureError, read_capture
 from analyzer.errors import InputError
@@ -27,18 +34,34 @@ from analyzer.packet import (
     SYN,
     NotTCPError,
     PacketError,
+    TcpHeader,
     address_text,
     ip_from_frame,
     tcp_header,
 )
 from analyzer.record import Record, RecordError
 from analyzer.rules import DEFAULT_WINDOW, OS_LEVELS, judge_all, summary
+from analyzer.timejumps import JumpGuard
 from analyzer.tracker import HandshakeTracker
 from osfp.result import Fingerprint, FingerprintError, NotFingerprinted
+from prober.job import DURATION_MAX_US, EPOCH_MAX, NUMBER_MAX_CHARS, short
+from prober.options import check_ranges
 
 EXIT_BAD_INPUT = 2
 MAX_REPORTED = 20  # per-packet / per-line problems printed individually; the rest are counted
 _OUT_BATCH = 512  # lines per stdout write
+# A records line longer than this is refused unread (a record is ~300 bytes; a 100 MB line once
+# took 2.8 GB to parse).
+MAX_LINE = 1 << 20
+_EPOCH_MAX_NS = int(EPOCH_MAX) * 1_000_000_000
+_MIN_JUMP_NS = 1_000_000_000  # the time-jump threshold's floor (--idle-timeout may be 0)
+
+# Ranges of the numeric options (checked after parsing; one line and exit 2 outside).
+RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    # A T^p is at most an hour (the record bound), so is the wait for a reply.
+    "replay": {"idle_timeout": (0, DURATION_MAX_US / 1e6)},
+    "judge": {"window": (0, EPOCH_MAX), "now": (0, EPOCH_MAX)},
+}
 
 
 def register(sub: Any) -> None:
@@ -51,6 +74,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("capture", help="pcap or pcapng file ('-' reads standard input)")
     _p0f_db_option(p)
+    _strict_option(p)
     p.set_defaults(func=run_fingerprint)
 
     p = sub.add_parser(
@@ -66,9 +90,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--idle-timeout", type=_seconds, default=30.0, metavar="SECONDS",
-        help="forget a connection idle this long in capture time (default 30)",
+        help="forget a connection idle this long in capture time (0-3600, default 30)",
     )
     _p0f_db_option(p)
+    _strict_option(p)
     _summary_options(p, "print the passive half of the paper's Table 3 instead of the records")
     p.set_defaults(func=run_replay)
 
@@ -83,7 +108,7 @@ def register(sub: Any) -> None:
     p.add_argument("records", help="JSON-lines file of measurement records ('-' reads standard input)")
     p.add_argument(
         "--window", type=_seconds, default=DEFAULT_WINDOW, metavar="SECONDS",
-        help="past time window per source, ending at its latest record (default 86400)",
+        help="past time window per source, ending at its latest record (default 86400; at most 2^32)",
     )
     p.add_argument(
         "--os-level", choices=OS_LEVELS, default="name",
@@ -91,7 +116,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--now", type=_seconds, default=None, metavar="EPOCH",
-        help="end every window here instead of at each source's latest record",
+        help="end every window here instead of at each source's latest record (0 to 2^32)",
     )
     _summary_options(p, "print Table 3's detection rows instead of the verdicts")
     p.set_defaults(func=run_judge)
@@ -104,6 +129,21 @@ def _p0f_db_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _strict_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--strict", action="store_true",
+        help="exit 2 on any malformed packet too (by default one in a readable capture is reported "
+        "and counted, and the exit status stays 0)",
+    )
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    try:
+        check_ranges(args, RANGES.get(args.command, {}))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _summary_options(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("--summary", action="store_true", help=text)
     p.add_argument("--json", action="store_true", help="with --summary: one JSON object instead of a table")
@@ -113,7 +153,7 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 network: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 network: {short(text)}") from None
 
 
 def _seconds(text: str) -> float:
@@ -122,21 +162,28 @@ def _seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"not a non-negative number of seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a non-negative number of seconds: {short(text)}")
     return value
 
 
 class _Problems:
-    """Reports bad input on stderr, one line each (the first MAX_REPORTED), and remembers it."""
+    """Reports bad input on stderr, one line each (the first MAX_REPORTED), and remembers it.
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    A `fatal` problem (the input cannot be read on, or cannot give what was asked) makes the exit
+    status 2; the others (one malformed packet among good ones) only with `strict`.
+    """
+
+    def __init__(self, *, strict: bool = False, stream: TextIO | None = None) -> None:
         self.count = 0
+        self.fatal = 0
+        self.strict = strict
         self._shown = 0
         self._stream = stream or sys.stderr
 
-    def report(self, message: str, *, always: bool = False) -> None:
+    def report(self, message: str, *, fatal: bool = False, always: bool = False) -> None:
         """`always`: printed even past the cap (a once-per-file summary of many packets)."""
         self.count += 1
+        self.fatal += fatal
         if self.count <= MAX_REPORTED or always:
             self._shown += 1
             print(f"stepstone-analyzer: {message}", file=self._stream)
@@ -145,7 +192,7 @@ class _Problems:
         if self.count > self._shown:
             print(f"stepstone-analyzer: {self.count - self._shown} more problems not shown "
                   f"({self.count} in all)", file=self._stream)
-        return EXIT_BAD_INPUT if self.count else 0
+        return EXIT_BAD_INPUT if self.fatal or (self.strict and self.count) else 0
 
 
 class _Output:
@@ -235,14 +282,25 @@ class _Addresses:
 
 
 def _ts(ts_ns: int) -> str:
-    return f"{ts_ns // 1_000_000_000}.{ts_ns % 1_000_000_000 // 1000:06d}"
+    """Epoch seconds with 6 decimals, the nanoseconds floored to the microsecond (-1 ns is
+    -0.000001: the sign applies to the whole number, as JSON reads it)."""
+    us = ts_ns // 1000
+    sign, us = ("-", -us) if us < 0 else ("", us)
+    return f"{sign}{us // 1_000_000}.{us % 1_000_000:06d}"
+
+
+def _seconds_text(ns: int) -> str:
+    seconds = abs(ns) / 1e9
+    return f"{seconds:.0f} s" if seconds >= 100 else f"{seconds:.3g} s"
 
 
 class _PacketCounts:
     def __init__(self) -> None:
         self.packets = 0
         self.skipped: dict[str, int] = {"not-ip": 0, "not-tcp": 0, "fragment": 0}
-        self.errors = 0
+        self.errors = 0  # malformed frames and headers, and records the reader skipped
+        self.bad_timestamps = 0  # outside 1970..2106, or a jump the packets around it refute
+        self.time_rewinds = 0  # capture time went back for good
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -251,6 +309,8 @@ class _PacketCounts:
             "not_tcp": self.skipped["not-tcp"],
             "fragments": self.skipped["fragment"],
             "packet_errors": self.errors,
+            "bad_timestamps": self.bad_timestamps,
+            "time_rewinds": self.time_rewinds,
         }
 
 
@@ -299,7 +359,7 @@ class _Snaplen:
             f"{path}: packet {number}: captured {captured} of {original} bytes (snaplen): {part} cut "
             f"off; capture with a larger snaplen, e.g. -s 0 ({self.count} "
             f"{what[0] if self.count == 1 else what[1]} cut short, not fingerprinted)",
-            always=True,
+            fatal=True, always=True,
         )
 
 
@@ -313,11 +373,17 @@ def _packets(
     """Feed every IP packet of the capture to `handle(number, ts_ns, ip)`; report what is wrong.
 
     `handle` may raise PacketError (malformed header): reported with the packet number. Packets
-    the snapshot length cut short are remembered in `snaplen`.
+    the snapshot length cut short are remembered in `snaplen`. A capture that cannot be read on
+    is a fatal problem; a record the reader skips is a packet error.
     """
     skipped = counts.skipped
+
+    def skipped_record(message: str) -> None:
+        counts.errors += 1
+        problems.report(message)
+
     try:
-        for number, ts_ns, linktype, frame, original in read_capture(path, on_error=problems.report):
+        for number, ts_ns, linktype, frame, original in read_capture(path, on_error=skipped_record):
             counts.packets += 1
             try:
                 ip = ip_from_frame(linktype, frame)
@@ -330,7 +396,7 @@ def _packets(
                 counts.errors += 1
                 problems.report(f"{path}: packet {number}: {exc}")
     except CaptureError as exc:
-        problems.report(str(exc))
+        problems.report(str(exc), fatal=True)
 
 
 _SHAPE_BITS = SYN | ACK | FIN | RST
@@ -338,7 +404,7 @@ _SHAPE_BITS = SYN | ACK | FIN | RST
 
 def run_fingerprint(args: argparse.Namespace) -> int:
     cache = _FingerprintCache(args.p0f_db)
-    problems = _Problems()
+    problems = _Problems(strict=args.strict)
     counts = _PacketCounts()
     snaplen = _Snaplen()
     out = _Output()
@@ -388,8 +454,9 @@ def _record_line(r: Record, fp_json: str) -> str:
 
 
 def run_replay(args: argparse.Namespace) -> int:
+    _check_ranges(args)
     cache = _FingerprintCache(args.p0f_db)
-    problems = _Problems()
+    problems = _Problems(strict=args.strict)
     counts = _PacketCounts()
     snaplen = _Snaplen()
     out = _Output()
@@ -424,12 +491,42 @@ def run_replay(args: argparse.Namespace) -> int:
                 fp_json = labels[label] = json.dumps(label)
             out.line(_record_line(passive_record(hs, label), fp_json))
 
-    def handle(_number: int, ts_ns: int, ip: bytes) -> None:
-        for hs in tracker.packet(ts_ns, ip):
+    Held = tuple[int, bytes, TcpHeader]  # packet number, IP packet, its decoded header
+
+    def accept(ts_ns: int, item: Held) -> None:
+        for hs in tracker.packet(ts_ns, item[1], item[2]):
             emit(hs)
+
+    def outlier(ts_ns: int, item: Held, jump_ns: int) -> None:
+        counts.bad_timestamps += 1
+        side = "ahead of" if jump_ns > 0 else "behind"
+        problems.report(f"{path}: packet {item[0]}: timestamp {_ts(ts_ns)} is {_seconds_text(jump_ns)} "
+                        f"{side} the packets around it; skipped")
+
+    def rewind(ts_ns: int, item: Held) -> None:
+        counts.time_rewinds += 1
+        problems.report(f"{path}: packet {item[0]}: capture time goes back to {_ts(ts_ns)} "
+                        f"({_seconds_text(guard.now - ts_ns if guard.now else 0)}) and stays there; "
+                        "connections open before it were ended")
+        for hs in tracker.rewind(ts_ns):
+            emit(hs)
+
+    # A jump further than the idle timeout would expire every open connection at once.
+    guard = JumpGuard(max(int(args.idle_timeout * 1e9), _MIN_JUMP_NS), accept, outlier, rewind)
+
+    def handle(number: int, ts_ns: int, ip: bytes) -> None:
+        h = tcp_header(ip)  # malformed or not TCP: raised here, for this packet's number
+        if not 0 <= ts_ns <= _EPOCH_MAX_NS:
+            # A record must read back (judge, the live window): its time within 0..2^32 s.
+            counts.bad_timestamps += 1
+            problems.report(f"{path}: packet {number}: timestamp {_ts(ts_ns)} is outside "
+                            f"0..{EPOCH_MAX:.0f} s (1970-2106); skipped")
+            return
+        guard.packet(ts_ns, (number, ip, h))
 
     try:
         _packets(path, problems, counts, snaplen, handle)
+        guard.finish()
         for hs in tracker.flush():
             emit(hs)
         snaplen.report(path, problems, ("SYN", "SYNs"))
@@ -467,6 +564,41 @@ def _print_summary(out: _Output, table: dict[str, int], as_json: bool, headline:
         out.line(f"{text:<{width}}  {value:>8}")
 
 
+class _NotARecordNumber(ValueError):
+    """A JSON number a record cannot hold: too long to convert, or NaN/Infinity (not JSON)."""
+
+
+def _parse_int(text: str) -> int:
+    # Before int(): a 5000-digit literal exceeds Python's int-digits limit (ValueError deep inside
+    # json), and no record field needs more than a few digits.
+    if len(text) > NUMBER_MAX_CHARS:
+        raise _NotARecordNumber(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def _parse_constant(text: str) -> Any:
+    raise _NotARecordNumber(f"{text} is not JSON")
+
+
+def _lines(stream: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) for each line; the line is None when longer than MAX_LINE (its bytes
+    are read past, never held)."""
+    number = 0
+    while True:
+        line = stream.readline(MAX_LINE + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while True:
+                rest = stream.readline(MAX_LINE)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield number, None
+        else:
+            yield number, line
+
+
 def _read_records(path: str, problems: _Problems) -> list[Record]:
     records: list[Record] = []
     try:
@@ -474,17 +606,23 @@ def _read_records(path: str, problems: _Problems) -> list[Record]:
     except OSError as exc:
         raise InputError(f"{path}: cannot open: {exc.strerror}") from None
     try:
-        for number, raw in enumerate(stream, 1):
+        for number, raw in _lines(stream):
+            if raw is None:
+                problems.report(f"{path}: line {number}: longer than {MAX_LINE} bytes, not a record; skipped")
+                continue
             line = raw.strip()
             if not line:
                 continue
             try:
-                obj = json.loads(line.decode("utf-8"))
+                obj = json.loads(line.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
             except UnicodeDecodeError as exc:
                 problems.report(f"{path}: line {number}: not UTF-8 (byte {exc.start + 1})")
                 continue
             except json.JSONDecodeError as exc:
                 problems.report(f"{path}: line {number}: not JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except _NotARecordNumber as exc:
+                problems.report(f"{path}: line {number}: not a record: {exc}")
                 continue
             except RecursionError:
                 problems.report(f"{path}: line {number}: JSON nested too deeply")
@@ -501,8 +639,32 @@ def _read_records(path: str, problems: _Problems) -> list[Record]:
     return records
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _verdict_json(verdict: dict[str, Any], problems: _Problems) -> str:
+    """Strict JSON. Bounded records cannot make a non-finite number; if one ever does, it is
+    written as null and reported, never as `Infinity` (which no JSON reader accepts)."""
+    try:
+        return json.dumps(verdict, allow_nan=False)
+    except ValueError:
+        bad = sorted(k for k, v in verdict.items() if isinstance(v, float) and not math.isfinite(v))
+        problems.report(f"verdict for {verdict.get('src')}: {', '.join(bad)} not finite; written as null",
+                        fatal=True)
+        return json.dumps(_finite(verdict), allow_nan=False)
+
+
 def run_judge(args: argparse.Namespace) -> int:
-    problems = _Problems()
+    _check_ranges(args)
+    problems = _Problems(strict=True)  # a line that is not a record is a broken file: exit 2
     out = _Output()
     path: str = args.records
     records = _read_records(path, problems)
@@ -514,7 +676,7 @@ def run_judge(args: argparse.Namespace) -> int:
             _print_summary(out, table, args.json, _JUDGE_ROWS)
         else:
             for v in verdicts:
-                out.line(json.dumps(v.to_dict()))
+                out.line(_verdict_json(v.to_dict(), problems))
     finally:
         out.flush()
     return problems.exit_status()

@@ -10,7 +10,9 @@ Rules (the Zeek scripts implement the same ones):
 - More than one SYN+ACK stamped before the reply: the SYN+ACK was retransmitted and we cannot tell
   which copy the reply answers (Karn's rule). The connection counts as answered, `tp_us` is None.
 - A reply stamped before every SYN+ACK (capture clocks or merged captures out of order) cannot be
-  timed either: answered, `tp_us` None, counted as `misordered` — never a negative T^p.
+  timed either: answered, `tp_us` None, counted as `misordered` — never a negative T^p. Nor can a
+  reply more than an hour after the SYN+ACK (prober.job.DURATION_MAX_US, the bound every record
+  keeps): no round trip takes that long, so one of the two timestamps is wrong.
 - A reply that appears in the file before the SYN+ACK (out-of-order capture) is held until the
   SYN+ACK arrives, then timed by the rules above. Likewise a SYN+ACK (and reply) that appears
   before its SYN — captures merged from two taps do this — waits for the SYN it acknowledges; if
@@ -24,7 +26,9 @@ Rules (the Zeek scripts implement the same ones):
   once idle for `idle_timeout` seconds, or at `flush()`. A SYN the darknet never answered ends as
   `no_synack` and gives no handshake (there is no handshake to measure).
 - Time is capture time: the latest timestamp seen. Idle connections are expired against it, and
-  `max_connections` bounds the table whatever the timestamps do.
+  `max_connections` bounds the table whatever the timestamps do. A corrupt timestamp far ahead
+  would expire everything: `analyzer.timejumps` keeps such packets from the tracker, and calls
+  `rewind` when capture time really goes back.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from dataclasses import dataclass, field
 
 from analyzer.handshake import Feed, Handshake, Reply
 from analyzer.packet import ACK, RST, SYN, TcpHeader, address_text, tcp_header
+from prober.job import DURATION_MAX_US
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NOTHING: tuple[Handshake, ...] = ()
+_MAX_TP_NS = DURATION_MAX_US * 1000
 
 
 @dataclass(slots=True)
@@ -50,7 +56,7 @@ class TrackerStats:
     answered: int = 0  # the client replied (ACK or RST) to our SYN+ACK, timed or not
     timed: int = 0  # answered with a usable T^p
     ambiguous: int = 0  # answered after a retransmitted SYN+ACK (Karn's rule: no T^p)
-    misordered: int = 0  # answered, but the reply is stamped before the SYN+ACK (no T^p)
+    misordered: int = 0  # answered, but the reply is stamped before (or hours after) the SYN+ACK
     unanswered: int = 0  # SYN+ACK sent, no reply before the connection expired or input ended
     no_synack: int = 0  # the darknet never answered the SYN
     repeated_syns: int = 0
@@ -140,13 +146,15 @@ class HandshakeTracker:
         """`packet` with the timestamp in epoch seconds."""
         return self.packet(round(ts * 1e9), ip)
 
-    def packet(self, ts_ns: int, ip: bytes) -> Sequence[Handshake]:
+    def packet(self, ts_ns: int, ip: bytes, h: TcpHeader | None = None) -> Sequence[Handshake]:
         """Take one IP packet stamped `ts_ns` (epoch nanoseconds); return the handshakes it ended.
 
+        `h`: the packet's `tcp_header(ip)` when the caller has decoded it already.
         Eager (not a generator): the packet is accounted for whether or not the caller looks at
         the result. Usually the result is empty.
         """
-        h = tcp_header(ip)
+        if h is None:
+            h = tcp_header(ip)
         self.stats.packets += 1
         if ts_ns > self._now:
             self._now = ts_ns
@@ -254,10 +262,10 @@ class HandshakeTracker:
         stats.sources.add(conn.key[: len(conn.key) // 2 - 2])
         before = [t for t in conn.synacks if t <= conn.reply_ns]
         tp_us: int | None = None
-        if len(before) == 1:
+        if len(before) == 1 and conn.reply_ns - before[0] <= _MAX_TP_NS:
             tp_us = (conn.reply_ns - before[0] + 500) // 1000  # nearest microsecond
             stats.timed += 1
-        elif before:
+        elif len(before) > 1:
             stats.ambiguous += 1
         else:
             stats.misordered += 1
@@ -303,6 +311,14 @@ class HandshakeTracker:
             ended = self._end(conn)
             if ended is not None:
                 self._out.append(ended)
+
+    def rewind(self, ts_ns: int) -> list[Handshake]:
+        """Capture time goes back to `ts_ns` for good (captures concatenated out of order): every
+        open connection ends as it stands (none of its packets can follow in the earlier time), and
+        the clock restarts there, so that expiry goes on working. Returns those handshakes."""
+        out = self.flush()
+        self._now = ts_ns
+        return out
 
     def flush(self) -> list[Handshake]:
         """End of input: every connection still open ends as it stands; returns those handshakes."""

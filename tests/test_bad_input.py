@@ -1,5 +1,6 @@
-"""Bad input: one clear line per problem on stderr naming file and position, exit 2, no traceback,
-and the good input around the bad still processed."""
+"""Bad input: one clear line per problem on stderr naming file and position, no traceback, and the
+good input around the bad still processed. Exit 2 for input that cannot be read on (and for bad
+records lines); a malformed packet in a readable capture is reported with exit 0, or 2 with --strict."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def cli(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[s
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
-def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str, lines: int = 1) -> None:
-    assert proc.returncode == 2, proc
+def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str, lines: int = 1,
+                         status: int = 2) -> None:
+    assert proc.returncode == status, proc
     assert "Traceback" not in proc.stderr
     err = proc.stderr.splitlines()
     assert len(err) == lines, err
@@ -121,9 +123,12 @@ def test_caplen_above_original_length_is_skipped_and_reading_goes_on(tmp_path: P
     path = tmp_path / "len.pcap"
     path.write_bytes(bytes(data))
     proc = cli("replay", str(path), "--darknet", DARK, "--summary", "--json")
-    assert_clean_failure(proc, "packet 2: captured length 74 exceeds original length 10")
+    assert_clean_failure(proc, "packet 2: captured length 74 exceeds original length 10", status=0)
     table = json.loads(proc.stdout)
     assert table["answered"] == 1 and table["packets"] == 5 and table["no_synack"] == 1
+    assert table["packet_errors"] == 1
+    proc = cli("replay", str(path), "--darknet", DARK, "--summary", "--json", "--strict")
+    assert_clean_failure(proc, "packet 2: captured length 74 exceeds original length 10", status=2)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +156,7 @@ def test_packet_on_an_undeclared_pcapng_interface(tmp_path: Path) -> None:
     path = tmp_path / "iface.pcapng"
     path.write_bytes(head + b"".join(blocks))
     proc = cli("replay", str(path), "--darknet", DARK, "--summary", "--json")
-    assert_clean_failure(proc, "packet 1: unknown interface 3; skipped")
+    assert_clean_failure(proc, "packet 1: unknown interface 3; skipped", status=0)
     assert json.loads(proc.stdout)["answered"] == 1
 
 
@@ -179,9 +184,11 @@ def test_malformed_headers_are_reported_by_packet_number(tmp_path: Path) -> None
     frames = [*GOOD[:3], (3 * S, ethernet(bytes(broken))), (3 * S, ethernet(bytes(broken[:30]))), *GOOD[3:]]
     path = tmp_path / "broken.pcap"
     path.write_bytes(pcap_bytes(frames))
-    proc = cli("replay", str(path), "--darknet", DARK)
-    assert_clean_failure(proc, "packet 4: IPv4 header length 12 is below 20", "packet 5: ", lines=2)
-    assert len(proc.stdout.splitlines()) == 2
+    for strict, status in (((), 0), (("--strict",), 2)):
+        proc = cli("replay", str(path), "--darknet", DARK, *strict)
+        assert_clean_failure(proc, "packet 4: IPv4 header length 12 is below 20", "packet 5: ", lines=2,
+                             status=status)
+        assert len(proc.stdout.splitlines()) == 2
 
 
 def test_malformed_tcp_options(tmp_path: Path) -> None:
@@ -193,9 +200,10 @@ def test_malformed_tcp_options(tmp_path: Path) -> None:
     frames = [(S, ethernet(bytes(zero_length))), (S, ethernet(bytes(past_end))), *GOOD]
     path = tmp_path / "opts.pcap"
     path.write_bytes(pcap_bytes(frames))
-    proc = cli("fingerprint", str(path))
-    assert_clean_failure(proc, f"{path}: packet 1: ", f"{path}: packet 2: ", lines=2)
-    assert len(proc.stdout.splitlines()) == 4  # the good SYNs and SYN+ACKs are still printed
+    for strict, status in (((), 0), (("--strict",), 2)):
+        proc = cli("fingerprint", str(path), *strict)
+        assert_clean_failure(proc, f"{path}: packet 1: ", f"{path}: packet 2: ", lines=2, status=status)
+        assert len(proc.stdout.splitlines()) == 4  # the good SYNs and SYN+ACKs are still printed
 
 
 def test_bad_record_lines(tmp_path: Path) -> None:
