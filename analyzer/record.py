@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prober.job import DURATION_MAX_US, VARIANCE_MAX_US2, bounded, epoch, p0f_label, short
+from prober.job import DURATION_MAX_US, EPOCH_MAX, VARIANCE_MAX_US2, bounded, p0f_label, short
 
 
 class RecordError(ValueError):
@@ -50,13 +50,8 @@ class Record:
         for name in ("t", "src", "dst"):
             if obj.get(name) is None:
                 raise RecordError(f"field {name!r} is missing")
-        t = _number(obj, "t", nullable=False)
-        try:
-            epoch("'t'", t)
-        except ValueError as exc:
-            raise RecordError(f"field {exc}") from None
         return cls(
-            t=t,
+            t=_number(obj, "t", nullable=False, hi=EPOCH_MAX),
             src=_address(obj, "src"),
             dst=_address(obj, "dst"),
             tp_us=_micros(obj, "tp_us"),

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import signal
 import socket
 import time
@@ -62,7 +63,7 @@ Closing = tuple[str, str | None, Outcome | None, str | None]
 OS_LEVELS = ("class", "name", "flavor")
 # Entry failures that retrying cannot fix: log, count, acknowledge.
 POISON = (HandshakeError, JobError, StateError)
-MAX_JOB_ID = 64  # characters of a job id (Redis makes them: ms-seq)
+JOB_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)  # a job is its entry id on `jobs`
 MAX_REASON = 1000  # characters of a dead letter's reason kept with the job's outcome
 # Every numeric option's range (by argparse dest), checked after the more specific checks.
 RANGES: dict[str, tuple[float, float]] = {
@@ -640,6 +641,11 @@ class Service:
                 result = Result.from_fields(fields)
             except JobError as exc:
                 self._reject(self.results_stream.stream, entry_id, exc)
+                job = fields.get("job", "")
+                if JOB_ID.fullmatch(job):
+                    # Its handshakes are still closed, on their passive half, rather than left to
+                    # wait for a result that will not come.
+                    settling.append((job, Outcome(result=None, dead=f"its result was rejected: {exc}")))
                 continue
             self.metrics.results.inc()
             settling.append((result.job, Outcome(result=result)))
@@ -649,7 +655,7 @@ class Service:
         settling: list[tuple[str, Outcome]] = []
         for entry_id, fields in batch:
             job = fields.get("job", "")
-            if not job or len(job) > MAX_JOB_ID:
+            if not JOB_ID.fullmatch(job):
                 self._reject(self.dead_stream.stream, entry_id,
                              JobError(f"dead entry without a job id: {short(job)}"))
                 continue

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from analyzer.cancellation import cancel_and_wait
 from analyzer.handshake import Handshake
+from prober.job import short
 from responder.kernel import Network, Steering, SteeringError
 from responder.listener import ListenerError, accept_forever, accept_pending, open_listener
 
@@ -39,7 +40,7 @@ def _darknet(text: str) -> Network:
 def _port(text: str) -> int:
     # ASCII digits, at most 5: int() refuses '²' and a 5000-digit number with a traceback-ish error.
     if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a TCP port: {short(text)}")
     return int(text)
 
 
