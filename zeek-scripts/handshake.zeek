@@ -16,11 +16,11 @@
 ##!   right. Ethernet pads short frames: the analyzer finds the IP header from
 ##!   the link layer, never from the captured length.
 ##! Only SYNs to the darknet create state; every other event is one table
-##! lookup for connections outside it. The rules are those of the capture
-##! path (analyzer/tracker.py): T^p = reply - the SYN+ACK it answers; more
-##! than one SYN+ACK before the reply leaves T^p unset (Karn); the SYN timed
-##! is the last one before the first SYN+ACK; a SYN never answered by the
-##! darknet gives no handshake. *reply_wait* counts from the first SYN.
+##! lookup or one field test for connections outside it. The rules are those
+##! of the capture path (analyzer/tracker.py): T^p = reply - the SYN+ACK it
+##! answers; more than one SYN+ACK before the reply leaves T^p unset (Karn);
+##! the SYN timed is the last one before the first SYN+ACK; a SYN never
+##! answered by the darknet gives no handshake. *reply_wait* counts from the first SYN.
 
 @load base/frameworks/cluster
 @load ./main
@@ -38,99 +38,106 @@ export {
 	## Publishes *h* (cluster-aware); see transport.zeek.
 	global publish_handshake: function(h: HandshakeInfo);
 
-	## A darknet connection being followed.
+	## A darknet connection waiting for the client's reply.
 	type Track: record {
 		info: HandshakeInfo;
 		last_synack: time &optional;
-		published: bool &default=F;
+		## The SYN frame, base64-encoded into *info$syn* only when the
+		## handshake is published (most SYNs of a flood never are).
+		frame: string &optional;
 	};
 
-	## Keyed by uid; entries live until connection_state_remove. Exported
-	## so that its size can be watched (bench/zeek_overhead.py).
+	## Connections waiting for their reply, keyed by uid. An entry leaves
+	## when its handshake is published or dropped: at the client's reply,
+	## *reply_wait* after the SYN at the latest, or when Zeek removes the
+	## connection first. So under a SYN flood the table holds at most the
+	## SYNs of one *reply_wait*. Exported so that its size can be watched
+	## (bench/zeek_overhead.py, tests/btest/tests/flood-bounded.zeek).
 	global tracks: table[string] of Track;
 }
 
-function since_epoch(t: time): interval
-	{
-	return t - double_to_time(0.0);
-	}
+redef record connection += {
+	## Set on a darknet connection's first SYN, for the connection's life:
+	## a SYN repeated after its handshake left *tracks* starts nothing.
+	stepstone_seen: bool &optional;
+};
 
-function in_darknet(a: addr): bool
-	{
-	return |darknet_subnets| == 0 || a in darknet_subnets;
-	}
+# Times travel as intervals since the epoch (see HandshakeInfo).
+const epoch = double_to_time(0.0);
 
-# The SYN's time, bytes and link-layer facts, from the packet in hand.
-function take_syn(c: connection, info: HandshakeInfo)
-	{
-	local now = network_time();
-	info$ts = now;
-	info$syn_epoch = since_epoch(now);
+# packet_source()$link_type, once: it is the same for every packet of a run.
+global link_type = -2;
 
+# The SYN's bytes and link-layer facts, from the packet in hand.
+function take_frame(c: connection, t: Track, hdr: raw_pkt_hdr)
+	{
 	local pkt = get_current_packet();
-	local hdr = get_current_packet_header();
-	local src = packet_source();
 
 	# A decapsulated tunnel's frame is the outer packet: its IP header is
 	# not this SYN's, so no bytes rather than wrong ones.
 	if ( ! c?$tunnel && pkt?$data )
-		info$syn = encode_base64(pkt$data);
+		t$frame = pkt$data;
 
-	if ( src?$link_type )
-		info$link_type = src$link_type;
+	if ( link_type == -2 )
+		{
+		local src = packet_source();
+		link_type = src?$link_type ? src$link_type : -1;
+		}
+
+	local info = t$info;
+	info$link_type = link_type;
 
 	if ( hdr?$l2 )
 		{
-		info$encap = hdr$l2$encap;
-		info$l3 = hdr$l2$proto;
+		local l2 = hdr$l2;
+		info$encap = l2$encap;
+		info$l3 = l2$proto;
 
-		if ( hdr$l2?$vlan )
-			info$vlan = hdr$l2$vlan;
+		if ( l2?$vlan )
+			info$vlan = l2$vlan;
 
-		if ( hdr$l2?$inner_vlan )
-			info$inner_vlan = hdr$l2$inner_vlan;
+		if ( l2?$inner_vlan )
+			info$inner_vlan = l2$inner_vlan;
 
-		if ( hdr$l2?$eth_type )
-			info$eth_type = hdr$l2$eth_type;
+		if ( l2?$eth_type )
+			info$eth_type = l2$eth_type;
 		}
 	}
 
-function start(c: connection)
+function start(c: connection, hdr: raw_pkt_hdr)
 	{
 	local now = network_time();
 	# A typed empty vector: the record constructor gets no untyped vector().
 	local synacks: vector of interval = vector();
-	local info = HandshakeInfo($uid=c$uid, $ts=now, $syn_epoch=since_epoch(now),
-	    $orig_h=c$id$orig_h, $orig_p=c$id$orig_p, $resp_h=c$id$resp_h,
-	    $resp_p=c$id$resp_p, $syn="", $link_type=-1, $encap=LINK_UNKNOWN,
-	    $l3=L3_UNKNOWN, $synack_count=0, $synacks=synacks, $reply="");
-	take_syn(c, info);
-	tracks[c$uid] = Track($info=info);
+	local t = Track($info=HandshakeInfo($uid=c$uid, $ts=now,
+	    $syn_epoch=now - epoch, $orig_h=c$id$orig_h, $orig_p=c$id$orig_p,
+	    $resp_h=c$id$resp_h, $resp_p=c$id$resp_p, $syn="", $link_type=-1,
+	    $encap=LINK_UNKNOWN, $l3=L3_UNKNOWN, $synack_count=0,
+	    $synacks=synacks, $reply=""));
+	take_frame(c, t, hdr);
+	tracks[c$uid] = t;
 	schedule reply_wait { StepStone::reply_timeout(c$uid) };
 	}
 
 function finish(t: Track, reply: string)
 	{
-	if ( t$published )
-		return;
-
 	if ( t$info$synack_count == 0 )
 		{
 		# The darknet never answered this SYN: there is no handshake to
 		# measure (analyzer/tracker.py's no_synack). A reply now answers
 		# nothing of ours; at the end, nothing is published.
 		if ( reply == "" )
-			t$published = T;
+			delete tracks[t$info$uid];
 		return;
 		}
 
-	t$published = T;
+	delete tracks[t$info$uid];
 
 	if ( reply != "" )
 		{
 		local now = network_time();
 		t$info$reply = reply;
-		t$info$reply_epoch = since_epoch(now);
+		t$info$reply_epoch = now - epoch;
 
 		# Karn's rule: only with a single SYN+ACK before the reply is it
 		# known which SYN+ACK the reply answers.
@@ -138,49 +145,62 @@ function finish(t: Track, reply: string)
 			t$info$tp = now - t$last_synack;
 		}
 
+	if ( t?$frame )
+		t$info$syn = encode_base64(t$frame);
+
 	publish_handshake(t$info);
 	}
 
 event connection_SYN_packet(c: connection, pkt: SYN_packet)
 	{
-	if ( pkt$is_orig )
+	if ( ! pkt$is_orig )
 		{
 		if ( c$uid !in tracks )
-			{
-			# A SYN+ACK captured before its SYN (real in
-			# tests/btest/Traces/vnc-scanner.pcap) comes first as the
-			# originator's "SYN" until the SYN flips the connection: no
-			# SYN to time or fingerprint, no handshake.
-			if ( in_darknet(c$id$resp_h)
-			    && ( get_current_packet_header()$tcp$flags & 16 ) == 0 )
-				start(c);
 			return;
-			}
 
+		local t = tracks[c$uid];
+		local at = network_time();
+		++t$info$synack_count;
+		t$last_synack = at;
+
+		if ( |t$info$synacks| < max_synacks )
+			t$info$synacks[|t$info$synacks|] = at - epoch;
+		return;
+		}
+
+	if ( c?$stepstone_seen )
+		{
 		# A repeated SYN before the darknet answered: its first SYN+ACK
 		# answers the latest SYN, so that one is the SYN to time and
 		# fingerprint (as analyzer/tracker.py). After a SYN+ACK, a repeated
 		# SYN only provokes another SYN+ACK, which Karn's rule handles.
-		local pending = tracks[c$uid];
-		if ( ! pending$published && pending$info$synack_count == 0 )
-			take_syn(c, pending$info);
+		if ( c$uid in tracks )
+			{
+			local pending = tracks[c$uid];
+			if ( pending$info$synack_count == 0 )
+				{
+				local now = network_time();
+				pending$info$ts = now;
+				pending$info$syn_epoch = now - epoch;
+				take_frame(c, pending, get_current_packet_header());
+				}
+			}
 		return;
 		}
 
-	if ( c$uid !in tracks )
+	if ( |darknet_subnets| > 0 && c$id$resp_h !in darknet_subnets )
 		return;
 
-	local t = tracks[c$uid];
-
-	if ( t$published )
+	# A SYN+ACK captured before its SYN (real in
+	# tests/btest/Traces/vnc-scanner.pcap) comes first as the
+	# originator's "SYN" until the SYN flips the connection: no
+	# SYN to time or fingerprint, no handshake.
+	local hdr = get_current_packet_header();
+	if ( ( hdr$tcp$flags & 16 ) != 0 )
 		return;
 
-	local now = network_time();
-	++t$info$synack_count;
-	t$last_synack = now;
-
-	if ( |t$info$synacks| < max_synacks )
-		t$info$synacks[|t$info$synacks|] = since_epoch(now);
+	c$stepstone_seen = T;
+	start(c, hdr);
 	}
 
 event connection_first_ACK(c: connection)
@@ -212,9 +232,6 @@ event StepStone::reply_timeout(uid: string)
 
 event connection_state_remove(c: connection)
 	{
-	if ( c$uid !in tracks )
-		return;
-
-	finish(tracks[c$uid], "");
-	delete tracks[c$uid];
+	if ( c$uid in tracks )
+		finish(tracks[c$uid], "");
 	}
