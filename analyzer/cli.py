@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from analyzer import offline, service
+from analyzer import htmlreport, offline, service
 from analyzer.errors import InputError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     offline.register(sub)
     service.register(sub)
+    htmlreport.register(sub)
     return parser
 
 
