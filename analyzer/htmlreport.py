@@ -122,11 +122,14 @@ class _Source:
         self.verdict: dict[str, Any] | None = None  # the logged verdict (log-dir input)
         self.verdict_key: tuple[float, int] = (-math.inf, -1)
 
-    def add(self, r: Record, rng: random.Random, diffs_cap: int, points_cap: int) -> None:
+    def add(self, r: Record, mismatch: bool, rng: random.Random, diffs_cap: int, points_cap: int) -> None:
+        """`mismatch`: the record's F^p and F^a name different OSes (rules.judge, os level "name")."""
         self.records += 1
-        self.first = min(self.first, r.t)
-        self.last = max(self.last, r.t)
-        if names_an_os(r.fp) and names_an_os(r.fa) and os_part(r.fp, "name") != os_part(r.fa, "name"):
+        if r.t < self.first:
+            self.first = r.t
+        elif r.t > self.last:
+            self.last = r.t
+        if mismatch:
             self.os_mismatches += 1
             if self.os_pair is None:
                 self.os_pair = (r.fp, r.fa)
@@ -241,9 +244,12 @@ class Aggregate:
         s = self.sources.get(r.src)
         if s is None:
             s = self.sources[r.src] = _Source(r.t)
-        s.add(r, self._rng, self.diffs_cap, self.points_cap)
+        mismatch = False
         if names_an_os(r.fp) and names_an_os(r.fa):
-            self.os_pairs[(self._os(r.fp), self._os(r.fa))] += 1
+            fp, fa = self._os(r.fp), self._os(r.fa)
+            self.os_pairs[(fp, fa)] += 1
+            mismatch = fp != fa
+        s.add(r, mismatch, self._rng, self.diffs_cap, self.points_cap)
         if verdict is not None and key is not None and key >= s.verdict_key:
             s.verdict, s.verdict_key = verdict, key
 
@@ -875,6 +881,14 @@ def truth_from_lab(result: Mapping[str, Any]) -> dict[str, Truth]:
         out[h["src"]] = Truth(truth="direct" if h["truth"] == "direct" else "relay", outcome=h["outcome"],
                               outcome_strong=h["outcome_strong"], scenario=h["scenario"])
     return out
+
+
+def write_lab_report(log_dir: Path, result: Mapping[str, Any], out: Path, *, darknet_addresses: int,
+                     title: str = "stepstone lab run") -> Summary:
+    """The page for a lab run (`stepstone-lab demo --html`): its log dir, with the truth of
+    `lab.report.build`'s result marked."""
+    return make_report(str(log_dir), out, darknet_addresses=darknet_addresses, truth=truth_from_lab(result),
+                       title=title, problems=_Problems(stream=io.StringIO()))
 
 
 def register(sub: Any) -> None:
