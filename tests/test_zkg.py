@@ -1,5 +1,7 @@
-"""`zkg install` of the package from a git clone, into a scratch zkg state (tests skipped, since no
-zeek runs here). Without `zeek-config` on PATH zkg warns and leaves the `depends = zeek >=6.0.0`
+"""`zkg install` of the package from a git clone, into a scratch zkg state. With a real zeek (and its
+zeek-config) on PATH, zkg runs the package's btests before installing, as an operator's `zkg install`
+does: those tests must run and pass, and a failing one must stop the install. The other tests skip
+zkg's test step; without `zeek-config` on PATH zkg warns and leaves the `depends = zeek >=6.0.0`
 constraint unchecked (zeekpkg/manager.py adds the `zeek` node only when it finds a version), so
 neither --nodeps nor a fake zeek is needed; where zeek is installed, zkg checks the constraint."""
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +46,8 @@ def clone(tmp_path: Path) -> Path:
     for name in PACKAGE_FILES:
         source, target = ROOT / name, repo / name
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns(".tmp", "*.pcap"))
+            # Traces/ comes too: the btests read their captures from there.
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(".tmp", ".btest.failed.dat"))
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
@@ -66,12 +70,18 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def _install(config: Path, clone: Path, *user_vars: str) -> subprocess.CompletedProcess[str]:
-    args = [_zkg(), "--configfile", str(config), "install", "--force", "--skiptests", str(clone)]
+def _install(
+    config: Path, clone: Path, *user_vars: str, tests: bool = False
+) -> subprocess.CompletedProcess[str]:
+    args = [_zkg(), "--configfile", str(config), "install", "--force", str(clone)]
+    if not tests:
+        args.insert(-1, "--skiptests")
     for var in user_vars:
         args += ["--user-var", var]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEPSTONE_")}
-    return subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=120)
+    # zkg runs the package's test_command (btest) with this PATH, whether or not the venv is active.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_metadata_is_what_zkg_needs() -> None:
@@ -114,4 +124,43 @@ def test_zkg_installs_the_package_with_the_operators_settings(
 def test_zkg_install_fails_on_a_bad_darknet_value(config: Path, clone: Path, tmp_path: Path) -> None:
     result = _install(config, clone, "STEPSTONE_DARKNET=every dark address")
     assert result.returncode != 0
+    assert not (tmp_path / "zkg" / "script_dir" / "packages" / "stepstone").exists()
+
+
+def _real_zeek() -> None:
+    if shutil.which("zeek") is None or shutil.which("zeek-config") is None:
+        pytest.skip("no zeek (with zeek-config) on PATH")
+
+
+BTESTS = sorted(p.stem for p in (ROOT / "tests" / "btest" / "tests").glob("*.zeek"))
+
+
+@pytest.mark.zeek
+def test_zkg_install_runs_the_btests_on_the_real_zeek(config: Path, clone: Path, tmp_path: Path) -> None:
+    _real_zeek()
+    # An operator's settings, which the btests must not depend on.
+    result = _install(config, clone, "STEPSTONE_DARKNET=192.0.2.0/24", "STEPSTONE_WS_PORT=27759", tests=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'Running unit tests for "' in result.stdout
+    ran = tmp_path / "zkg" / "state_dir" / "testing" / "stepstone" / "clones" / "stepstone"
+    # btest's report goes to either stream, depending on its version and terminal.
+    summary = "".join((ran / f"zkg.test_command.{name}").read_text() for name in ("stdout", "stderr"))
+    for name in BTESTS:
+        assert re.search(rf"^tests\.{re.escape(name)} \.\.\. ok$", summary, re.M), summary
+    assert f"all {len(BTESTS)} tests successful" in summary, summary
+    assert "skipped" not in summary
+    installed = tmp_path / "zkg" / "script_dir" / "packages" / "stepstone"
+    assert "192.0.2.0/24" in (installed / "site.zeek").read_text()
+
+
+@pytest.mark.zeek
+def test_a_failing_btest_stops_zkg_install(config: Path, clone: Path, tmp_path: Path) -> None:
+    _real_zeek()
+    # The baseline claims a T^p the recording does not have: the suite must fail, so the install.
+    baseline = clone / "tests" / "btest" / "Baseline" / "tests.handshakes-recorded" / "output"
+    baseline.write_text(baseline.read_text().replace("tp=0.020000", "tp=0.021000", 1))
+    _git(clone, "commit", "-q", "-a", "-m", "wrong baseline")
+    result = _install(config, clone, tests=True)
+    assert result.returncode != 0
+    assert "test_command failed" in result.stderr
     assert not (tmp_path / "zkg" / "script_dir" / "packages" / "stepstone").exists()
