@@ -397,10 +397,10 @@ def _ms(us: Any, digits: int = 1) -> str:
     return f"{us / 1000:.{digits}f}" if isinstance(us, int | float) else NONE
 
 
-def _when(t: Any) -> str:
+def _when(t: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     if not isinstance(t, int | float):
         return NONE
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(t, UTC).strftime(fmt)
 
 
 def _conditions(v: Mapping[str, Any], *, pair: bool = True) -> str:
@@ -454,13 +454,16 @@ def _source_plot(src: str, s: _Source, v: Mapping[str, Any], truth: Truth | None
         tp = [p[1] / 1000 for p in points]
         ta = [p[2] / 1000 for p in points]
         threshold = v.get("timing_threshold_us")
-        ax.plot(when, tp, "o", ms=3.5, color="#cf222e", label="$T^p$ (handshake)")
+        # T^a hollow and T^p drawn last: on a direct source they coincide and both stay visible.
+        ax.plot(when, tp, "o", ms=3.5, color="#cf222e", zorder=3, label="$T^p$ (handshake)")
         ping = [(w, a) for w, a, p in zip(when, ta, points, strict=True) if not p[3]]
         syn = [(w, a) for w, a, p in zip(when, ta, points, strict=True) if p[3]]
         if ping:
-            ax.plot(*zip(*ping, strict=True), "s", ms=3, color="#0969da", label="$T^a$ (max ping RTT)")
+            ax.plot(*zip(*ping, strict=True), "s", ms=5, mfc="none", mew=1.2, color="#0969da", zorder=2,
+                    label="$T^a$ (max ping RTT)")
         if syn:
-            ax.plot(*zip(*syn, strict=True), "D", ms=3, color="#1f883d", label="$T^a$ (SYN RTT)")
+            ax.plot(*zip(*syn, strict=True), "D", ms=5, mfc="none", mew=1.2, color="#1f883d", zorder=2,
+                    label="$T^a$ (SYN RTT)")
         if isinstance(threshold, int | float) and when:
             ax.step(when, [a + threshold / 1000 for a in ta], where="mid", ls="--", lw=1, color="#57606a",
                     label=f"$T^a$ + threshold ({threshold / 1000:.1f} ms)")
@@ -478,19 +481,21 @@ def _source_plot(src: str, s: _Source, v: Mapping[str, Any], truth: Truth | None
             ax.grid(True, alpha=0.3)
         kept = f" ({len(points)} of {s.n_points} shown)" if s.n_points > len(points) else ""
         margin = _ms(v.get("timing_margin_us"))
-        title = (f"{src}: {_kind(v)}, by {_conditions(v, pair=False)}\nmargin {margin} ms, "
+        why = f"by {_conditions(v, pair=False)}" if _flagged(v) else "not flagged"
+        title = (f"{src}: {_kind(v)}, {why}\nmargin {margin} ms, "
                  f"threshold {_ms(threshold)} ms, {s.n_diffs} timing samples{kept}")
         if v.get("cond_os") and v.get("os_pair"):
             title += f"\nOS: {_wrap(v['os_pair'][0], 40)} \u2260 {_wrap(v['os_pair'][1], 40)}"
         if truth is not None:
-            title += f"\nlab truth: {truth.truth} ({truth.scenario}): {truth.outcome_strong.upper()}"
+            title += (f"\nlab truth: {truth.truth} ({truth.scenario}); paper's rule {truth.outcome.upper()}, "
+                      f"confident rule {truth.outcome_strong.upper()}")
         ax.set_title(title, loc="left")
         return _svg(fig)
 
 
 def _margin_plot(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth] | None) -> str:
     import matplotlib
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     rows = [(v["timing_margin_us"] / 1000, v) for v in verdicts
             if isinstance(v.get("timing_margin_us"), int | float)]
@@ -533,9 +538,12 @@ def _margin_plot(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth] | No
         ax.hist(data, bins=bins, range=(lo, hi), stacked=True, color=[g[1] for g in groups],
                 label=[f"{g[0]}: {len(d)}" for g, d in zip(groups, data, strict=True)])
         ax.axvline(floor, color="#24292f", ls="--", lw=1, label=f"threshold floor ({floor:.0f} ms)")
-        ax.set_yscale("symlog", linthresh=1)
+        if len(rows) > 50:  # a few thousand direct sources would flatten the few flagged ones
+            ax.set_yscale("symlog", linthresh=1)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 100, not 10^2
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 100, not 10^2
         ax.set_ylabel("sources")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -604,8 +612,6 @@ def _matrix_plot(pairs: Counter[tuple[str, str]]) -> str:
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("$F^a$: the probe's SYN+ACK (class:name)")
         ax.set_ylabel("$F^p$: the source's SYN")
-        ax.set_title("records per ($F^p$, $F^a$): blue the same OS, red a mismatch (condition (1))",
-                     loc="left")
         return _svg(fig)
 
 
@@ -620,8 +626,8 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em a
 padding:0 1em;color:#24292f}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #d0d7de}
 .meta{color:#57606a}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #d0d7de;padding:3px 7px;text-align:left;vertical-align:top;white-space:nowrap}
-td.c{white-space:normal;min-width:12em;max-width:26em}th,td.w{white-space:normal}
+td,th{border:1px solid #d0d7de;padding:3px 6px;text-align:left;vertical-align:top;white-space:nowrap}
+td.c{white-space:normal;min-width:12em;max-width:26em}th{white-space:normal}
 .key span{margin-right:1.2em;white-space:nowrap}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f6f8fa}
 table.sortable th{cursor:pointer;user-select:none}
@@ -692,7 +698,7 @@ def render(
         ("answered connection requests", answered),
         ("unique sources", len(seen)),
         ("relays by (1) OS mismatch", sum(bool(v.get("cond_os")) for v in verdicts)),
-        ("relays by (2) T^p ≫ T^a", sum(bool(v.get("cond_timing")) for v in verdicts)),
+        (f"relays by (2) {_TP} &#8811; {_TA}", sum(bool(v.get("cond_timing")) for v in verdicts)),
         ("relays in total (paper's rule)", sum(bool(v.get("relay")) for v in verdicts)),
         ("relays by the confident rule (not in the paper)",
          sum(bool(v.get("relay_confident")) for v in verdicts)),
@@ -712,7 +718,7 @@ def render(
         out.append(f'<p class="warn">{problems} input lines were not readable and were skipped '
                    "(the command listed the first ones on stderr).</p>")
     out.append("<h2>Table 3 for the period</h2><table>")
-    out += [f'<tr><td>{_e(k)}</td><td class="n">{_e(v)}</td></tr>' for k, v in t3]
+    out += [f'<tr><td>{k}</td><td class="n">{_e(v)}</td></tr>' for k, v in t3]  # k: constant HTML
     out.append("</table>")
     if truth:
         out.append(_truth_table(verdicts, truth))
@@ -724,6 +730,9 @@ def render(
     out.append(f'<div class="wide">{_margin_plot(verdicts, truth)}</div>')
 
     out.append("<h2>OS mismatch matrix (F<sup>p</sup> &times; F<sup>a</sup>)</h2>")
+    out.append('<p class="meta">Records per (F<sup>p</sup>, F<sup>a</sup>) pair of OS labels (class:name), '
+               "where both are known: blue the same OS, red a mismatch (condition (1)). The "
+               f"{MATRIX_LABELS} most frequent labels on each axis; the rest are \"other\".</p>")
     out.append(f'<div class="wide">{_matrix_plot(agg.os_pairs)}</div>')
 
     plotted = sorted(flagged, key=_margin_key, reverse=True)
@@ -738,8 +747,8 @@ def render(
                f"line. Each plot keeps at most {agg.points_cap} points per source, sampled uniformly over "
                "its records.</p>")
     out.append('<p class="key"><span style="color:#cf222e">&#9679; ' + _TP + " (the handshake)</span>"
-               '<span style="color:#0969da">&#9632; ' + _TA + " (max ping RTT)</span>"
-               '<span style="color:#1f883d">&#9670; ' + _TA + " (SYN RTT, when ICMP is dropped)</span>"
+               '<span style="color:#0969da">&#9633; ' + _TA + " (max ping RTT)</span>"
+               '<span style="color:#1f883d">&#9671; ' + _TA + " (SYN RTT, when ICMP is dropped)</span>"
                '<span style="color:#57606a">- - - ' + _TA + " + the source's threshold</span></p>")
     if shown:
         out.append('<div class="plots">')
@@ -774,12 +783,16 @@ def _truth_table(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth]) -> 
 
 def _verdict_table(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth] | None) -> str:
     ordered = sorted(verdicts, key=lambda v: (not _flagged(v), -_margin_key(v)))
+    # Within one year the year is the page's period line's; the cells stay short.
+    years = {_when(v.get(k), "%Y") for v in verdicts for k in ("first_seen", "last_seen")}
+    fmt = "%m-%d %H:%M:%S" if len(years) == 1 else "%Y-%m-%d %H:%M:%S"
     rows = ordered[:MAX_ROWS]
     head = ["source", "kind", "conditions", "margin ms", "threshold ms", "ref", "timing samples",
             "records", "OS mismatches", f"mean {_TP} ms", f"mean max {_TA} ms", "first seen (UTC)",
             "last seen (UTC)"]
-    if truth:
-        head += ["scenario", "truth", "paper rule", "confident rule"]
+    if truth:  # the truth next to the verdict, where a reader looks first; the scenario last
+        head[2:2] = ["truth", "paper rule", "confident rule"]
+        head.append("scenario")
     out = ["<h2>Verdicts</h2>"]
     note = (f"{len(rows)} of {len(verdicts)} sources: every flagged one, then the largest margins."
             if len(rows) < len(verdicts) else f"{len(verdicts)} sources.")
@@ -801,17 +814,18 @@ def _verdict_table(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth] | 
             _num_cell(v.get("os_mismatches")),
             _num_cell(_ms_value(v.get("tp_mean_us")), _ms(v.get("tp_mean_us"))),
             _num_cell(_ms_value(v.get("ta_max_mean_us")), _ms(v.get("ta_max_mean_us"))),
-            f'<td class="w" data-v="{_e(v.get("first_seen"))}">{_e(_when(v.get("first_seen")))}</td>',
-            f'<td class="w" data-v="{_e(v.get("last_seen"))}">{_e(_when(v.get("last_seen")))}</td>',
+            f'<td data-v="{_e(v.get("first_seen"))}">{_e(_when(v.get("first_seen"), fmt))}</td>',
+            f'<td data-v="{_e(v.get("last_seen"))}">{_e(_when(v.get("last_seen"), fmt))}</td>',
         ]
         if truth:
             t = truth.get(v["src"])
             if t is None:
-                cells += [f"<td>{NONE}</td>"] * 4
+                cells[2:2] = [f"<td>{NONE}</td>"] * 3
+                cells.append(f"<td>{NONE}</td>")
             else:
-                cells += [f"<td>{_e(t.scenario)}</td>", f"<td>{_e(t.truth)}</td>",
-                          f'<td class="{t.outcome}">{t.outcome.upper()}</td>',
-                          f'<td class="{t.outcome_strong}">{t.outcome_strong.upper()}</td>']
+                cells[2:2] = [f"<td>{_e(t.truth)}</td>", f'<td class="{t.outcome}">{t.outcome.upper()}</td>',
+                              f'<td class="{t.outcome_strong}">{t.outcome_strong.upper()}</td>']
+                cells.append(f"<td>{_e(t.scenario)}</td>")
         css = ' class="flag"' if _flagged(v) else ""
         out.append(f"<tr{css}>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")

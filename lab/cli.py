@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "on PATH, else responder); the responder answers the SYNs either way")
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="keep the run's logs (stepstone.log, probes, every process's output) in DIR")
+    demo.add_argument("--html", type=Path, metavar="FILE",
+                      help="also write the run's report as one HTML page (plots, the truth marked)")
     clean = sub.add_parser("clean", help="remove namespaces, nftables tables and processes a killed run left")
     clean.add_argument("--prefix", default=PREFIX,
                        help="remove namespaces whose name starts with this (default %(default)s: every "
@@ -117,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.keep.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise LabError(f"--keep {args.keep}: cannot create it: {exc.strerror}") from None
-        result = run_demo(scenarios, progress=sys.stderr, keep=args.keep, sensor=args.sensor)
+        if args.html is not None and not os.access(args.html.resolve().parent, os.W_OK):
+            raise LabError(f"--html {args.html}: cannot write in {args.html.resolve().parent}")
+        result = run_demo(scenarios, progress=sys.stderr, keep=args.keep, sensor=args.sensor, html=args.html)
         if args.json:
             print(json.dumps(result, indent=None, sort_keys=False))
         else:

@@ -404,7 +404,7 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 def run_demo(
     scenarios: Scenarios, *, progress: TextIO = sys.stderr, keep: Path | None = None,
-    sensor: Sensor | None = None,
+    sensor: Sensor | None = None, html: Path | None = None,
 ) -> Mapping[str, Any]:
     sensor = sensor or default_sensor()
     preflight(scenarios, sensor)
@@ -422,5 +422,15 @@ def run_demo(
         if not finished:
             missing = len(lab.pending_verdicts())
             result["notes"].insert(0, f"the run ended with {missing} handshakes still without a verdict")
+        if html is not None:  # before the teardown removes the logs it reads
+            from analyzer.errors import InputError
+            from analyzer.htmlreport import write_lab_report
+
+            try:
+                made = write_lab_report(lab.logdir, result, html, title=f"stepstone lab run ({sensor})",
+                                        darknet_addresses=scenarios.darknet.num_addresses)
+            except InputError as exc:
+                raise LabError(f"--html: {exc}") from None
+            lab.say(f"wrote {html} in {made.seconds:.1f} s")
         lab.say("done; tearing the lab down")
     return result

@@ -168,7 +168,7 @@ def test_log_dir_shows_the_logged_verdicts(tmp_path: Path) -> None:
     row = re.search(r"<tr class=\"flag\"><td[^>]*>198\.51\.100\.9</td>(.*?)</tr>", page)
     assert row and "relay (paper)" in row.group(1) and ">1.2<" in row.group(1)  # the latest line's
     assert '<td>answered connection requests</td><td class="n">7</td>' in page
-    assert '<td>relays in total (paper&#x27;s rule)</td><td class="n">1</td>' in page
+    assert '<td>relays in total (paper\'s rule)</td><td class="n">1</td>' in page
     assert "<b>x</b>" not in page and "<script>" not in page.split("<script>")[0]
 
 

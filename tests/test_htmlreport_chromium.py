@@ -92,10 +92,11 @@ def test_a_header_click_sorts_the_verdicts(page: Path, tmp_path: Path) -> None:
     """The sorting script runs: click "margin ms" (descending after two clicks) in a copy of the
     page whose extra script records the order."""
     probe = tmp_path / "sorted.html"
-    script = ("<script>const th = [...document.querySelectorAll('#verdicts th')]"
-              ".find(h => h.textContent.startsWith('margin')); th.click(); th.click();"
+    script = ("<script>const ths = [...document.querySelectorAll('#verdicts th')];"
+              "const i = ths.findIndex(h => h.textContent.startsWith('margin'));"
+              "ths[i].click(); ths[i].click();"
               "document.body.dataset.order = [...document.querySelectorAll('#verdicts tbody tr')]"
-              ".map(r => r.cells[3].dataset.v).join(',');</script></body>")
+              ".map(r => r.cells[i].dataset.v).join(',');</script></body>")
     probe.write_text(page.read_text().replace("</body>", script))
     proc = _chromium(tmp_path, "--dump-dom", probe.as_uri())
     assert _console_errors(proc.stderr) == []
