@@ -124,3 +124,16 @@ def test_the_handshakes_baseline_agrees_with_the_capture_path(tmp_path: Path) ->
         timed = [s for c in mk.CASES for s in c.segments if s.flags == "S" and abs(s.t - h.t) < 1e-9]
         assert len(timed) == 1 and h.syn == timed[0].ip()
         assert len(timed[0].frame()) == int(want["frame"])
+
+
+@pytest.mark.parametrize(
+    ("trace", "source"),
+    [("handshakes.pcap", "zeek-ws/handshakes.pcap"), ("vnc-scanner.pcap", "captures/vnc-scanner.pcap")],
+)
+def test_the_btest_traces_are_the_repositorys_captures(trace: str, source: str) -> None:
+    # zkg runs the btests from its clone with only tests/btest, hence copies; they must not drift.
+    data = Path(__file__).resolve().parent / "data"
+    assert (BTEST / "Traces" / trace).read_bytes() == (data / source).read_bytes()
+    if trace == "vnc-scanner.pcap":
+        licence = (BTEST / "Traces" / "COPYING.vnc-scanner").read_bytes()
+        assert licence == (data / "captures" / "COPYING.vnc-scanner").read_bytes()

@@ -86,6 +86,9 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+RAW = open(os.environ["WS_RAW"], "ab") if os.environ.get("WS_RAW") else None  # noqa: SIM115
+
+
 def receive(sock: socket.socket) -> Any:
     """The next text message (answering pings, joining fragments)."""
     parts = b""
@@ -108,6 +111,9 @@ def receive(sock: socket.socket) -> Any:
         if opcode in (0x1, 0x2, 0x0):
             parts += payload
             if b0 & 0x80:
+                if RAW:
+                    RAW.write(parts + b"\n")
+                    RAW.flush()
                 return json.loads(parts)
 
 
