@@ -394,7 +394,9 @@ def _flagged(v: Mapping[str, Any]) -> bool:
 
 
 def _ms(us: Any, digits: int = 1) -> str:
-    return f"{us / 1000:.{digits}f}" if isinstance(us, int | float) else NONE
+    if not isinstance(us, int | float):
+        return NONE
+    return f"{round(us / 1000, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.0"
 
 
 def _when(t: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
@@ -509,9 +511,11 @@ def _margin_plot(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth] | No
             return _svg(fig)
         values = sorted(m for m, _ in rows)
         floor = TIMING_FLOOR_US / 1000
-        # Clip the long tails into the edge bins: a few 3-second margins would squash the rest.
-        lo = min(values[int(0.005 * (len(values) - 1))], -floor)
-        hi = max(values[int(0.995 * (len(values) - 1))], 2 * floor)
+        # Among many sources, clip the long tails into the edge bins: a few 3-second margins would
+        # squash the rest. Among a few (the lab), every one is shown where it is.
+        tail = 0.005 if len(values) >= 200 else 0.0
+        lo = min(values[int(tail * (len(values) - 1))], -floor)
+        hi = max(values[round((1 - tail) * (len(values) - 1))], 2 * floor)
         clip = [min(max(m, lo), hi) for m, _ in rows]
         # Below the histogram, a rug: one tick per flagged source (in the lab: per source, by its
         # outcome), on its own axis so that no tick hides a bar or a tick label.
@@ -634,7 +638,7 @@ table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-dir=asc]::after{content:" ▲"}table.sortable th[data-dir=desc]::after{content:" ▼"}
 tr.flag td:first-child{border-left:3px solid #cf222e}
 .tp{color:#1a7f37;font-weight:600}.fp{color:#cf222e;font-weight:600}.fn{color:#8250df;font-weight:600}
-.tn{color:#57606a}.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:8px}
+.tn{color:#57606a}.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:8px}
 svg{max-width:100%;height:auto}.wide{overflow-x:auto}.warn{color:#9a6700}
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 import subprocess
@@ -263,3 +264,15 @@ def test_page_without_timing_or_labels(tmp_path: Path) -> None:
 
 def test_module_says_why_matplotlib() -> None:
     assert htmlreport.__doc__ and "Why matplotlib" in htmlreport.__doc__
+
+
+def test_lab_html_to_an_unwritable_place_is_refused_first(tmp_path: Path) -> None:
+    """`stepstone-lab demo --html` in a folder that does not exist: one line, exit 2, before any
+    namespace is built (the check runs after the root check, so only as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("stepstone-lab demo checks for root first")
+    out = tmp_path / "no" / "r.html"
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "demo", "--html", str(out)],
+                          capture_output=True, text=True, check=False, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"stepstone-lab: --html {out}: cannot write in {out.parent}"
