@@ -90,7 +90,7 @@ class Count(int):
 
     def __new__(cls, value: int) -> Count:
         if isinstance(value, bool) or not 0 <= int(value) < _U64:
-            raise BrokerError(f"count out of range: {value!r}")
+            raise BrokerError(f"count out of range: {quote(value)}")
         return super().__new__(cls, value)
 
     def __repr__(self) -> str:
@@ -163,9 +163,9 @@ class Port:
 
     def __post_init__(self) -> None:
         if isinstance(self.number, bool) or not 0 <= self.number < 65536:
-            raise BrokerError(f"port number out of range: {self.number!r}")
+            raise BrokerError(f"port number out of range: {quote(self.number)}")
         if self.proto not in self.PROTOS:
-            raise BrokerError(f"unknown port protocol {self.proto!r}")
+            raise BrokerError(f"unknown port protocol {quote(self.proto)}")
 
     def __str__(self) -> str:
         return f"{self.number}/{self.proto}"

@@ -316,6 +316,7 @@ def _vectors(levels: int) -> str:
         (_message('"@data-type":"port","data":"' + "9" * 5000 + '/tcp"'), "port must be like"),
         (_message('"@data-type":"port","data":"\u00b2/tcp"'), "port must be like"),
         (_message('"@data-type":"port","data":"65536/tcp"'), "data-message: port number out of range"),
+        (_message('"@data-type":"port","data":"1/tcp' + "0" * 5000 + '"'), "unknown port protocol"),
         (_message('"@data-type":"enum-value","data":"a b"'), "data-message: enum-value must be"),
         (_message('"@data-type":"address","data":"fe80::1%eth0"'), "zone"),
         (_message('"@data-type":"string","data":"\\udc80"'), "lone surrogate"),
