@@ -35,6 +35,7 @@ from analyzer.packet import (
     NotTCPError,
     PacketError,
     TcpHeader,
+    UnsupportedLinkError,
     address_text,
     ip_from_frame,
     tcp_header,
@@ -377,6 +378,7 @@ def _packets(
     is a fatal problem; a record the reader skips is a packet error.
     """
     skipped = counts.skipped
+    unsupported: set[int] = set()  # link types already reported
 
     def skipped_record(message: str) -> None:
         counts.errors += 1
@@ -392,6 +394,13 @@ def _packets(
                 handle(number, ts_ns, ip)
             except NotTCPError as exc:
                 skipped[exc.reason] += 1
+            except UnsupportedLinkError as exc:
+                # The capture's (or interface's) link type: nothing in it can be read, so this is
+                # the capture failing, said once, not a malformed packet.
+                counts.errors += 1
+                if linktype not in unsupported:
+                    unsupported.add(linktype)
+                    problems.report(f"{path}: packet {number}: {exc} (every such packet skipped)", fatal=True)
             except PacketError as exc:
                 counts.errors += 1
                 problems.report(f"{path}: packet {number}: {exc}")

@@ -56,6 +56,10 @@ class PacketError(ValueError):
     """A frame or packet that is malformed (truncated header, impossible length)."""
 
 
+class UnsupportedLinkError(PacketError):
+    """A link-layer type we cannot decode: a property of the whole capture, not of one packet."""
+
+
 class NotTCPError(PacketError):
     """A well-formed frame that is simply not something we track: not IP, not TCP, or a fragment.
 
@@ -77,7 +81,7 @@ def ip_from_frame(linktype: int, frame: bytes) -> bytes:
     the IP packet as far as it was captured.
 
     Raises `NotTCPError("not-ip", ...)` for a well-formed frame that carries something else (ARP,
-    LLDP), `PacketError` for a truncated or unknown link layer.
+    LLDP), `PacketError` for a truncated link layer, `UnsupportedLinkError` for an unknown one.
     """
     if linktype == DLT_EN10MB:
         if len(frame) < 14:
@@ -113,7 +117,7 @@ def ip_from_frame(linktype: int, frame: bytes) -> bytes:
         if family == AF_INET or family in AF_INET6:
             return _trim(frame, 4)
         raise NotTCPError("not-ip", f"loopback frame of address family {family}")
-    raise PacketError(f"unsupported link-layer type {linktype}")
+    raise UnsupportedLinkError(f"unsupported link-layer type {linktype}")
 
 
 def _ethertype_payload(ethertype: int, frame: bytes, offset: int) -> bytes:

@@ -313,3 +313,14 @@ def test_numeric_options_have_ranges(tmp_path: Path, argv: list[str], needle: st
 def test_a_5000_digit_option_is_one_line() -> None:
     proc = cli("judge", "-", "--now", "9" * 5000, stdin=b"")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr) < 1000
+
+
+def test_an_unsupported_link_type_is_the_capture_failing_said_once(tmp_path: Path) -> None:
+    """Not a malformed packet: nothing in such a capture can be read, so exit 2, one line."""
+    c = Conn("203.0.113.1", "198.18.0.1")
+    path = tmp_path / "radiotap.pcap"
+    path.write_bytes(pcap_bytes([(S, c.syn()), (S + 1000, c.synack()), (S + 2000, c.ack())], linktype=127))
+    table, err, status = _replay_summary(path)
+    assert (status, table["packet_errors"], table["packets"]) == (2, 3, 3)
+    assert err == [f"stepstone-analyzer: {path}: packet 1: unsupported link-layer type 127 "
+                   "(every such packet skipped)"]
