@@ -84,9 +84,10 @@ from analyzer.broker import (
     quote,
     subscription_frame,
 )
-from analyzer.handshake import Handshake, HandshakeError
+from analyzer.handshake import MAX_SYNACKS, Handshake, HandshakeError
 from analyzer.record import Record, RecordError
 from analyzer.rules import TimingRef
+from prober.job import DURATION_MAX_US
 
 log = logging.getLogger("stepstone.zeek")
 
@@ -96,10 +97,10 @@ HANDSHAKE_EVENT = "StepStone::handshake"
 VERDICT_EVENT = "StepStone::verdict"
 DLT_EN10MB = 1  # pcap's Ethernet link type
 # Bounds at the boundary. T^p and the SYN+ACK and reply times relative to the SYN come from one
-# connection that Zeek publishes after StepStone::reply_wait (30 s by default): an hour is far past
-# anything real. StepStone::max_synacks sends 16 SYN+ACK times by default.
-MAX_SPAN_S = 3600.0
-MAX_SYNACKS = 256
+# connection that Zeek publishes after StepStone::reply_wait (30 s by default): an hour (the
+# streams' bound on a duration) is far past anything real. StepStone::max_synacks sends 16 SYN+ACK
+# times by default; the Handshake takes MAX_SYNACKS.
+MAX_SPAN_S = DURATION_MAX_US / 1e6
 # A handshake event is a few kB (90 kB with a 64 KiB SYN frame in base64). 4 MiB leaves room for
 # other events under the subscribed topic prefix, which are rejected without losing the connection;
 # with MAX_QUEUE frames buffered at most, websockets holds no more than 64 MiB (as 64 x 1 MiB did).
@@ -218,7 +219,8 @@ def handshake_from_event(event: Event) -> Handshake:
         raise HandshakeError(f"HandshakeInfo.tp is {tp.seconds:.0f} s (at most {MAX_SPAN_S:.0f} s)")
     syn = _syn_packet(uid, need("syn", str), link_type, encap)
     try:
-        # The Handshake checks what every feed must hold to; its refusal is this event's too.
+        # Handshake.check: what every feed must hold to (times within 0..2^32, ports, T^p within
+        # an hour, ...); its refusal is this event's too.
         return Handshake(
             t=t,
             src=str(orig_h),
@@ -231,7 +233,7 @@ def handshake_from_event(event: Event) -> Handshake:
             reply_time=reply_time,
             tp_us=None if tp is None else tp.us,
             feed="zeek",
-        )
+        ).check()
     except (ValueError, TypeError, ArithmeticError) as exc:  # HandshakeError is a ValueError
         raise HandshakeError(f"HandshakeInfo refused: {exc}") from None
 

@@ -795,6 +795,17 @@ async def test_wrong_types_and_values_at_every_position_are_rejected_one_by_one(
     assert [h.src for h in got] == ["203.0.113.10"] * len(bad)
 
 
+def _shifted(seconds: int) -> tuple[Any, ...]:
+    """The direct case, every time moved by `seconds` (consistent, so only the bounds can object)."""
+    info = list(handshake_info(case("direct").segments))
+    ns = seconds * 10**9
+    info[1] = Timestamp(info[1].ns + ns)
+    info[2] = Timespan(info[2].ns + ns)
+    info[15] = tuple(Timespan(s.ns + ns) for s in info[15])
+    info[17] = Timespan(info[17].ns + ns)
+    return tuple(info)
+
+
 def _with_synacks(n: int) -> tuple[Any, ...]:
     info = list(_bad(14, Count(2**64 - 1)))  # as many SYN+ACKs as a count holds
     info[15] = (info[15][0],) * n
@@ -810,8 +821,10 @@ def _with_synacks(n: int) -> tuple[Any, ...]:
         _bad(15, (Timespan.from_seconds(1e9),)),  # a SYN+ACK decades from the SYN
         _bad(17, Timespan(2**63 - 1)),  # a reply in 2262
         _with_synacks(300),
+        _with_synacks(65),  # over the Handshake's own bound
+        _shifted(5 * 10**9),  # the year 2128: past the 2^32 s Handshake.check allows
     ],
-    ids=["tp-2h", "tp-max", "synack-far", "reply-2262", "300-synacks"],
+    ids=["tp-2h", "tp-max", "synack-far", "reply-2262", "300-synacks", "65-synacks", "t-2128"],
 )
 async def test_numbers_out_of_bounds_drop_the_event_not_the_connection(
     zeek: FakeZeek, client_for: Callable[..., ZeekClient], info: tuple[Any, ...],
