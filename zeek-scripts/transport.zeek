@@ -24,6 +24,16 @@
 ##! clients refuse, with one it demands a client certificate. So on Zeek
 ##! before 7.2 a ws:// client needs ``redef Broker::disable_ssl = T`` (which
 ##! also drops TLS from the cluster's own Broker peerings): warned at start.
+##!
+##! Publishing to nobody is not free: on Zeek 8.0.10, Cluster::publish of a
+##! handshake costs tens of microseconds of CPU with no subscriber (it wakes
+##! Broker's threads; bench/zeek_overhead.py). So a node outside a cluster
+##! publishes on *handshake_topic* only while something could receive it: a
+##! Broker peer (Broker::peer_added; Zeek 7.0's Broker WebSocket clients are
+##! peers too) or a client of Cluster::listen_websocket
+##! (Cluster::websocket_client_added, from 7.2). A client that subscribes
+##! gets every handshake published after its subscription took effect, as
+##! before. The local StepStone::handshake event is raised in any case.
 
 @load base/frameworks/broker
 @load base/frameworks/cluster
@@ -40,9 +50,17 @@ function is_hub(): bool
 	    || Cluster::local_node_type() == Cluster::MANAGER;
 	}
 
+# is_hub() and Cluster::is_enabled(), once: the node's role is fixed at
+# start.
+global hub = T;
+global clustered = F;
+
+# Endpoints that could receive a published handshake (see the top).
+global receivers: set[string];
+
 function publish_handshake(h: HandshakeInfo)
 	{
-	if ( ! is_hub() )
+	if ( ! hub )
 		{
 @if ( Version::number >= 70100 )
 		Cluster::publish(Cluster::manager_topic, StepStone::relay_handshake, h);
@@ -53,6 +71,10 @@ function publish_handshake(h: HandshakeInfo)
 		}
 
 	event StepStone::handshake(h);
+
+	if ( |receivers| == 0 && ! clustered )
+		return;
+
 @if ( Version::number >= 70100 )
 	Cluster::publish(handshake_topic, StepStone::handshake, h);
 @else
@@ -75,6 +97,36 @@ event StepStone::relay_handshake(h: HandshakeInfo)
 	{
 	if ( is_hub() )
 		publish_handshake(h);
+	}
+
+event Broker::peer_added(endpoint: Broker::EndpointInfo, msg: string)
+	{
+	add receivers[endpoint$id];
+	}
+
+event Broker::peer_lost(endpoint: Broker::EndpointInfo, msg: string)
+	{
+	delete receivers[endpoint$id];
+	}
+
+@ifdef ( Cluster::websocket_client_added )
+event Cluster::websocket_client_added(endpoint: Cluster::EndpointInfo,
+    subscriptions: string_vec)
+	{
+	add receivers["websocket/" + endpoint$id];
+	}
+
+event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo,
+    code: count, reason: string)
+	{
+	delete receivers["websocket/" + endpoint$id];
+	}
+@endif
+
+event zeek_init() &priority=10
+	{
+	hub = is_hub();
+	clustered = Cluster::is_enabled();
 	}
 
 event zeek_init()
