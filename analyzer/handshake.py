@@ -145,6 +145,8 @@ class Handshake:
         syn_text = fields.get("syn", "")
         if len(syn_text) > 4 * (MAX_SYN_BYTES // 3 + 1):
             raise HandshakeError(f"syn is longer than an IP packet ({len(syn_text)} characters)")
+        if not syn_text.isascii():  # b64decode raises a plain ValueError for it, not binascii.Error
+            raise HandshakeError("syn is not base64")
         try:
             syn = base64.b64decode(syn_text, validate=True) or None
         except binascii.Error:

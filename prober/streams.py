@@ -33,7 +33,8 @@ def shown(raw: bytes | str, limit: int = 60) -> str:
     """A name or value for a message or a status line: text, with bytes that are not UTF-8 shown
     as \\xNN escapes (never an exception), cut to `limit` characters."""
     text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
-    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    if not text.isprintable():  # control characters too: one line, whatever the bytes
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
@@ -47,13 +48,13 @@ def decode_entry(raw: RawFields) -> dict[str, str]:
         try:
             key = name.decode("utf-8")
         except UnicodeDecodeError:
-            raise EntryError(f"field name {shown(name)!r} is not UTF-8") from None
+            raise EntryError(f"field name '{shown(name)}' is not UTF-8") from None
         if len(value) > MAX_VALUE_BYTES:
-            raise EntryError(f"field {shown(key)!r} is {len(value)} bytes long (at most {MAX_VALUE_BYTES})")
+            raise EntryError(f"field '{shown(key)}' is {len(value)} bytes long (at most {MAX_VALUE_BYTES})")
         try:
             out[key] = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise EntryError(f"field {shown(key)!r} is not UTF-8: {shown(value)!r}") from None
+            raise EntryError(f"field '{shown(key)}' is not UTF-8: '{shown(value)}'") from None
     return out
 
 

@@ -209,10 +209,10 @@ async def fake_probe(job: Job) -> Result:
 
 
 @contextlib.asynccontextmanager
-async def worker(url: str, tmp_path: Path) -> AsyncIterator[asyncio.Task[None]]:
+async def worker(url: str, tmp_path: Path, probe: Any = fake_probe) -> AsyncIterator[asyncio.Task[None]]:
     """A real prober worker whose probe sends nothing (fake_probe), allowed to probe 198.18/15."""
     conn = await connect(url)
-    w = Worker(conn, fake_probe, policy=TargetPolicy(allow=parse_networks(["198.18.0.0/15"], "--allow")),
+    w = Worker(conn, probe, policy=TargetPolicy(allow=parse_networks(["198.18.0.0/15"], "--allow")),
                audit=AuditLog(tmp_path / "audit.jsonl", worker="w1"),
                settings=WorkerSettings(name="w1", block_ms=50, rate=0, target_interval=0))
     stop = asyncio.Event()
