@@ -33,8 +33,8 @@ fields in order: src addr, cond_os bool, cond_timing bool, relay bool, tp_mean i
 ta_max_mean interval?, samples count, t time?, dst addr?, tp interval?, ping_min interval?,
 ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string, then stepstone's
 own evidence: relay_confident bool?, cond_timing_strong bool?, timing_margin interval?,
-timing_threshold interval?, timing_ref string?, timing_samples count?, os_mismatches count?
-(`?` = optional, sent as none when unknown). See `verdict_event`.
+timing_threshold interval?, timing_ref string?, timing_samples count?, os_mismatches count?,
+id string? (`?` = optional, sent as none when unknown). See `verdict_event`.
 
 Bad frames (`ZeekClient`): a frame that is not valid Broker JSON (bad UTF-8 or JSON, nesting or
 number size past `analyzer.broker`'s bounds, wrong types anywhere) or an event that is not a valid
@@ -45,10 +45,15 @@ client reconnects; what Zeek had queued behind that frame on the old connection 
 while the handshakes already read and the verdicts still queued here are kept.
 
 Delivery: verdicts published while Zeek is unreachable wait in a bounded queue (oldest dropped
-first when full) and are sent after the next successful subscription; `publish` returns a future
-that says when the frame was written to a connected socket (the service acknowledges its Redis
-`verdicts` entry only then). The WebSocket API has no per-event acknowledgement, so a verdict
-written to a socket that dies at that moment can be lost.
+first when full) and are sent after the next successful subscription. Each verdict carries an id,
+and the package confirms it with `StepStone::verdict_ack(id)` on `stepstone/verdict-ack` once it
+has logged it (the WebSocket API itself confirms nothing). `publish_verdict` returns a future that
+becomes True on that confirmation (the service acknowledges its Redis `verdicts` entry only then);
+verdicts written but not confirmed when the connection ends are sent again on the next one, first.
+A Zeek whose package predates confirmations (no ack at all on a connection for `confirm_timeout`
+after a verdict was written) is warned about once per connection, and a written verdict then
+counts as delivered, as before confirmations existed. A confirmation that does not come while
+others do (the event was lost) has its verdict sent again.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ HANDSHAKE_TOPIC = "stepstone/handshake"
 VERDICT_TOPIC = "stepstone/verdict"
 HANDSHAKE_EVENT = "StepStone::handshake"
 VERDICT_EVENT = "StepStone::verdict"
+VERDICT_ACK_TOPIC = "stepstone/verdict-ack"
+VERDICT_ACK_EVENT = "StepStone::verdict_ack"
 DLT_EN10MB = 1  # pcap's Ethernet link type
 # Bounds at the boundary. T^p and the SYN+ACK and reply times relative to the SYN come from one
 # connection that Zeek publishes after StepStone::reply_wait (30 s by default): an hour (the
@@ -325,9 +332,11 @@ def _confident_reason(verdict: Mapping[str, Any]) -> str:
     return f"confident: {'relay' if confident else 'not a relay'} ({timing})"
 
 
-def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any]) -> Event:
+def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any],
+                  ident: str | None = None) -> Event:
     """The `StepStone::verdict` event for a verdict (`Verdict.to_dict()`) and the measurement
-    (`Record.to_dict()`) that triggered it. Raises ValueError on anything that does not fit."""
+    (`Record.to_dict()`) that triggered it; `ident`, when given, asks Zeek to confirm it with a
+    `StepStone::verdict_ack` carrying that id. Raises ValueError on anything that does not fit."""
     try:
         record = Record.from_json(dict(record_dict))
     except RecordError as exc:
@@ -366,6 +375,7 @@ def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any
         _timing_ref(verdict_dict.get("timing_ref")),
         _optional_count(verdict_dict, "timing_samples"),
         _optional_count(verdict_dict, "os_mismatches"),
+        ident,
     )
     return Event(VERDICT_EVENT, (value,))
 
@@ -399,6 +409,8 @@ class ClientStats:
     rejected: int = 0  # frames or events that failed validation
     zeek_errors: int = 0  # error messages Zeek sent (it could not use something we sent)
     sent: int = 0
+    confirmed: int = 0  # verdicts Zeek confirmed (StepStone::verdict_ack)
+    resent: int = 0  # verdicts sent again: written but unconfirmed when a connection ended, or lost
     dropped: int = 0  # verdicts dropped because the re-send queue was full
     oversized: int = 0  # connections closed on a frame over MAX_FRAME_BYTES
 
@@ -423,18 +435,21 @@ class ZeekClient:
         ping_interval: float | None = 20.0,
         inbox_size: int = 1000,
         app_name: str = "stepstone-analyzer",
+        confirm_timeout: float = 30.0,
     ) -> None:
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"Zeek WebSocket URL must be ws:// or wss://, not {url!r}")
         if resend_limit < 1:
             raise ValueError("resend_limit must be at least 1")
         self.url = url
-        self.topics = tuple(topics)
+        # Confirmations of our verdicts come on their own topic.
+        self.topics = tuple(dict.fromkeys((*topics, VERDICT_ACK_TOPIC)))
         subscription_frame(self.topics)  # validates the topics now rather than at connect time
         self.verdict_topic = verdict_topic
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.ack_timeout = ack_timeout
+        self.confirm_timeout = confirm_timeout
         self.ping_interval = ping_interval
         self.app_name = app_name
         self.stats = ClientStats()
@@ -442,9 +457,18 @@ class ZeekClient:
         self.disconnected = asyncio.Event()  # the opposite, for those who wait on an outage
         self.disconnected.set()
         self.server_version: str | None = None
-        # (frame, its future): resolved when the frame is written (True) or leaves unsent (False).
-        self._outbox: deque[tuple[str, asyncio.Future[bool]]] = deque(maxlen=resend_limit)
+        # Frames to send, in order: resolved when delivered (True) or when they leave unsent
+        # (False). Delivered is written, or for a verdict with an id, confirmed by Zeek.
+        # Bounded by `resend_limit` together with `_unconfirmed` (`_queue` drops the oldest).
+        self.resend_limit = resend_limit
+        self._outbox: deque[_Outgoing] = deque()
         self._outbox_ready = asyncio.Event()
+        # Verdicts written on the current connection and not yet confirmed, by id, oldest first.
+        self._unconfirmed: dict[str, _Outgoing] = {}
+        self._confirms_seen = False  # on the current connection
+        self._legacy = False  # the current connection's Zeek does not confirm
+        self._ids = f"{random.getrandbits(48):012x}"  # ids unique across analyzer restarts
+        self._next_id = 0
         # None wakes a consumer waiting in handshakes() when the client is closed.
         self._inbox: asyncio.Queue[Handshake | None] = asyncio.Queue(maxsize=inbox_size)
         self._task: asyncio.Task[None] | None = None
@@ -465,29 +489,39 @@ class ZeekClient:
     async def publish_verdict(self, verdict: Mapping[str, Any], record: Mapping[str, Any]
                               ) -> asyncio.Future[bool]:
         """Queue a verdict for Zeek; sent now if connected, else after the next reconnect.
-        ValueError (nothing queued) if it does not make a valid event. The future: see `publish`."""
-        return await self.publish(self.verdict_topic, verdict_event(verdict, record))
+        ValueError (nothing queued) if it does not make a valid event. The future becomes True
+        once Zeek confirms it (see the module's Delivery), False if it left the queue unsent."""
+        self._next_id += 1
+        ident = f"{self._ids}-{self._next_id}"
+        return self._queue(event_frame(self.verdict_topic, verdict_event(verdict, record, ident)), ident)
 
     async def publish(self, topic: str, event: Event) -> asyncio.Future[bool]:
         """Queue an event; the future becomes True once the frame is written to a connected
         WebSocket, False if it left the queue unsent (dropped when full, or the client closed)."""
+        return self._queue(event_frame(topic, event), None)
+
+    def _queue(self, frame: str, ident: str | None) -> asyncio.Future[bool]:
         if self._closed:
             raise RuntimeError("ZeekClient is closed")
-        frame = event_frame(topic, event)
-        if len(self._outbox) == self._outbox.maxlen:
+        if self.pending >= self.resend_limit:
             self.stats.dropped += 1
-            log.warning("re-send queue full (%d): dropping the oldest verdict", self._outbox.maxlen)
-            _resolve(self._outbox.popleft()[1], False)
+            log.warning("re-send queue full (%d): dropping the oldest verdict", self.resend_limit)
+            # Written and unconfirmed ones first: Zeek has likely handled them.
+            if self._unconfirmed:
+                oldest = self._unconfirmed.pop(next(iter(self._unconfirmed)))
+            else:
+                oldest = self._outbox.popleft()
+            _resolve(oldest.done, False)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._outbox.append((frame, done))
+        self._outbox.append(_Outgoing(frame, done, ident))
         self._outbox_ready.set()
         self.start()
         return done
 
     @property
     def pending(self) -> int:
-        """Verdicts queued and not yet written to a connection."""
-        return len(self._outbox)
+        """Verdicts queued and not yet delivered: unsent, or written and not yet confirmed."""
+        return len(self._outbox) + len(self._unconfirmed)
 
     def start(self) -> None:
         if self._task is None and not self._closed:
@@ -505,8 +539,9 @@ class ZeekClient:
                 await self._task
             self._task = None
         self.connected.clear()
+        self._requeue_unconfirmed()
         while self._outbox:
-            _resolve(self._outbox.popleft()[1], False)
+            _resolve(self._outbox.popleft().done, False)
         with contextlib.suppress(asyncio.QueueFull):  # full: the consumer sees _closed on its next turn
             self._inbox.put_nowait(None)
 
@@ -557,6 +592,8 @@ class ZeekClient:
                 self._ws = None
                 self.connected.clear()
                 self.disconnected.set()
+                # Written but never confirmed: Zeek may not have handled them. First on the next.
+                self._requeue_unconfirmed()
             if self._closed:
                 return
             # Jitter keeps a fleet of analyzers from reconnecting in lockstep after a Zeek restart.
@@ -596,16 +633,18 @@ class ZeekClient:
     async def _session(self, ws: ClientConnection) -> None:
         self.connected.set()
         self.disconnected.clear()
-        reader = asyncio.create_task(self._read(ws), name="zeek-read")
-        writer = asyncio.create_task(self._write(ws), name="zeek-write")
+        self._confirms_seen = self._legacy = False
+        tasks = {asyncio.create_task(self._read(ws), name="zeek-read"),
+                 asyncio.create_task(self._write(ws), name="zeek-write"),
+                 asyncio.create_task(self._watch_confirmations(), name="zeek-confirm")}
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise the connection error that ended the session
         finally:
-            for task in (reader, writer):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read(self, ws: ClientConnection) -> None:
         while True:
@@ -648,6 +687,9 @@ class ZeekClient:
             self.stats.rejected += 1
             log.warning("data on %s that is not an event; ignored", quote(message.topic))
             return None
+        if message.event.name == VERDICT_ACK_EVENT:
+            self._confirm(message.event)
+            return None
         if message.event.name != HANDSHAKE_EVENT:
             self.stats.rejected += 1
             log.warning("unknown event %s on %s; ignored", quote(message.event.name), quote(message.topic))
@@ -665,13 +707,77 @@ class ZeekClient:
         while True:
             while self._outbox:
                 item = self._outbox[0]
-                await ws.send(item[0])  # on failure the frame stays queued for the next connection
+                await ws.send(item.frame)  # on failure the frame stays queued for the next connection
                 if self._outbox and self._outbox[0] is item:
                     self._outbox.popleft()
-                _resolve(item[1], True)
                 self.stats.sent += 1
+                if item.ident is None or self._legacy:
+                    _resolve(item.done, True)
+                else:
+                    item.written = asyncio.get_running_loop().time()
+                    self._unconfirmed[item.ident] = item
             self._outbox_ready.clear()
             await self._outbox_ready.wait()
+
+    def _confirm(self, event: Event) -> None:
+        """A `StepStone::verdict_ack(id)`: that verdict is logged in Zeek."""
+        if len(event.args) != 1 or not isinstance(event.args[0], str):
+            self.stats.rejected += 1
+            log.warning("rejected a verdict_ack that carries no id: %s", quote(event.args))
+            return
+        self._confirms_seen = True
+        item = self._unconfirmed.pop(event.args[0], None)
+        if item is not None:  # else: a duplicate's confirmation, or one from before a restart
+            self.stats.confirmed += 1
+            _resolve(item.done, True)
+
+    async def _watch_confirmations(self) -> None:
+        """While connected: a Zeek that never confirms has a package that predates confirmations
+        (fall back to written = delivered); one confirmation missing among others was lost on
+        the way (send that verdict again)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.confirm_timeout / 4))  # a periodic check, not a sync
+            overdue = [i for i in self._unconfirmed.values()
+                       if loop.time() - i.written > self.confirm_timeout]
+            if not overdue:
+                continue
+            if not self._confirms_seen:
+                self._legacy = True
+                log.warning("Zeek at %s confirmed none of %d verdicts within %g s: its stepstone "
+                            "package predates verdict_ack; on this connection a written verdict counts "
+                            "as delivered (one lost as the connection ends is not sent again)",
+                            self.url, len(self._unconfirmed), self.confirm_timeout)
+                for item in self._unconfirmed.values():
+                    _resolve(item.done, True)
+                self._unconfirmed.clear()
+                continue  # nothing is held back on this connection from now on (`_write`)
+            log.warning("%d verdicts written to Zeek %g s ago were never confirmed; sending them again",
+                        len(overdue), self.confirm_timeout)
+            for item in reversed(overdue):
+                del self._unconfirmed[item.ident]  # type: ignore[arg-type]
+                self._outbox.appendleft(item)
+            self.stats.resent += len(overdue)
+            self._outbox_ready.set()
+
+    def _requeue_unconfirmed(self) -> None:
+        if not self._unconfirmed:
+            return
+        self.stats.resent += len(self._unconfirmed)
+        log.info("%d verdicts written but not confirmed when the connection ended: sent again first",
+                 len(self._unconfirmed))
+        self._outbox.extendleft(reversed(self._unconfirmed.values()))
+        self._unconfirmed.clear()
+
+
+@dataclass(eq=False)
+class _Outgoing:
+    """A frame to send, and the future that says when it was delivered."""
+
+    frame: str
+    done: asyncio.Future[bool]
+    ident: str | None  # a verdict's id: delivered when Zeek confirms it, not when written
+    written: float = 0.0  # loop time of the last write
 
 
 def _reason(exc: BaseException) -> str:

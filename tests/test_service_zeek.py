@@ -78,7 +78,7 @@ class FakeZeek:
 
     async def handler(self, ws: ServerConnection) -> None:
         topics = json.loads(await ws.recv())
-        assert topics == ["stepstone/handshake"]
+        assert topics == ["stepstone/handshake", "stepstone/verdict-ack"]
         await ws.send(json.dumps({"type": "ack", "endpoint": "fake-zeek", "version": "8.0.10"}))
 
         async def pump() -> None:
@@ -90,7 +90,11 @@ class FakeZeek:
             async for frame in ws:
                 message = parse_frame(frame)
                 assert isinstance(message, DataMessage)
+                # Confirmed as the package does, once "logged" (here: queued for the test).
                 await self.published.put(message)
+                if message.event is not None and isinstance(ident := message.event.args[0][-1], str):
+                    ack = Event("StepStone::verdict_ack", (ident,))
+                    await ws.send(event_frame("stepstone/verdict-ack", ack))
         finally:
             sender.cancel()
             self.sessions_ended += 1

@@ -30,6 +30,8 @@ from analyzer.zeek import (
     HANDSHAKE_EVENT,
     HANDSHAKE_FIELDS,
     HANDSHAKE_TOPIC,
+    VERDICT_ACK_EVENT,
+    VERDICT_ACK_TOPIC,
     VERDICT_EVENT,
     VERDICT_TOPIC,
     ZeekClient,
@@ -150,6 +152,7 @@ VERDICT_TYPES = (
     str | None,  # timing_ref
     Count | None,  # timing_samples
     Count | None,  # os_mismatches
+    str | None,  # id
 )
 
 
@@ -174,6 +177,10 @@ class FakeZeek:
     scripts: list[list[bytes]] = field(default_factory=list)
     refuse_first: int = 0  # answer this many subscriptions with an error
     ack: bool = True  # False: a Zeek that never acks the subscription
+    # Confirm each verdict that carries an id, as the package does (False: a package before that).
+    confirm: bool = True
+    skip_confirms: int = 0  # leave this many verdicts unconfirmed (a confirmation lost on the way)
+    confirmed: list[str] = field(default_factory=list)
     # Events this Zeek knows, each with its check of arity and types.
     known: dict[str, Callable[[Event], bool]] = field(
         default_factory=lambda: {VERDICT_EVENT: zeek_would_accept}
@@ -256,6 +263,15 @@ class FakeZeek:
         if accept is None or not accept(event):
             await ws.send(ERR_EVENT, text=True)  # recorded: "failed to create Zeek event"
             return
+        if event.name == VERDICT_EVENT and isinstance(ident := event.args[0][-1], str):
+            # Kept without its id, which differs per send: the tests compare what Zeek logged.
+            event = Event(event.name, ((*event.args[0][:-1], None),))
+            if self.skip_confirms > 0:
+                self.skip_confirms -= 1
+            elif self.confirm:
+                self.confirmed.append(ident)
+                await ws.send(broker.event_frame(VERDICT_ACK_TOPIC, Event(VERDICT_ACK_EVENT, (ident,))),
+                              text=True)
         self.received.append(event)
         await self._notify()
 
@@ -458,7 +474,7 @@ ZEEK_TYPES: dict[str, Any] = {"addr": ADDR, "bool": bool, "count": Count, "int":
 def test_the_records_match_the_zeek_scripts() -> None:
     """Both sides of the fixed record layouts: no Zeek runs here to catch a field moved on one side."""
     verdict = _zeek_record("Verdict")
-    assert len(verdict) == len(VERDICT_TYPES) == 23
+    assert len(verdict) == len(VERDICT_TYPES) == 24
     for (name, zeek_type, optional), ours in zip(verdict, VERDICT_TYPES, strict=True):
         expected = ZEEK_TYPES[zeek_type] | None if optional else ZEEK_TYPES[zeek_type]
         assert ours == expected, name
@@ -505,7 +521,10 @@ def test_the_readme_example_log_line_is_what_the_analyzer_sends() -> None:
     first = Record.from_json(base | {"t": 1764212870.123456, "tp_us": 160_000, "ping_max_us": 12_000})
     last = Record.from_json(base | {"t": 1764212880.123456, "tp_us": 150_000, "ping_max_us": 12_500})
     (v,) = verdict_event(judge([first, last]).to_dict(), last.to_dict()).args
-    assert line.endswith(" -                          " + v[15])  # fa unset, then the reasons column
+    # fa unset, then the reasons column, then the confident rule's evidence, then noticed_by, change
+    head, _, tail = line.partition(" -                          " + v[15] + " ")
+    assert head and tail.split() == ["T", f"{v[18].ns / 1e9:.6f}", f"{v[19].ns / 1e9:.6f}", v[20],
+                                     str(int(v[21])), str(int(v[22])), "confident", "flagged"]
 
 
 @pytest.mark.parametrize(
@@ -537,7 +556,7 @@ async def test_recorded_frames_are_replayed_and_the_connection_survives_them(
     stream = client.handshakes()
     (h,) = await take(stream, 1)
     assert h.src == "203.0.113.10" and h.tp_us == 20_000
-    assert zeek.subscriptions == [[HANDSHAKE_TOPIC]]
+    assert zeek.subscriptions == [[HANDSHAKE_TOPIC, VERDICT_ACK_TOPIC]]
     assert zeek.connections == 1 and client.stats.connects == 1
     assert client.stats.rejected == 1  # the invalid UTF-8 frame
     assert client.stats.zeek_errors == 3
@@ -635,10 +654,11 @@ async def test_full_exchange_with_a_zeek_restart_loses_nothing(
     async with asyncio.timeout(TIMEOUT):
         await client.disconnected.wait()
     during = []
+    delivered = []
     for i in range(5):
         record = RECORD.to_dict() | {"tp_us": 100_000 + i}
         during.append(verdict_event(VERDICT.to_dict(), record))
-        await client.publish_verdict(VERDICT.to_dict(), record)
+        delivered.append(await client.publish_verdict(VERDICT.to_dict(), record))
     assert client.pending == 5
 
     # Zeek comes back on the same port, with more handshakes.
@@ -648,6 +668,8 @@ async def test_full_exchange_with_a_zeek_restart_loses_nothing(
     await zeek.wait_for(lambda: len(zeek.received) == 6)
     assert zeek.received[1:] == during  # every queued verdict, in order, once
     assert [h.src for h in got] == ["203.0.113.10", "203.0.113.11", "2001:db8::10"]
+    async with asyncio.timeout(TIMEOUT):  # each is confirmed by Zeek
+        assert await asyncio.gather(*delivered) == [True] * 5
     assert client.stats.connects == 2 and client.pending == 0 and client.stats.dropped == 0
     await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
     await zeek.wait_for(lambda: len(zeek.received) == 7)
@@ -860,7 +882,7 @@ async def test_a_zeek_that_never_acks_is_named_in_the_log(
         logging.getLogger("stepstone.zeek").removeHandler(listener)
     line = next(r.getMessage() for r in caplog.records if "no ack" in r.getMessage())
     assert line == (f"Zeek at {zeek.url}: no ack from Zeek within 0.3 s after subscribing to "
-                    "stepstone/handshake; reconnecting")
+                    "stepstone/handshake, stepstone/verdict-ack; reconnecting")
     assert client.stats.connects == 0
 
 
@@ -906,3 +928,60 @@ async def test_a_frame_over_the_limit_is_said_and_what_can_be_kept_is_kept(
     line = next(r.getMessage() for r in caplog.records if "over" in r.getMessage())
     assert f"sent a frame over {MAX_FRAME_BYTES} bytes" in line
     assert "events Zeek had queued behind it on that connection are lost" in line
+
+
+# --- confirmed delivery of verdicts ------------------------------------------------------------
+
+
+async def test_a_verdict_zeek_received_but_never_confirmed_is_sent_again_after_a_restart(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    """Zeek stops between reading a verdict and confirming it: the next Zeek gets it again."""
+    client = client_for(zeek.url)
+    client.start()
+    await zeek.wait_for(lambda: len(zeek.live) == 1)
+    zeek.confirm = False
+    delivered = await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    await zeek.wait_for(lambda: len(zeek.received) == 1)
+    assert not delivered.done() and client.pending == 1  # written, not yet confirmed
+    await zeek.stop()
+    async with asyncio.timeout(TIMEOUT):
+        await client.disconnected.wait()
+    zeek.confirm = True
+    await zeek.start()
+    async with asyncio.timeout(TIMEOUT):
+        assert await delivered is True
+    assert zeek.received == [verdict_event(VERDICT.to_dict(), RECORD.to_dict())] * 2
+    assert client.stats.resent == 1 and client.stats.confirmed == 1 and client.pending == 0
+
+
+async def test_a_lost_confirmation_among_others_has_its_verdict_sent_again(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    client = client_for(zeek.url, confirm_timeout=0.4)
+    zeek.skip_confirms = 1
+    records = [RECORD.to_dict() | {"tp_us": 100_000 + i} for i in range(3)]
+    delivered = [await client.publish_verdict(VERDICT.to_dict(), r) for r in records]
+    async with asyncio.timeout(TIMEOUT):
+        assert await asyncio.gather(*delivered) == [True, True, True]
+    # The first (unconfirmed) one went out twice, on the same connection.
+    sent = [*records, records[0]]
+    assert [e.args[0][9] for e in zeek.received] == [Timespan(r["tp_us"] * 1000) for r in sent]
+    assert client.stats.resent == 1 and zeek.connections == 1
+
+
+async def test_a_zeek_whose_package_never_confirms_gets_written_verdicts_counted_as_delivered(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older stepstone package on the sensor: one warning, and no verdict held forever."""
+    zeek.confirm = False
+    client = client_for(zeek.url, confirm_timeout=0.3)
+    first = await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    async with asyncio.timeout(TIMEOUT):
+        assert await first is True
+    later = await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    async with asyncio.timeout(TIMEOUT):
+        assert await later is True  # at once on writing, now
+    await zeek.wait_for(lambda: len(zeek.received) == 2)
+    warnings = [r.getMessage() for r in caplog.records if "predates verdict_ack" in r.getMessage()]
+    assert len(warnings) == 1 and client.stats.resent == 0 and zeek.connections == 1

@@ -41,20 +41,21 @@ function noticed_by(v: Verdict): string
 	local confident = v?$relay_confident && v$relay_confident;
 	local paper = v$relay;
 
-	switch ( notice_rule ) {
-	case CONFIDENT:
-		if ( v?$relay_confident )
-			return confident ? "confident" : "";
-		return paper ? "paper (no confident verdict from the analyzer)" : "";
-	case PAPER:
-		return paper ? "paper" : "";
-	case EITHER:
-		if ( confident && paper )
-			return "confident+paper";
-		if ( confident )
-			return "confident";
-		return paper ? "paper" : "";
-	}
+	switch ( notice_rule )
+		{
+		case CONFIDENT:
+			if ( v?$relay_confident )
+				return confident ? "confident" : "";
+			return paper ? "paper (no confident verdict from the analyzer)" : "";
+		case PAPER:
+			return paper ? "paper" : "";
+		case EITHER:
+			if ( confident && paper )
+				return "confident+paper";
+			if ( confident )
+				return "confident";
+			return paper ? "paper" : "";
+		}
 	return "";
 	}
 
@@ -67,17 +68,17 @@ function confident_evidence(v: Verdict): string
 	if ( v?$timing_margin && v?$timing_threshold )
 		{
 		local held = v?$cond_timing_strong && v$cond_timing_strong;
-		parts += fmt("timing margin %s %s threshold %s (%s reference, %d samples)",
-		    ms(v$timing_margin), held ? ">" : "<=", ms(v$timing_threshold),
-		    v?$timing_ref ? v$timing_ref : "?",
-		    v?$timing_samples ? v$timing_samples : 0);
+		parts += fmt("timing margin %s %s threshold %s (%s reference, %d samples)", ms(
+		    v$timing_margin), held ? ">" : "<=", ms(v$timing_threshold),
+		    v?$timing_ref ? v$timing_ref : "?", v?$timing_samples ?
+		    v$timing_samples : 0);
 		}
 	else
 		parts += "no timing reference";
 
 	if ( v$cond_os )
-		parts += fmt("OS mismatch in %d measurements",
-		    v?$os_mismatches ? v$os_mismatches : 1);
+		parts += fmt("OS mismatch in %d measurements", v?$os_mismatches ?
+		    v$os_mismatches : 1);
 
 	return join_string_vec(parts, ", ");
 	}
@@ -88,8 +89,8 @@ function paper_evidence(v: Verdict): string
 	local s = conditions(v);
 
 	if ( v?$tp_mean && v?$ta_max_mean )
-		s = fmt("%s; mean T^p %s - mean max ping %s = %s", s, ms(v$tp_mean),
-		    ms(v$ta_max_mean), ms(v$tp_mean - v$ta_max_mean));
+		s = fmt("%s; mean T^p %s - mean max ping %s = %s", s, ms(v$tp_mean), ms(
+		    v$ta_max_mean), ms(v$tp_mean - v$ta_max_mean));
 
 	return s;
 	}
@@ -107,8 +108,8 @@ function rule_evidence(v: Verdict, rule: string): string
 	if ( rule != "" )
 		{
 		if ( v?$relay_confident )
-			return fmt("rule %s: %s; confident rule not met: %s", rule,
-			    paper_evidence(v), confident_evidence(v));
+			return fmt("rule %s: %s; confident rule not met: %s", rule, paper_evidence(v),
+			    confident_evidence(v));
 		return fmt("rule %s: %s", rule, paper_evidence(v));
 		}
 
@@ -117,8 +118,7 @@ function rule_evidence(v: Verdict, rule: string): string
 		return fmt("rule paper not met: %s", paper_evidence(v));
 	if ( notice_rule == CONFIDENT )
 		return fmt("rule confident not met: %s", confident_evidence(v));
-	return fmt("neither rule met: %s; %s", confident_evidence(v),
-	    paper_evidence(v));
+	return fmt("neither rule met: %s; %s", confident_evidence(v), paper_evidence(v));
 	}
 
 function log_line(v: Verdict): Info
@@ -176,10 +176,10 @@ function handle_verdict(v: Verdict)
 			local since = flagged[v$src];
 			delete flagged[v$src];
 			Log::write(StepStone::LOG, rec);
-			NOTICE([$note=Relay_Cleared, $src=v$src,
-			    $msg=fmt("%s is no longer a stepping stone under notice_rule %s (last flagged at %s)",
-			        v$src, notice_rule, strftime("%Y-%m-%dT%H:%M:%S", since)),
-			    $sub=rule_evidence(v, rule), $identifier=cat(v$src)]);
+			NOTICE([$note=Relay_Cleared, $src=v$src, $msg=fmt("%s is no longer a stepping stone under notice_rule %s (last flagged at %s)",
+			    v$src, notice_rule, strftime("%Y-%m-%dT%H:%M:%S",
+			    since)), $sub=rule_evidence(v, rule),
+			    $identifier=cat(v$src)]);
 			return;
 			}
 
@@ -202,8 +202,8 @@ function handle_verdict(v: Verdict)
 	local msg = fmt("%s is a stepping stone: mean T^p %s vs mean max ping %s over %d samples; last T^p %s, max ping %s; SYN OS %s, probe OS %s",
 	    v$src, tp_mean, ta_max_mean, v$samples, tp, ping_max, fp, fa);
 
-	NOTICE([$note=Relay_Detected, $src=v$src, $msg=msg,
-	    $sub=rule_evidence(v, rule), $identifier=cat(v$src)]);
+	NOTICE([$note=Relay_Detected, $src=v$src, $msg=msg, $sub=rule_evidence(v,
+	    rule), $identifier=cat(v$src)]);
 	}
 
 event StepStone::verdict(v: Verdict)
