@@ -6,11 +6,26 @@ what this service counts (no process/GC collectors from other code).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from prober.metrics import serve
 
 NS = "stepstone_analyzer"
+# Values of `verdicts_by_kind{kind}`; new kinds of verdict (issue 10) add values, never rename these.
+VERDICT_KINDS = ("relay_confident", "relay_paper_only", "none")
+
+
+def verdict_kind(verdict: Mapping[str, Any]) -> str:
+    """The dashboard's kind of a verdict: a relay by the confident rule, one the paper's rule alone
+    calls a relay, or none (the HTML report's "kind" column, in label form)."""
+    if verdict.get("relay_confident"):
+        return "relay_confident"
+    if verdict.get("relay"):
+        return "relay_paper_only"
+    return "none"
 
 
 class Metrics:
@@ -32,6 +47,15 @@ class Metrics:
         self.dead = Counter(f"{NS}_dead_jobs", "Jobs the prober gave up on (stream dead)", registry=r)
         self.verdicts = Counter(f"{NS}_verdicts", "Records written with a verdict", registry=r)
         self.relays = Counter(f"{NS}_relays", "Verdicts that said relay", registry=r)
+        self.verdict_kinds = Counter(
+            f"{NS}_verdicts_by_kind",
+            "Records written with a verdict, by kind: relay_confident (the confident rule), "
+            "relay_paper_only (the paper's rule alone), none",
+            ["kind"],
+            registry=r,
+        )
+        for kind in VERDICT_KINDS:  # every kind shows from the start, at 0
+            self.verdict_kinds.labels(kind)
         self.errors = Counter(f"{NS}_errors", "Malformed entries and failed steps", ["kind"], registry=r)
         self.rejected = Counter(
             f"{NS}_rejected_entries",
@@ -74,13 +98,5 @@ class Metrics:
         )
 
     def serve(self, port: int, addr: str) -> Callable[[], None]:
-        """Start the /metrics HTTP endpoint in a daemon thread (prometheus_client's own server);
-        returns the function that stops it."""
-        server, thread = start_http_server(port, addr=addr, registry=self.registry)
-
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
-
-        return stop
+        """Start the /metrics HTTP endpoint (`prober.metrics.serve`); returns its stop function."""
+        return serve(self.registry, port, addr)

@@ -34,7 +34,7 @@ from analyzer.errors import InputError
 from analyzer.feeds import StreamConsumer, zeek_to_stream
 from analyzer.handshake import Handshake, HandshakeError
 from analyzer.measurement import passive_record, with_probe
-from analyzer.metrics import Metrics
+from analyzer.metrics import Metrics, verdict_kind
 from analyzer.record import Record
 from analyzer.retention import DEAD_KEEP_S, trim_consumed
 from analyzer.rules import OsLevel, judge
@@ -736,6 +736,7 @@ class Service:
             self.metrics.verdicts.inc()
             if line["verdict"].get("relay"):
                 self.metrics.relays.inc()
+            self.metrics.verdict_kinds.labels(verdict_kind(line["verdict"])).inc()
             self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
 
 
