@@ -225,13 +225,16 @@ def decode(obj: Any, where: str = "value", depth: int = 0) -> Any:
     if not isinstance(obj, dict) or "@data-type" not in obj or "data" not in obj:
         raise BrokerError(f"{where}: not a Broker value object")
     kind, data = obj["@data-type"], obj["data"]
-    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
-    if decoder is None:
+    if not isinstance(kind, str):
+        raise BrokerError(f"{where}: unknown @data-type {quote(kind)}")
+    container = _CONTAINERS.get(kind)
+    decoder = _DECODERS.get(kind)
+    if container is None and decoder is None:
         raise BrokerError(f"{where}: unknown @data-type {quote(kind)}")
     try:
-        if decoder in _CONTAINERS:
-            return decoder(data, where, depth + 1)
-        return decoder(data, where)
+        if container is not None:
+            return container(data, where, depth + 1)
+        return decoder(data, where)  # type: ignore[misc]
     except BrokerError:
         raise
     except (ValueError, TypeError, ArithmeticError) as exc:
@@ -435,11 +438,8 @@ _DECODERS: dict[str, Any] = {
     "address": _address,
     "subnet": _subnet,
     "port": _port,
-    "vector": _vector,
-    "set": _set,
-    "table": _table,
 }
-_CONTAINERS = (_vector, _set, _table)
+_CONTAINERS: dict[str, Any] = {"vector": _vector, "set": _set, "table": _table}
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -511,9 +511,10 @@ def parse_frame(frame: bytes | str) -> Message:
     return parse_message(obj)
 
 
-# A JSON string (unescaped control characters included, as Zeek writes them). Possessive: a
-# string that never ends is given up on in one pass.
-_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.S)
+# A JSON string (unescaped control characters included, as Zeek writes them), or one that never
+# ends: it runs to the end of the text (json.loads reports it). Every quote therefore starts a match
+# and the text is scanned once, whatever its quotes and backslashes (no quadratic retries).
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\(?:.|\Z))*+(?:"|\Z)', re.S)
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
@@ -521,18 +522,9 @@ def _check_structure(text: str) -> None:
     """Refuse a frame nested deeper than MAX_NESTING or holding more than MAX_VALUES values before
     `json.loads` sees it: Python's parser recurses per level (a RecursionError, not a JSONDecodeError)
     and would build every value of a frame, however many. Linear in the frame's length."""
-    shape: list[str] = []  # the frame without its strings
-    pos = strings = 0
-    while (start := text.find('"', pos)) >= 0:
-        shape.append(text[pos:start])
-        strings += 1
-        string = _JSON_STRING.match(text, start)
-        if string is None or strings > MAX_VALUES:
-            pos = len(text)  # the rest is one unterminated string (json.loads says so) or too much
-            break
-        pos = string.end()
-    shape.append(text[pos:])
-    skeleton = "".join(shape)
+    if len(text) <= MAX_VALUES and text.count("[") + text.count("{") <= MAX_NESTING:
+        return  # too few characters for too many values, too few brackets to nest too deep
+    skeleton, strings = _JSON_STRING.subn("", text)
     values = strings + skeleton.count(",") + skeleton.count("[") + skeleton.count("{")
     if values > MAX_VALUES:
         raise BrokerError(f"frame holds more than the {MAX_VALUES} JSON values allowed")
