@@ -522,6 +522,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
     # A jump further than the idle timeout would expire every open connection at once.
     guard = JumpGuard(max(int(args.idle_timeout * 1e9), _MIN_JUMP_NS), accept, outlier, rewind)
+    admit = guard.admit
 
     def handle(number: int, ts_ns: int, ip: bytes) -> None:
         h = tcp_header(ip)  # malformed or not TCP: raised here, for this packet's number
@@ -531,7 +532,11 @@ def run_replay(args: argparse.Namespace) -> int:
             problems.report(f"{path}: packet {number}: timestamp {_ts(ts_ns)} is outside "
                             f"0..{EPOCH_MAX:.0f} s (1970-2106); skipped")
             return
-        guard.packet(ts_ns, (number, ip, h))
+        if admit(ts_ns):
+            for hs in tracker.packet(ts_ns, ip, h):
+                emit(hs)
+        else:
+            guard.packet(ts_ns, (number, ip, h))
 
     try:
         _packets(path, problems, counts, snaplen, handle)

@@ -49,6 +49,17 @@ class JumpGuard(Generic[T]):
         self.outliers = 0
         self.rewinds = 0
 
+    def admit(self, ts: int) -> bool:
+        """The per-packet fast path: True when `ts` is near the clock and nothing is held, so the
+        caller processes the packet at once (the clock has taken `ts`); False: pass it to
+        `packet`. Saves building the item for the ~all packets of a sane capture."""
+        now = self.now
+        if now is None or self._held or not -self.far_ns <= ts - now <= self.far_ns:
+            return False
+        if ts > now:
+            self.now = ts
+        return True
+
     def packet(self, ts: int, item: T) -> None:
         now = self.now
         if self._held:
