@@ -51,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "zeek-scripts"
-GENERATOR = 1  # part of the cached file names: bump when the traffic written changes
+GENERATOR = 2  # part of the cached file names: bump when the traffic written changes
 START_US = 1_700_000_000 * 1_000_000  # first packet, epoch microseconds
 DARKNET4 = ipaddress.ip_network("198.18.0.0/15")
 DARKNET6 = ipaddress.ip_network("2001:db8:ffff::/48")
@@ -150,6 +150,7 @@ class Traffic:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
+        self.handshakes = 0  # darknet connections the darknet answered: one StepStone::handshake each
         self.sources4 = [self._outside4() for _ in range(60_000)]
         self.sources6 = [
             struct.pack("!QQ", 0x2001_0DB8_0000_0000 | rng.getrandbits(32), rng.getrandbits(64))
@@ -186,6 +187,7 @@ class Traffic:
         sport, dport = rng.randrange(1024, 65536), rng.choice(PORTS)
         cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
         kind = rng.random()
+        self.handshakes += kind < 0.77
         synack_at = rng.randrange(50, 400)
         ttl = rng.randrange(30, 250)
 
@@ -308,6 +310,7 @@ class Traffic:
         cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
         out = [(0, tcp4(True, src, dst, sport, dport, cseq, 0, SYN, 1024, rng.randrange(30, 250)))]
         if rng.random() < 0.5:
+            self.handshakes += 1
             for at in (100, 1_000_100, 3_000_100):
                 out.append(
                     (
@@ -318,10 +321,17 @@ class Traffic:
         return out
 
 
-def write_capture(
-    path: Path, count: int, rate: float, make: Callable[[], Packets], rng: random.Random
+def udp4(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    ip = IP4.pack(0x45, 0, 28 + len(payload), 0, 0x4000, 64, 17, 0, src, dst)
+    return ETH4_OUT + ip + UDP.pack(sport, dport, 8 + len(payload), 0) + payload
+
+
+def write_capture(  # noqa: PLR0917
+    path: Path, count: int, rate: float, make: Callable[[], Packets], rng: random.Random, tail: int = 0
 ) -> int:
-    """`count` connections starting at `rate` per second (Poisson), merged in time order."""
+    """`count` connections starting at `rate` per second (Poisson), merged in time order, then
+    `tail` seconds of one unrelated UDP packet a second (trace time moves on, so that Zeek's
+    timers for the last connections fire)."""
     pcap = Pcap(path)
     pending: list[tuple[int, int, bytes]] = []  # heap of (time, tie-break, frame)
     order = 0
@@ -334,6 +344,10 @@ def write_capture(
         for offset, frame in make():
             order += 1
             heapq.heappush(pending, (t + offset, order, frame))
+    tick = udp4(bytes((192, 0, 2, 1)), bytes((192, 0, 2, 2)), 5000, 5001, b"tick")
+    for second in range(1, tail + 1):
+        order += 1
+        heapq.heappush(pending, (t + second * 1_000_000, order, tick))
     while pending:
         at, _, frame = heapq.heappop(pending)
         pcap.write(at, frame)
@@ -346,28 +360,37 @@ class Capture:
     path: Path
     packets: int
     connections: int
+    handshakes: int  # connections the darknet answered (the package publishes one event each)
     seconds: float  # of trace time
 
 
-def capture(cache: Path, name: str, count: int, rate: float, seed: int) -> Capture:
-    path = cache / f"{name}-g{GENERATOR}-n{count}-r{rate:g}-s{seed}.pcap"
+def write(path: Path, name: str, count: int, rate: float, seed: int, tail: int) -> tuple[int, int]:  # noqa: PLR0917
+    """Writes the capture `name` ("darknet" or "flood"); returns its packets and handshakes."""
+    rng = random.Random(f"{name}/{seed}")
+    traffic = Traffic(rng)
+    if name == "flood":
+        make = traffic.flood
+    else:
+
+        def make() -> Packets:
+            return traffic.outside() if rng.random() < 0.10 else traffic.darknet()
+
+    return write_capture(path, count, rate, make, rng, tail), traffic.handshakes
+
+
+def capture(cache: Path, name: str, count: int, rate: float, seed: int, tail: int = 0) -> Capture:  # noqa: PLR0917
+    """The capture `name`, from `cache` or written there first."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{name}-g{GENERATOR}-n{count}-r{rate:g}-s{seed}-t{tail}.pcap"
     meta = path.with_suffix(".packets")
     if not (path.exists() and meta.exists()):
-        rng = random.Random(f"{name}/{seed}")
-        traffic = Traffic(rng)
-        if name == "flood":
-            make = traffic.flood
-        else:
-
-            def make() -> Packets:
-                return traffic.outside() if rng.random() < 0.10 else traffic.darknet()
-
         began = time.perf_counter()
         print(f"writing {path} ...", file=sys.stderr, flush=True)
-        packets = write_capture(path, count, rate, make, rng)
-        meta.write_text(f"{packets}\n")
+        packets, handshakes = write(path, name, count, rate, seed, tail)
+        meta.write_text(f"{packets} {handshakes}\n")
         print(f"  {packets} packets in {time.perf_counter() - began:.1f} s", file=sys.stderr)
-    return Capture(path, int(meta.read_text()), count, count / rate)
+    packets, handshakes = (int(n) for n in meta.read_text().split())
+    return Capture(path, packets, count, handshakes, count / rate + tail)
 
 
 @dataclass
@@ -413,15 +436,18 @@ redef StepStone::websocket_port = 0/tcp;
 """
 
 SAMPLER = """\
-# Written by bench/zeek_overhead.py: |StepStone::tracks| every 10 s of trace time.
+# Written by bench/zeek_overhead.py: |StepStone::tracks| and Zeek's own open
+# connections every 10 s of trace time.
 global stepstone_bench_max = 0;
 global stepstone_bench_last = 0;
+global stepstone_bench_conns = 0;
 
 event stepstone_bench_sample()
 	{
 	if ( zeek_is_terminating() )
 		return;
 	stepstone_bench_last = |StepStone::tracks|;
+	stepstone_bench_conns = get_conn_stats()$current_conns;
 	if ( stepstone_bench_last > stepstone_bench_max )
 		stepstone_bench_max = stepstone_bench_last;
 	schedule 10sec { stepstone_bench_sample() };
@@ -434,7 +460,7 @@ event network_time_init()
 
 event zeek_done()
 	{
-	print fmt("tracks max %d last %d", stepstone_bench_max, stepstone_bench_last);
+	print fmt("%d %d %d", stepstone_bench_max, stepstone_bench_last, stepstone_bench_conns);
 	}
 """
 
@@ -447,28 +473,79 @@ def row(label: str, r: Run) -> str:
     return f"  {label:<22} {r.wall:9.2f} {r.cpu:9.2f} {r.rss_mb:9.0f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--zeek", default=shutil.which("zeek"), help="zeek binary (default: zeek on PATH)")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each measure; the best counts")
-    parser.add_argument("--connections", type=int, default=800_000, help="connections in the capture")
-    parser.add_argument("--rate", type=float, default=2000.0, help="new connections per second of trace")
-    parser.add_argument("--flood-syns", type=int, default=1_000_000, help="SYNs in the flood capture")
-    parser.add_argument("--flood-rate", type=float, default=2000.0, help="flood SYNs per second of trace")
-    parser.add_argument("--no-flood", action="store_true", help="skip the flood")
-    parser.add_argument("--local", action="store_true", help="load site/local.zeek in both runs")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "stepstone-zeek-bench")
-    args = parser.parse_args(argv)
-    if not args.zeek or not Path(args.zeek).is_file() or not os.access(args.zeek, os.X_OK):
-        print(
-            f"zeek_overhead: no zeek binary ({args.zeek or 'none on PATH'}); use --zeek PATH", file=sys.stderr
-        )
-        return 2
-    if args.runs < 1 or args.connections < 1 or args.flood_syns < 1 or args.rate <= 0 or args.flood_rate <= 0:
+    add = parser.add_argument
+    add("--zeek", default=shutil.which("zeek"), help="zeek binary (default: zeek on PATH)")
+    add("--runs", type=int, default=3, help="runs of each measure; the best counts")
+    add("--connections", type=int, default=800_000, help="connections in the capture")
+    add("--rate", type=float, default=2000.0, help="new connections per second of trace")
+    add("--flood-syns", type=int, default=1_000_000, help="SYNs in the flood capture")
+    add("--flood-rate", type=float, default=2000.0, help="flood SYNs per second of trace")
+    add("--flood-tail", type=int, default=40, help="quiet seconds of trace after the flood")
+    add("--no-flood", action="store_true", help="skip the flood")
+    add("--write-flood", type=Path, metavar="PCAP", help="only write the flood capture to PCAP")
+    add("--local", action="store_true", help="load site/local.zeek in both runs")
+    add("--seed", type=int, default=1)
+    add("--cache", type=Path, default=Path(tempfile.gettempdir()) / "stepstone-zeek-bench")
+    return parser.parse_args(argv)
+
+
+def report(args: argparse.Namespace, version: str, dark: Capture, alone: Run, pkg: Run) -> None:
+    baseline = "base scripts + site/local.zeek" if args.local else "its default (base) scripts"
+    print(f"{version}: Zeek with {baseline}; best of {args.runs} runs; zeek-scripts/ without a listener")
+    print(
+        f"capture: {dark.packets} packets, {dark.connections} connections, {dark.handshakes} darknet "
+        f"handshakes, {dark.seconds:.0f} s of trace"
+    )
+    print(f"  {'':<22} {'wall s':>9} {'CPU s':>9} {'peak MB':>9}")
+    print(row("Zeek alone", alone))
+    print(row("with the package", pkg))
+    cpu = (pkg.cpu / alone.cpu - 1) * 100
+    wall = (pkg.wall / alone.wall - 1) * 100
+    verdict = "met" if cpu <= GOAL else "NOT met"
+    print(
+        f"  overhead: CPU {cpu:+.1f} %, wall {wall:+.1f} %, peak memory {pkg.rss_mb - alone.rss_mb:+.0f} MB; "
+        f"goal <= {GOAL:.0f} % CPU: {verdict}"
+    )
+
+
+def report_flood(args: argparse.Namespace, flood: Capture, alone: Run, pkg: Run) -> None:
+    largest, last, conns = (int(n) for n in pkg.stdout.split())
+    print(
+        f"flood: {flood.packets} packets, {flood.connections} SYNs from random sources at "
+        f"{args.flood_rate:g}/s ({flood.handshakes} answered by the darknet, none by the client), "
+        f"{flood.seconds:.0f} s of trace"
+    )
+    print(row("Zeek alone", alone))
+    print(row("with the package", pkg))
+    print(
+        f"  package memory {pkg.rss_mb - alone.rss_mb:+.0f} MB; |StepStone::tracks| every 10 s: "
+        f"largest {largest} (SYNs in one reply_wait of 30 s: {args.flood_rate * 30:.0f}), "
+        f"last {last} ({args.flood_tail} s after the flood; Zeek's own open connections then: {conns})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if min(args.runs, args.connections, args.flood_syns) < 1 or min(args.rate, args.flood_rate) <= 0:
         print(
             "zeek_overhead: --runs, --connections, --flood-syns and the rates must be positive",
             file=sys.stderr,
+        )
+        return 2
+    if args.flood_tail < 0:
+        print("zeek_overhead: --flood-tail must not be negative", file=sys.stderr)
+        return 2
+    if args.write_flood:
+        packets, _ = write(
+            args.write_flood, "flood", args.flood_syns, args.flood_rate, args.seed, args.flood_tail
+        )
+        print(f"{args.write_flood}: {packets} packets, {args.flood_syns} SYNs", file=sys.stderr)
+        return 0
+    if not args.zeek or not Path(args.zeek).is_file() or not os.access(args.zeek, os.X_OK):
+        print(
+            f"zeek_overhead: no zeek binary ({args.zeek or 'none on PATH'}); use --zeek PATH", file=sys.stderr
         )
         return 2
     zeek = str(Path(args.zeek).resolve())
@@ -485,40 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     dark = capture(args.cache, "darknet", args.connections, args.rate, args.seed)
     print(f"measuring {version} on {dark.path.name}, best of {args.runs} ...", file=sys.stderr, flush=True)
     alone = measure(zeek, dark, base, args.runs, work)
-    with_pkg = measure(zeek, dark, package, args.runs, work)
-    flood = flood_alone = flood_pkg = None
+    pkg = measure(zeek, dark, package, args.runs, work)
+    report(args, version, dark, alone, pkg)
     if not args.no_flood:
-        flood = capture(args.cache, "flood", args.flood_syns, args.flood_rate, args.seed)
+        flood = capture(args.cache, "flood", args.flood_syns, args.flood_rate, args.seed, args.flood_tail)
+        print(
+            f"measuring {version} on {flood.path.name}, best of {args.runs} ...", file=sys.stderr, flush=True
+        )
         flood_alone = measure(zeek, flood, base, args.runs, work)
         flood_pkg = measure(zeek, flood, [*package, str(sampler)], args.runs, work)
-
-    baseline = "base scripts + site/local.zeek" if args.local else "default (base) scripts"
-    print(f"{version}, {baseline}; best of {args.runs} runs")
-    print(
-        f"capture: {dark.packets} packets, {dark.connections} connections over {dark.seconds:.0f} s of trace"
-    )
-    print(f"  {'':<22} {'wall s':>9} {'CPU s':>9} {'peak MB':>9}")
-    print(row("Zeek alone", alone))
-    print(row("with the package", with_pkg))
-    cpu = (with_pkg.cpu / alone.cpu - 1) * 100
-    wall = (with_pkg.wall / alone.wall - 1) * 100
-    verdict = "met" if cpu <= GOAL else "NOT met"
-    print(
-        f"  overhead: CPU {cpu:+.1f} %, wall {wall:+.1f} %, memory {with_pkg.rss_mb - alone.rss_mb:+.0f} MB; "
-        f"goal <= {GOAL:.0f} % CPU: {verdict}"
-    )
-    if flood and flood_alone and flood_pkg:
-        print(
-            f"flood: {flood.packets} packets, {flood.connections} SYNs over {flood.seconds:.0f} s of trace, "
-            "never answered by the client"
-        )
-        print(row("Zeek alone", flood_alone))
-        print(row("with the package", flood_pkg))
-        print(
-            f"  package memory {flood_pkg.rss_mb - flood_alone.rss_mb:+.0f} MB; "
-            f"|StepStone::tracks| {flood_pkg.stdout.strip().removeprefix('tracks ')} "
-            f"(sampled every 10 s; SYNs in one reply_wait: {args.flood_rate * 30:.0f})"
-        )
+        report_flood(args, flood, flood_alone, flood_pkg)
     return 0
 
 
