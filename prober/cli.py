@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober.audit import AuditLog, default_path
 from prober.job import DEFAULT_PORTS, EPOCH_MAX, Job, JobError
+from prober.metrics import ProberMetrics, serve
 from prober.options import DAY, YEAR, check_ranges
 from prober.probe import Prober, ProbeSettings
 from prober.queue import DEFAULT_PREFIX, MAX_DEADLINE, MAX_DEDUP_WINDOW, ProbeQueue, QueueConfigError, connect
@@ -46,6 +48,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "t": (0, EPOCH_MAX),
     "deadline": (0.001, MAX_DEADLINE),
     "dedup_window": (0, MAX_DEDUP_WINDOW),
+    "metrics_port": (0, 65535),
 }
 
 
@@ -131,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dead-letter a job delivered more often than this (default %(default)s)")
     run.add_argument("--max-ports", type=int, default=32,
                      help="refuse jobs asking for more SYN ports than this (default %(default)s)")
+    # As stepstone-analyzer run: the same two options, the same endpoint.
+    run.add_argument("--metrics-port", type=int, default=0, metavar="N",
+                     help="serve Prometheus metrics on http://ADDR:N/metrics (default 0 = off)")
+    run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                     help="address the metrics endpoint binds (default %(default)s)")
     _add_safety(run)
     _add_probe(run)
     run.set_defaults(func=cmd_run)
@@ -236,12 +244,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         worker = Worker(conn, prober, policy=policy, audit=audit, settings=settings)
+        stop_metrics, lag = None, None
+        if args.metrics_port:
+            metrics = ProberMetrics(worker.stats)
+            worker.probe = metrics.timed(worker.probe)
+            try:
+                stop_metrics = serve(metrics.registry, args.metrics_port, args.metrics_addr)
+            except OSError as exc:
+                prober.close()
+                audit.close()
+                await conn.aclose()
+                raise UsageError(f"--metrics-port: cannot serve on {args.metrics_addr}:{args.metrics_port}: "
+                                 f"{exc}") from None
+            lag = asyncio.create_task(metrics.watch_lag(conn, worker.keys.jobs, stop))
         print(f"stepstone-prober: worker {name} ready (audit log {audit.path})", file=sys.stderr, flush=True)
         try:
             await worker.run(stop)
         except ResponseError as exc:  # e.g. WRONGTYPE (a key of ours holds something else), NOPERM
             raise UsageError(f"Redis refused a command: {exc}") from None
         finally:
+            if lag is not None:
+                stop.set()  # the lag watch ends on `stop` (also when the worker failed)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lag, 10)
+            if stop_metrics is not None:
+                stop_metrics()
             prober.close()
             audit.close()
             await conn.aclose()

@@ -21,8 +21,10 @@ from redis.exceptions import RedisError
 from analyzer.cancellation import cancel_and_wait
 from analyzer.handshake import Handshake
 from prober.job import short
+from prober.metrics import serve as serve_metrics
 from responder.kernel import Network, Steering, SteeringError
 from responder.listener import ListenerError, accept_forever, accept_pending, open_listener
+from responder.metrics import registry_for
 
 # Unconsumed handshakes kept in Redis at most; the analyzer reads far faster than a darknet sends.
 STREAM_MAXLEN = 1_000_000
@@ -42,6 +44,10 @@ def _port(text: str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a TCP port: {short(text)}")
     return int(text)
+
+
+def _metrics_port(text: str) -> int:
+    return 0 if text == "0" else _port(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefix", default="stepstone:", help="Redis key prefix (default %(default)s)")
     run.add_argument("--listen-port", type=_port, default=4, metavar="N",
                      help="the single listener's port (default %(default)s)")
+    # As stepstone-analyzer run and stepstone-prober run: the same two options, the same endpoint.
+    run.add_argument("--metrics-port", type=_metrics_port, default=0, metavar="N",
+                     help="serve Prometheus metrics on http://ADDR:N/metrics (default 0 = off)")
+    run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                     help="address the metrics endpoint binds (default %(default)s)")
     return parser
+
+
+class MetricsError(RuntimeError):
+    pass
 
 
 class Sink:
@@ -77,10 +92,16 @@ class Sink:
         self.stream = stream
         self.client = aioredis.from_url(url, decode_responses=True) if url else None
         self.queue: asyncio.Queue[Handshake] = asyncio.Queue(BACKLOG)
+        self.received = 0
         self.sent = 0
         self.dropped = 0
+        self.redis_errors = 0
+
+    def backlog(self) -> int:
+        return self.queue.qsize()
 
     def put(self, handshake: Handshake) -> None:
+        self.received += 1
         if self.queue.full():
             self.queue.get_nowait()
             self.queue.task_done()
@@ -105,6 +126,7 @@ class Sink:
                     self.queue.task_done()
                     break
                 except (RedisError, OSError) as exc:
+                    self.redis_errors += 1
                     print(f"stepstone-responder: redis: {exc}; retrying", file=sys.stderr, flush=True)
                     await asyncio.sleep(delay)  # backoff before reconnecting, not synchronisation
                     delay = min(delay * 2, 5.0)
@@ -120,7 +142,8 @@ class Sink:
             await self.client.aclose()
 
 
-async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, prefix: str) -> int:
+async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, prefix: str,
+                metrics: tuple[int, str] = (0, "127.0.0.1")) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -129,7 +152,15 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
     listeners = [open_listener(family, port) for family in families]
     sink = Sink(redis_url, f"{prefix}handshakes")
     tasks: list[asyncio.Task[None]] = []
+    stop_metrics = None
     try:
+        if metrics[0]:
+            # Before the steering: a busy port fails before anything on the host is changed.
+            try:
+                stop_metrics = serve_metrics(registry_for(sink), *metrics)
+            except OSError as exc:
+                raise MetricsError(f"--metrics-port: cannot serve on {metrics[1]}:{metrics[0]}: "
+                                   f"{exc}") from None
         with Steering(darknets, port):
             print(f"stepstone-responder: answering {', '.join(map(str, darknets))} on port {port}",
                   file=sys.stderr, flush=True)
@@ -154,6 +185,8 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
             await sink.drain(2.0)
     finally:
         await cancel_and_wait(tasks)
+        if stop_metrics is not None:
+            stop_metrics()
         for sock in listeners:
             sock.close()
         await sink.close()
@@ -174,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stepstone-responder: needs root (a local route and an nftables table)", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(args.darknet, args.listen_port, args.redis, args.prefix))
-    except (SteeringError, ListenerError) as exc:
+        return asyncio.run(serve(args.darknet, args.listen_port, args.redis, args.prefix,
+                                 (args.metrics_port, args.metrics_addr)))
+    except (SteeringError, ListenerError, MetricsError) as exc:
         print(f"stepstone-responder: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

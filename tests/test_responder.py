@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP
 
 from analyzer.handshake import Handshake
@@ -56,8 +57,9 @@ def pair(net: Network) -> Iterator[tuple[Namespace, Namespace]]:
     yield sensor, client
 
 
-def _start(sensor: Namespace, url: str | None, stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
-    args = ["-m", "responder.cli", "run", "--darknet", DARKNET]
+def _start(sensor: Namespace, url: str | None, stdout: Any = subprocess.PIPE, extra: tuple[str, ...] = ()
+           ) -> subprocess.Popen[bytes]:
+    args = ["-m", "responder.cli", "run", "--darknet", DARKNET, *extra]
     if url:
         args += ["--redis", url]
     proc = sensor.python(*args, stdout=stdout, stderr=subprocess.PIPE)
@@ -105,6 +107,34 @@ def test_handshakes_reach_redis_with_destination_syn_and_rtt(
         assert (fresh.chksum, fresh[TCP].chksum) == (ip_sum, tcp_sum)
     assert "stepstone_responder" not in _table(sensor)
     assert "198.18.0.0/24" not in _local_routes(sensor)
+
+
+SCRAPE = """
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())
+"""
+
+
+@pytest.mark.netns
+def test_metrics_endpoint_counts_the_handshakes(
+    pair: tuple[Namespace, Namespace], redis_server: RedisServer
+) -> None:
+    """--metrics-port: Prometheus scrapes the sensor from elsewhere (here: the client's namespace)."""
+    sensor, client = pair
+    proc = _start(sensor, redis_server.url, extra=("--metrics-port", "9310", "--metrics-addr", "198.19.0.1"))
+    try:
+        client.run(sys.executable, "-c", CLIENT, *(f"{a}:{p}" for a, p in TARGETS[:2]))
+        r = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
+        wait_for(lambda: r.xlen("stepstone:handshakes") >= 2, 10, "handshakes on the stream")
+        text = client.run(sys.executable, "-c", SCRAPE, "http://198.19.0.1:9310/metrics")
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert got["stepstone_responder_handshakes_total"] == 2
+    assert got["stepstone_responder_reported_total"] == 2
+    assert got["stepstone_responder_dropped_total"] == 0 and got["stepstone_responder_backlog"] == 0
+    assert got["stepstone_responder_errors_total"] == 0
 
 
 @pytest.mark.netns
