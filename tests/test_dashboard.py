@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -282,3 +283,17 @@ async def test_every_dashboard_metric_is_exported(redis_server: RedisServer, tmp
         f"{bad['panels'][3]['title']}: stepstone_prober_dead_letter_total is exported by no service",
         "inner: stepstone_analyzer_verdict_latency_seconds is exported by no service",
     ]
+
+
+def test_prober_metrics_port_in_use_is_one_line(redis_server: RedisServer, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "prober.cli", "run", "--redis", redis_server.url, "--metrics-port",
+             str(port), "--audit-log", str(tmp_path / "audit.jsonl")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("stepstone-prober: --metrics-port: cannot serve on 127.0.0.1:")
+    assert len(proc.stderr.splitlines()) == 1
