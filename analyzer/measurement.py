@@ -9,9 +9,10 @@ from analyzer.record import Record
 from prober.job import Result
 
 
-def passive_record(h: Handshake, fp_label: str | None) -> Record:
-    """The record of one handshake before probing: t, src, dst, T^p and F^p; active fields null."""
-    return Record(t=h.t, src=h.src, dst=h.dst, tp_us=h.tp_us, fp=fp_label)
+def passive_record(h: Handshake, fp_label: str | None, syn_dist: int | None = None) -> Record:
+    """The record of one handshake before probing: t, src, dst, T^p, F^p and the SYN's hop
+    distance (`analyzer.hops.syn_distance`); active fields null."""
+    return Record(t=h.t, src=h.src, dst=h.dst, tp_us=h.tp_us, fp=fp_label, syn_dist=syn_dist)
 
 
 def with_probe(record: Record, result: Result) -> Record:
@@ -30,4 +31,5 @@ def with_probe(record: Record, result: Result) -> Record:
         ping_var_us2=result.ping_var_us2,
         syn_rtt_us=result.syn_rtt_us,
         fa=result.fa,
+        fa_dist=result.fa_dist,
     )

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, TextIO
 from analyzer.capture import CaptureError, read_capture
 from analyzer.errors import InputError
 from analyzer.handshake import Handshake
+from analyzer.hops import syn_distance
 from analyzer.measurement import passive_record
 from analyzer.packet import (
     ACK,
@@ -250,6 +251,10 @@ class _FingerprintCache:
             raise InputError(f"--p0f-db: {exc}") from None  # the message names the file and line
         self._json: dict[Fingerprint, str] = {}
 
+    def fingerprint(self, ip: bytes) -> Fingerprint:
+        """The fingerprint itself (the fingerprinter's cache); raises as `lookup` does."""
+        return self._fp.fingerprint(ip)
+
     def lookup(self, ip: bytes) -> tuple[str, str | None]:
         """(JSON fragment `"label":..,"generic":..,"match":..,"distance":..,"sig":..`, label).
 
@@ -458,7 +463,8 @@ def _record_line(r: Record, fp_json: str) -> str:
     return (
         f'{{"t":{r.t!r},"src":"{r.src}","dst":"{r.dst}","tp_us":{tp},"ping_min_us":null,'
         f'"ping_avg_us":null,"ping_max_us":null,"ping_var_us2":null,"syn_rtt_us":null,'
-        f'"fp":{fp_json},"fa":null}}'
+        f'"fp":{fp_json},"fa":null,"syn_dist":{"null" if r.syn_dist is None else r.syn_dist},'
+        '"fa_dist":null}'
     )
 
 
@@ -482,9 +488,11 @@ def run_replay(args: argparse.Namespace) -> int:
         if not hs.answered:
             return
         label: str | None = None
+        syn_dist: int | None = None
         if hs.syn is not None:
             try:
-                label = cache.lookup(hs.syn)[1]
+                fp = cache.fingerprint(hs.syn)
+                label, syn_dist = fp.label, syn_distance(fp, hs.reply)
             except NotFingerprinted:
                 not_fingerprinted += 1  # fp null, as p0f gives no label; not an error
             except FingerprintError as exc:
@@ -498,7 +506,7 @@ def run_replay(args: argparse.Namespace) -> int:
             fp_json = labels.get(label)
             if fp_json is None:
                 fp_json = labels[label] = json.dumps(label)
-            out.line(_record_line(passive_record(hs, label), fp_json))
+            out.line(_record_line(passive_record(hs, label, syn_dist), fp_json))
 
     Held = tuple[int, bytes, TcpHeader]  # packet number, IP packet, its decoded header
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prober.job import DURATION_MAX_US, EPOCH_MAX, VARIANCE_MAX_US2, bounded, p0f_label, short
+from prober.job import DURATION_MAX_US, EPOCH_MAX, HOPS_MAX, VARIANCE_MAX_US2, bounded, p0f_label, short
 
 
 class RecordError(ValueError):
@@ -35,6 +35,10 @@ class Record:
     syn_rtt_us: int | None = None
     fp: str | None = None  # p0f label of the client's SYN
     fa: str | None = None  # p0f label of the SYN+ACK the source returned to our probe
+    # Hop distances (p0f: initial TTL minus observed TTL), added at the end (analyzer/rules.py
+    # cond_hops). syn_dist is null when the SYN was crafted (analyzer/hops.py): its TTL is a tool's.
+    syn_dist: int | None = None  # of the client's SYN
+    fa_dist: int | None = None  # of the SYN+ACK the source returned to our probe
 
     @property
     def has_ping(self) -> bool:
@@ -62,6 +66,8 @@ class Record:
             syn_rtt_us=_micros(obj, "syn_rtt_us"),
             fp=_label(obj, "fp"),
             fa=_label(obj, "fa"),
+            syn_dist=_hops(obj, "syn_dist"),
+            fa_dist=_hops(obj, "fa_dist"),
         )
 
 
@@ -85,6 +91,22 @@ def _number(obj: dict[str, Any], name: str, *, nullable: bool = True, hi: float 
 def _micros(obj: dict[str, Any], name: str) -> int | None:
     value = _number(obj, name, hi=DURATION_MAX_US)
     return None if value is None else round(value)
+
+
+def _hops(obj: dict[str, Any], name: str) -> int | None:
+    """A hop distance: a whole number 0..HOPS_MAX (a TTL difference), or null/absent (records
+    written before the field existed read back with it null)."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    # A JSON 3.0 is a whole number too; 3.5, NaN, true and "3" are not.
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if not whole:
+        raise RecordError(f"field {name!r} must be a whole number of hops, not {short(value)}")
+    if not 0 <= value <= HOPS_MAX:
+        raise RecordError(f"field {name!r} out of range 0..{HOPS_MAX}: {short(value)}")
+    return int(value)
 
 
 def _address(obj: dict[str, Any], name: str) -> str:

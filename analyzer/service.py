@@ -33,6 +33,7 @@ from analyzer.cancellation import cancel_and_wait
 from analyzer.errors import InputError
 from analyzer.feeds import StreamConsumer, zeek_to_stream
 from analyzer.handshake import Handshake, HandshakeError
+from analyzer.hops import syn_distance
 from analyzer.measurement import passive_record, with_probe
 from analyzer.metrics import Metrics, verdict_kind
 from analyzer.record import Record
@@ -520,14 +521,15 @@ class Service:
 
     # -- the work -------------------------------------------------------------------------------
 
-    def _fingerprint(self, syn: bytes | None) -> str | None:
-        if syn is None:
-            return None
+    def _fingerprint(self, h: Handshake) -> tuple[str | None, int | None]:
+        """The SYN's p0f label and hop distance (null for a crafted SYN: analyzer.hops)."""
+        if h.syn is None:
+            return None, None
         try:
-            label: str | None = self.fingerprinter.fingerprint(syn).label
-            return label
+            fp = self.fingerprinter.fingerprint(h.syn)
         except FingerprintError:
-            return None
+            return None, None
+        return fp.label, syn_distance(fp, h.reply)
 
     def _in_darknet(self, dst: str) -> bool:
         if not self.config.darknets:
@@ -547,8 +549,8 @@ class Service:
             if not self._in_darknet(h.dst):
                 self.metrics.ignored.inc()
                 continue
-            fp = self._fingerprint(h.syn)
-            items.append((hid, h, fp, passive_record(h, fp) if h.answered else None))
+            fp, syn_dist = self._fingerprint(h)
+            items.append((hid, h, fp, passive_record(h, fp, syn_dist) if h.answered else None))
         if not items:
             return
         # A previous delivery (before a crash) may have enqueued already: its job is reused.

@@ -29,6 +29,19 @@ class Fingerprint:
     distance: int | None  # p0f's hop distance guess (initial TTL minus observed TTL)
     sig: str  # the packet's own p0f signature, "ver:ittl:olen:mss:wsize,scale:olayout:quirks:pclass"
 
+    @property
+    def hops(self) -> int | None:
+        """The hop distance the measurement record keeps (analyzer/rules.py `cond_hops`): p0f's
+        `distance` when a signature matched (initial TTL = the signature's), else the guess p0f prints
+        in `sig` (the observed TTL rounded up to 32/64/128/255); None where p0f prints `+?` (over 35
+        hops: p0f does not trust the guess) or, for a userland tool it matched fuzzily, gives 0
+        without computing one."""
+        if self.label is not None and self.distance is not None:
+            return self.distance
+        ttl = self.sig.split(":", 2)[1] if self.sig.count(":") >= 2 else ""
+        guess = ttl.partition("+")[2]
+        return int(guess) if guess.isascii() and guess.isdigit() else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,

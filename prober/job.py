@@ -21,6 +21,7 @@ DEFAULT_PORTS: tuple[int, ...] = (22, 23, 80, 443, 445, 3389, 8080)
 EPOCH_MAX = float(2**32)  # epoch seconds before 2106-02-07 (a 32-bit unsigned time)
 DURATION_MAX_US = 3_600_000_000  # one hour in microseconds: an RTT or T^p beyond is not one
 VARIANCE_MAX_US2 = float(DURATION_MAX_US) ** 2  # the variance of samples within an hour
+HOPS_MAX = 255  # a hop distance is an IP TTL difference: 0..255
 NUMBER_MAX_CHARS = 40  # a longer number field is refused unread (a 5000-digit literal breaks int())
 
 
@@ -87,6 +88,9 @@ class Result:
     fa: str | None  # p0f label of the first SYN+ACK, None when unknown or no port answered
     fa_port: int | None
     probed_at: float
+    # p0f's hop distance of that SYN+ACK (its initial TTL minus the observed TTL; analyzer/rules.py
+    # cond_hops). At the end, with a default: older writers and readers keep working.
+    fa_dist: int | None = None
 
     def fields(self) -> dict[str, str]:
         return {k: "" if v is None else (repr(v) if isinstance(v, float) else str(v))
@@ -116,6 +120,9 @@ class Result:
         except ValueError:
             raise JobError(f"src is not an IP address: {short(src)}") from None
         fa_port = opt("fa_port", 65535)
+        fa_dist = opt("fa_dist", HOPS_MAX)
+        if fa_dist is not None and fa_dist != int(fa_dist):
+            raise JobError(f"fa_dist is not a whole number of hops: {short(fields.get('fa_dist'))}")
         try:
             # The record's own rules (analyzer.record), so that a result that passes here always
             # makes a record that the analyzer can read back and judge.
@@ -135,6 +142,7 @@ class Result:
             fa=fa,
             fa_port=None if fa_port is None else int(fa_port),
             probed_at=_epoch(fields, "probed_at"),
+            fa_dist=None if fa_dist is None else int(fa_dist),
         )
 
 

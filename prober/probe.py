@@ -77,11 +77,11 @@ class Prober:
         ping, syn = await asyncio.gather(
             self.pinger.ping(job.src, count=s.count, interval=s.interval, reply_wait=s.reply_wait),
             self.syn.probe(job.src, job.ports, reply_wait=s.reply_wait))
-        fa, details = None, None
+        fa, fa_dist, details = None, None, None
         if syn.synack is not None:
             try:
                 fp = self._fingerprinter.fingerprint(syn.synack, syn_mss=syn.mss)
-                fa, details = fp.label, fp.to_dict()
+                fa, fa_dist, details = fp.label, fp.hops, fp.to_dict()
             except FingerprintError as exc:
                 log.info("SYN+ACK from %s port %s not fingerprintable: %s", job.src, syn.synack_port, exc)
         result = Result(
@@ -89,7 +89,7 @@ class Prober:
             ping_min_us=ping.min_us, ping_avg_us=ping.avg_us, ping_max_us=ping.max_us,
             ping_var_us2=ping.var_us2, ping_loss=ping.loss,
             syn_rtt_us=syn.rtt_us, fa=fa, fa_port=syn.synack_port,
-            probed_at=time.time())
+            probed_at=time.time(), fa_dist=fa_dist)
         return Measurement(result=result, ping=ping, syn=syn, fingerprint=details)
 
     async def __call__(self, job: Job) -> Result:

@@ -27,7 +27,7 @@ from analyzer.record import Record
 FINGERPRINT_FIELDS = ["ts", "src", "sport", "dst", "dport", "kind",
                       "label", "generic", "match", "distance", "sig"]
 RECORD_FIELDS = ["t", "src", "dst", "tp_us", "ping_min_us", "ping_avg_us", "ping_max_us", "ping_var_us2",
-                 "syn_rtt_us", "fp", "fa"]
+                 "syn_rtt_us", "fp", "fa", "syn_dist", "fa_dist"]
 VERDICT_FIELDS = ["src", "cond_os", "cond_timing", "relay", "tp_mean_us", "ta_max_mean_us", "samples"]
 
 
@@ -103,6 +103,12 @@ def test_replay_records(capsys: pytest.CaptureFixture[str], cases_pcap: Path) ->
     from osfp.fingerprinter import Fingerprinter
 
     assert records["203.0.113.10"].fp == Fingerprinter().fingerprint(handshake_cases()[0][1]).label
+    # The SYN's hop distance (analyzer/hops.py): p0f's for a stack's SYN; null for the RST case's
+    # option-less SYN (a crafted one); the SYN+ACK's is the probe's, so null offline.
+    assert records["203.0.113.10"].syn_dist == Fingerprinter().fingerprint(handshake_cases()[0][1]).hops
+    assert records["203.0.113.10"].syn_dist is not None
+    assert records["203.0.113.12"].syn_dist is None
+    assert all(r.fa_dist is None for r in records.values())
 
 
 def test_replay_summary_text_and_json(capsys: pytest.CaptureFixture[str], cases_pcap: Path) -> None:
