@@ -85,8 +85,9 @@ class Metrics:
         )
         self.zeek = Gauge(
             f"{NS}_zeek",
-            "Zeek link: connected (1/0), verdicts queued for it, frames and events it sent that were "
-            "rejected, verdicts dropped from a full re-send queue",
+            "Zeek link: connected (1/0), verdicts queued for it (unsent or unconfirmed), frames and "
+            "events it sent that were rejected, verdicts dropped from a full re-send queue, connections "
+            "closed on a frame over the size limit, verdicts Zeek confirmed, verdicts sent again",
             ["what"],
             registry=r,
         )

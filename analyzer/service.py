@@ -471,6 +471,9 @@ class Service:
                 gauge.labels("queued").set(self.zeek.pending)
                 gauge.labels("rejected").set(self.zeek.stats.rejected)
                 gauge.labels("dropped").set(self.zeek.stats.dropped)
+                gauge.labels("oversized").set(self.zeek.stats.oversized)
+                gauge.labels("confirmed").set(self.zeek.stats.confirmed)
+                gauge.labels("resent").set(self.zeek.stats.resent)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
 
