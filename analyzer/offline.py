@@ -42,7 +42,14 @@ from analyzer.packet import (
     tcp_header,
 )
 from analyzer.record import Record, RecordError
-from analyzer.rules import DEFAULT_WINDOW, OS_LEVELS, judge_all, summary
+from analyzer.rules import (
+    DEFAULT_WINDOW,
+    OS_LEVELS,
+    estimate_hop_offset,
+    judge_all,
+    kind_counts,
+    summary,
+)
 from analyzer.timejumps import JumpGuard
 from analyzer.tracker import HandshakeTracker
 from osfp.result import Fingerprint, FingerprintError, NotFingerprinted
@@ -105,7 +112,8 @@ def register(sub: Any) -> None:
         description="Read measurement records (JSON lines, as `replay` or the live service write "
         "them) and print one verdict per source address: the paper's fields (cond_os, cond_timing, "
         "relay, ...) and the analyzer's own stronger evidence (cond_timing_strong, timing_margin_us, "
-        "timing_noise_us, timing_threshold_us, timing_ref, relay_confident).",
+        "timing_noise_us, timing_threshold_us, timing_ref, relay_confident), the hop-count test "
+        "(cond_hops, hops_margin, ...) and what the verdict found (kind, evidence).",
     )
     p.add_argument("records", help="JSON-lines file of measurement records ('-' reads standard input)")
     p.add_argument(
@@ -119,6 +127,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--now", type=_seconds, default=None, metavar="EPOCH",
         help="end every window here instead of at each source's latest record (0 to 2^32)",
+    )
+    p.add_argument(
+        "--hops-offset", type=float, default=0.0, metavar="HOPS",
+        help="the prober's constant hop offset from the sensor, subtracted from every SYN - SYN+ACK "
+        "hop difference (default 0: the prober sits where the sensor is; --summary estimates it "
+        "from the sources judged direct)",
     )
     _summary_options(p, "print Table 3's detection rows instead of the verdicts")
     p.set_defaults(func=run_judge)
@@ -574,7 +588,7 @@ _JUDGE_ROWS = {
 }
 
 
-def _print_summary(out: _Output, table: dict[str, int], as_json: bool, headline: dict[str, str]) -> None:
+def _print_summary(out: _Output, table: dict[str, Any], as_json: bool, headline: dict[str, str]) -> None:
     """JSON: one object. Text: the paper's rows first, then every other counter by its key."""
     if as_json:
         out.line(json.dumps(table))
@@ -690,11 +704,20 @@ def run_judge(args: argparse.Namespace) -> int:
     out = _Output()
     path: str = args.records
     records = _read_records(path, problems)
-    verdicts = judge_all(records, window=args.window, os_level=args.os_level, now=args.now)
+    if not -255 <= args.hops_offset <= 255:
+        raise InputError(f"--hops-offset must be within -255..255 hops, not {args.hops_offset:g}")
+    verdicts = judge_all(records, window=args.window, os_level=args.os_level, now=args.now,
+                         hops_offset=args.hops_offset)
     try:
         if args.summary:
-            # The paper's rows, then the analyzer's own stronger verdict (analyzer/rules.py).
-            table = {**summary(verdicts), "relays_confident": sum(v.relay_confident for v in verdicts)}
+            # The paper's rows, then the analyzer's own stronger verdict (analyzer/rules.py), the
+            # kinds, and the prober's hop offset as the direct sources show it.
+            table: dict[str, Any] = {**summary(verdicts),
+                                     "relays_confident": sum(v.relay_confident for v in verdicts),
+                                     **{f"kind_{k}": n for k, n in kind_counts(verdicts).items()}}
+            offset = estimate_hop_offset(records, verdicts)
+            if offset is not None:
+                table["hops_offset_estimate"], table["hops_offset_sources"] = offset
             _print_summary(out, table, args.json, _JUDGE_ROWS)
         else:
             for v in verdicts:

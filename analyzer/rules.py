@@ -42,12 +42,67 @@ found by timing. `judge` therefore also reports a stronger timing test:
   The price: relays adding < 2.5 ms one way are not claimed, and neither is a sample at a jittery
   path until enough samples shrink the standard error.
 
-`relay_confident` = (1) or the strong timing test. Condition (1) is kept as it is: an OS mismatch
-between the SYN and the probe's SYN+ACK means several machines share the address and the
-connection came from one the probe did not reach, which is what a NAT relay is (a home NAT is one
-too: the method cannot tell intent, see README `limits`). p0f labels do not jitter the way times
-do, and an unknown label already never counts; `os_mismatches` reports how many records showed a
-mismatch so a single one can be told from a consistent one.
+Hop counts (`cond_hops`)
+------------------------
+A direct host's SYN and the SYN+ACK it returns to our probe cross the same routers to us, so their
+p0f hop distances (initial TTL minus observed TTL: `Record.syn_dist`, `Record.fa_dist`) agree. A
+forwarding relay's SYN comes from the attacker behind it, one router (the relay) or more further
+away, while the SYN+ACK comes from the relay itself. Per record, h = syn_dist - fa_dist - the
+prober's hop offset (`hops_offset`, 0 by default: the prober sits where the sensor is, as in the
+lab). `cond_hops` holds when, over the window's usable pairs:
+
+- there are at least HOPS_MIN_SAMPLES = 3 of them: a median of 3 ignores any one bad pair, so one
+  route change between a handshake and its probe (that pair is off by the hops added or removed;
+  the next handshake and probe both take the new route) or one misread TTL cannot decide alone,
+  while the lab's relays give 5 pairs per run;
+- `hops_margin` = the median of h is >= 1 (a whole router further away), and
+- `hops_spread` = the MAD of h is <= HOPS_SPREAD_MAX = 1 hop: one attacker behind one relay gives
+  the same h every time; a TTL that changes per SYN (a tool that randomises it) does not.
+
+What would break the assumption, and how each is handled:
+- Crafted SYNs (masscan, ZMap, Mirai, nmap -sS): their TTL is the tool's, not a stack's initial
+  TTL. Such a SYN gets no distance at all (`analyzer/hops.py`: a userland tool's p0f label, no TCP
+  options, or a RST to our SYN+ACK, which no socket of the sender's kernel expected); a record with
+  a tool's label (`!:`) is set aside here too, whoever wrote it.
+- An initial TTL near a rounding edge: p0f reads the initial TTL from the signature that matched
+  (Windows 128, Linux 64), else rounds the observed TTL up to 32/64/128/255. A host more than 32
+  hops away with initial TTL 64 shows a TTL <= 31, which rounds to 32: its distance is misread by
+  exactly 32 (by 64 or 127 at the higher edges). Both packets of a direct host share one stack
+  and one TTL, so they are misread together and h stays 0; a misread of one of them (the SYN read
+  from its signature, the SYN+ACK from a bare guess, or a Windows attacker (128) behind a Linux NAT
+  (64)) shifts h by about 32. Hence a distance p0f does not trust (over HOPS_DIST_MAX = 35, p0f's
+  own `+?`) and a pair with |h| > HOPS_DIFF_MAX = 16 (half the smallest rounding gap, 32) are set
+  aside (`hops_set_aside`), never counted as hops. The price: an attacker more than 16 routers
+  behind its relay is left to the timing test (which such a leg rarely escapes).
+- A route change between a handshake and its probe: one pair off by +-1 (or a few); the median
+  over >= 3 pairs does not move. A route that flaps back and forth at every probe cannot be told
+  from a relay by hops alone: that is the limit.
+- The prober's place: the test assumes the prober's SYN+ACKs cross as many routers as the
+  sensor's traffic from the same source. A prober elsewhere has a constant offset; `judge` takes
+  it (`hops_offset`) and `estimate_hop_offset` learns it as the median h of the sources judged
+  direct (no timing and no OS evidence), which `judge` reports (`stepstone-analyzer judge`).
+
+The verdict's kind
+------------------
+Every verdict says what it found (`kind`) and which evidence held (`evidence`: test, margin,
+threshold, samples, unit, in the order forwarding evidence first):
+
+- `forwarding`: the strong timing test holds (an attacker leg beyond the address), or cond_hops
+  holds with at most one client OS among the window's SYNs (one machine behind a forwarding box),
+  with or without condition (1).
+- `terminating`: reserved for application-layer timing (a proxy that completes the handshake
+  itself, issue 10 item 2); nothing sets it yet.
+- `shared`: condition (1) alone, or hops with two or more client OSes among the SYNs
+  (`os_clients`), and no timing evidence: several machines behind one address, a home NAT or
+  CGN. Reported, not called a relay by default.
+- `none`: nothing held.
+
+`relay_confident` = kind in (`forwarding`, `terminating`). It used to be (1) or the strong timing
+test; an OS mismatch alone is now `shared`: a relay and a home NAT both show one, and only an
+attacker leg (timing) or one machine a hop behind (hops) tells the relay apart. p0f labels do not
+jitter the way times do, and an unknown label already never counts; `os_mismatches` reports how
+many records showed a mismatch so a single one can be told from a consistent one. The paper's
+`relay` keeps exactly the paper's meaning.
 """
 
 from __future__ import annotations
@@ -69,6 +124,14 @@ TIMING_FLOOR_US = 5000.0  # the strong timing test's absolute margin floor (modu
 TIMING_K = 3.0  # ... and its margin in standard errors of the noise
 _MAD_TO_SD = 1.4826  # MAD -> standard deviation for Gaussian noise
 TimingRef = Literal["ping", "syn", "ping+syn"]
+HOPS_MIN_SAMPLES = 3  # usable (syn_dist, fa_dist) pairs before cond_hops may hold (docstring)
+HOPS_SPREAD_MAX = 1.0  # MAD of the per-record hop differences, hops
+HOPS_DIST_MAX = 35  # p0f's MAX_DIST: a larger distance is p0f's "+?", not trusted
+HOPS_DIFF_MAX = 16  # |syn_dist - fa_dist| beyond: a rounding-edge misread, set aside
+# What a verdict says it found; new kinds are added at the end, never renamed.
+Kind = Literal["forwarding", "terminating", "shared", "none"]
+KINDS: tuple[Kind, ...] = ("forwarding", "terminating", "shared", "none")
+RELAY_KINDS: frozenset[str] = frozenset({"forwarding", "terminating"})  # what relay_confident means
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +158,41 @@ class Verdict:
     timing_noise_us: float | None = None  # standard error of the margin
     timing_threshold_us: float | None = None  # max(TIMING_FLOOR_US, TIMING_K * noise)
     os_mismatches: int = 0  # records in the window whose fp and fa differ at the chosen level
+    # Hop counts and the kind (module docstring), added at the end.
+    cond_hops: bool = False
+    hops_samples: int = 0  # usable (syn_dist, fa_dist) pairs
+    hops_margin: float | None = None  # median of syn_dist - fa_dist - hops_offset
+    hops_spread: float | None = None  # MAD of the same
+    hops_set_aside: int = 0  # pairs set aside: a distance p0f does not trust, |h| > HOPS_DIFF_MAX
+    os_clients: int = 0  # distinct client OSes (chosen level) among the window's SYN labels
+    kind: Kind = "none"
+    evidence: tuple[Evidence, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["os_pair"] = list(self.os_pair) if self.os_pair else None
+        out["evidence"] = [e.to_dict() for e in self.evidence]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One test that held: how far past its threshold, on how many samples. New tests (e.g. an
+    application-layer timing test for `terminating`) add entries; the fields stay."""
+
+    test: str  # "timing", "hops", "os", "clients"
+    margin: float  # the test's statistic (timing: µs; hops: hops; os, clients: counts)
+    threshold: float  # what it had to pass (timing, hops: strictly above / at least; see `test`)
+    samples: int  # the samples the statistic is over
+    unit: str  # "us", "hops", "records", "oses"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def brief(self) -> str:
+        """One token for logs and Zeek: `hops=+1/5` (margin / samples)."""
+        margin = f"{self.margin / 1000:+.1f}ms" if self.unit == "us" else f"{self.margin:+g}"
+        return f"{self.test}={margin}/{self.samples}"
 
 
 def os_part(label: str, level: OsLevel) -> str:
@@ -128,6 +221,7 @@ def judge(
     window: float = DEFAULT_WINDOW,
     os_level: OsLevel = "name",
     now: float | None = None,
+    hops_offset: float = 0.0,
 ) -> Verdict:
     """The verdict for ONE source from its records (all must share one `src`)."""
     if not records:
@@ -167,6 +261,22 @@ def judge(
         cond_timing = exceeds > 0 and tp_mean > ta_mean
     cond_os = os_pair is not None
     strong = strong_timing(in_window)
+    hops = hop_test(in_window, offset=hops_offset)
+    clients = {os_part(r.fp, os_level) for r in in_window if names_an_os(r.fp)}
+    evidence: list[Evidence] = []
+    if strong.holds:
+        assert strong.margin_us is not None and strong.threshold_us is not None
+        evidence.append(Evidence("timing", strong.margin_us, strong.threshold_us, strong.samples, "us"))
+    if hops.holds:
+        assert hops.margin is not None
+        evidence.append(Evidence("hops", hops.margin, 1.0, hops.samples, "hops"))
+    if cond_os:
+        known = sum(1 for r in in_window if names_an_os(r.fp) and names_an_os(r.fa))
+        evidence.append(Evidence("os", float(os_mismatches), 1.0, known, "records"))
+    if len(clients) > 1:
+        labelled = sum(1 for r in in_window if names_an_os(r.fp))
+        evidence.append(Evidence("clients", float(len(clients)), 2.0, labelled, "oses"))
+    kind = verdict_kind(timing=strong.holds, hops=hops.holds, os=cond_os, clients=len(clients))
     return Verdict(
         src=src,
         cond_os=cond_os,
@@ -182,14 +292,95 @@ def judge(
         window_start=start,
         window_end=end,
         cond_timing_strong=strong.holds,
-        relay_confident=cond_os or strong.holds,
+        relay_confident=kind in RELAY_KINDS,
         timing_ref=strong.ref,
         timing_samples=strong.samples,
         timing_margin_us=strong.margin_us,
         timing_noise_us=strong.noise_us,
         timing_threshold_us=strong.threshold_us,
         os_mismatches=os_mismatches,
+        cond_hops=hops.holds,
+        hops_samples=hops.samples,
+        hops_margin=hops.margin,
+        hops_spread=hops.spread,
+        hops_set_aside=hops.set_aside,
+        os_clients=len(clients),
+        kind=kind,
+        evidence=tuple(evidence),
     )
+
+
+def verdict_kind(*, timing: bool, hops: bool, os: bool, clients: int, app: bool = False) -> Kind:
+    """What the evidence says (module docstring, "The verdict's kind"). `app`: application-layer
+    timing, for `terminating` (not measured yet)."""
+    if timing or (hops and clients <= 1):
+        return "forwarding"
+    if app:
+        return "terminating"
+    if hops or os:
+        return "shared"
+    return "none"
+
+
+@dataclass(frozen=True, slots=True)
+class HopTest:
+    """The hop-count test's result (module docstring)."""
+
+    holds: bool = False
+    samples: int = 0
+    margin: float | None = None
+    spread: float | None = None
+    set_aside: int = 0
+
+
+def hop_differences(records: Iterable[Record], *, offset: float = 0.0) -> tuple[list[float], int]:
+    """The usable per-record h = syn_dist - fa_dist - offset, and how many pairs were set aside."""
+    diffs: list[float] = []
+    set_aside = 0
+    for r in records:
+        if r.syn_dist is None or r.fa_dist is None:
+            continue
+        if r.fp is not None and r.fp.startswith("!:"):
+            set_aside += 1  # a userland tool's SYN: its TTL is the tool's
+            continue
+        h = r.syn_dist - r.fa_dist - offset
+        if max(r.syn_dist, r.fa_dist) > HOPS_DIST_MAX or abs(h) > HOPS_DIFF_MAX:
+            set_aside += 1
+            continue
+        diffs.append(h)
+    return diffs, set_aside
+
+
+def hop_test(records: Iterable[Record], *, offset: float = 0.0) -> HopTest:
+    """`cond_hops` over `records` (already limited to the window)."""
+    diffs, set_aside = hop_differences(records, offset=offset)
+    if not diffs:
+        return HopTest(set_aside=set_aside)
+    margin = statistics.median(diffs)
+    spread = statistics.median(abs(d - margin) for d in diffs)
+    holds = len(diffs) >= HOPS_MIN_SAMPLES and margin >= 1 and spread <= HOPS_SPREAD_MAX
+    return HopTest(holds=holds, samples=len(diffs), margin=margin, spread=spread, set_aside=set_aside)
+
+
+def estimate_hop_offset(records: Iterable[Record], verdicts: Iterable[Verdict]) -> tuple[float, int] | None:
+    """The prober's hop offset from the sensor, learnt from the sources judged direct: neither the
+    strong timing test nor condition (1) holds (hops are left out: they are what is being
+    calibrated). The median over those sources of their median h (with no offset); a few relays
+    that only hops would find cannot move it while direct sources are the majority, as in a
+    darknet. (offset, sources used), or None without any source of HOPS_MIN_SAMPLES pairs."""
+    direct = {v.src for v in verdicts if not v.cond_timing_strong and not v.cond_os}
+    by_src: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        if r.src in direct:
+            by_src[r.src].append(r)
+    medians = []
+    for recs in by_src.values():
+        diffs, _ = hop_differences(recs)
+        if len(diffs) >= HOPS_MIN_SAMPLES:
+            medians.append(statistics.median(diffs))
+    if not medians:
+        return None
+    return statistics.median(medians), len(medians)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,13 +431,14 @@ def judge_all(
     window: float = DEFAULT_WINDOW,
     os_level: OsLevel = "name",
     now: float | None = None,
+    hops_offset: float = 0.0,
 ) -> list[Verdict]:
     """One verdict per source address, sorted by address (IPv4 before IPv6, numerically)."""
     by_src: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_src[r.src].append(r)
     return [
-        judge(by_src[src], window=window, os_level=os_level, now=now)
+        judge(by_src[src], window=window, os_level=os_level, now=now, hops_offset=hops_offset)
         for src in sorted(by_src, key=_address_order)
     ]
 
@@ -264,3 +456,8 @@ def summary(verdicts: Sequence[Verdict]) -> dict[str, int]:
         "relays_by_timing": sum(v.cond_timing for v in verdicts),
         "relays": sum(v.relay for v in verdicts),
     }
+
+
+def kind_counts(verdicts: Sequence[Verdict]) -> dict[str, int]:
+    """Beyond Table 3: how many verdicts of each kind (module docstring)."""
+    return {k: sum(v.kind == k for v in verdicts) for k in KINDS}

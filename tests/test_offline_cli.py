@@ -175,8 +175,11 @@ def test_judge_verdicts_and_summary(capsys: pytest.CaptureFixture[str], tmp_path
         (False, True, True), (True, False, True), (False, False, False)]
     assert verdicts[0]["tp_mean_us"] == 9000 and verdicts[0]["ta_max_mean_us"] == 1000
     assert verdicts[0]["samples"] == 1 and verdicts[2]["records"] == 2
-    # The analyzer's own evidence rides along: 8 ms margin > 5 ms floor; the OS mismatch stands.
-    assert [v["relay_confident"] for v in verdicts] == [True, True, False]
+    # The analyzer's own evidence rides along: 8 ms margin > 5 ms floor; the OS mismatch alone is
+    # `shared` (issue 10), not a confident relay.
+    assert [v["relay_confident"] for v in verdicts] == [True, False, False]
+    assert [v["kind"] for v in verdicts] == ["forwarding", "shared", "none"]
+    assert [[e["test"] for e in v["evidence"]] for v in verdicts] == [["timing"], ["os"], []]
     # flavour level: 192.0.2.3 now mismatches (both records in the inclusive window).
     code, lines, _ = run(capsys, "judge", str(path), "--os-level", "flavor")
     assert jsonl(lines)[2]["cond_os"] is True
@@ -187,12 +190,13 @@ def test_judge_verdicts_and_summary(capsys: pytest.CaptureFixture[str], tmp_path
     code, lines, _ = run(capsys, "judge", str(path), "--now", "50")
     assert not any(v["relay"] for v in jsonl(lines))
     code, lines, _ = run(capsys, "judge", str(path), "--summary")
-    assert [line.split()[-1] for line in lines] == ["1", "1", "2", "3", "2"]
-    assert lines[4].startswith("relays confident")
+    assert [line.split()[-1] for line in lines] == ["1", "1", "2", "3", "1", "1", "0", "1", "1"]
+    assert lines[4].startswith("relays confident") and lines[5].startswith("kind forwarding")
     assert lines[0].startswith("relays by (1)") and lines[2].startswith("relays in total")
     code, lines, _ = run(capsys, "judge", str(path), "--summary", "--json")
     assert jsonl(lines) == [{"sources": 3, "relays_by_os": 1, "relays_by_timing": 1, "relays": 2,
-                             "relays_confident": 2}]
+                             "relays_confident": 1, "kind_forwarding": 1, "kind_terminating": 0,
+                             "kind_shared": 1, "kind_none": 1}]
 
 
 def test_replay_piped_into_judge(cases_pcap: Path) -> None:

@@ -117,11 +117,14 @@ def test_no_reference_or_no_tp_gives_no_strong_timing() -> None:
         assert v.timing_noise_us is None and v.timing_threshold_us is None and not v.cond_timing_strong
 
 
-def test_os_mismatch_alone_is_confident_and_counted() -> None:
+def test_os_mismatch_alone_is_shared_not_confident_and_counted() -> None:
+    # Issue 10: an OS mismatch with no timing or hop evidence is `shared` (a home NAT or CGN looks
+    # the same), reported but not a confident relay; the paper's rule still calls it a relay.
     records = [rec(tp=None, fp=LINUX, fa=WINDOWS, t=1.0), rec(tp=None, fp=LINUX, fa=LINUX, t=2.0),
                rec(tp=None, fp=LINUX, fa=WINDOWS, t=3.0)]
     v = judge(records)
-    assert v.cond_os and v.relay_confident and not v.cond_timing_strong
+    assert v.cond_os and v.relay and not v.relay_confident and not v.cond_timing_strong
+    assert v.kind == "shared" and [e.test for e in v.evidence] == ["os"]
     assert v.os_mismatches == 2 and v.os_pair == (LINUX, WINDOWS)
 
 
@@ -157,7 +160,9 @@ def test_the_extra_measurements_never_move_the_paper_fields(
     a, b = judge(records).to_dict(), judge(changed).to_dict()
     assert {k: a[k] for k in PAPER_FIELDS} == {k: b[k] for k in PAPER_FIELDS}
     v = judge(records)
-    assert v.relay_confident == (v.cond_os or v.cond_timing_strong)
+    # No hop distances here: the confident rule is the strong timing test alone (rules.py docstring).
+    assert v.relay_confident == v.cond_timing_strong
+    assert v.kind == ("forwarding" if v.cond_timing_strong else "shared" if v.cond_os else "none")
     assert v.relay == (v.cond_os or v.cond_timing)
 
 
