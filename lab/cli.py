@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenarios", type=Path, default=DEFAULT_FILE, metavar="FILE",
                       help=f"scenario file (default: {DEFAULT_FILE})")
     demo.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    demo.add_argument("--sensor", choices=("zeek", "responder"), default=None,
+    demo.add_argument("--sensor", choices=("zeek", "zeek-cluster", "responder"), default=None,
                       help="who reports the handshakes: a real Zeek with the project's package on the "
-                      "sensor's interface, or the built-in responder (default: zeek if a zeek binary is "
-                      "on PATH, else responder); the responder answers the SYNs either way")
+                      "sensor's interface, a Zeek cluster there (a manager and two workers sharing the "
+                      "interface by AF_PACKET fanout), or the built-in responder (default: zeek if a zeek "
+                      "binary is on PATH, else responder); the responder answers the SYNs either way")
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="keep the run's logs (stepstone.log, probes, every process's output) in DIR")
     demo.add_argument("--html", type=Path, metavar="FILE",

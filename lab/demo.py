@@ -22,7 +22,7 @@ from typing import Any, Literal, TextIO
 
 import redis
 
-from lab import report
+from lab import report, zeekcluster
 from lab.netns import PREFIX as NETNS_PREFIX
 from lab.netns import Network, unavailable_reason
 from lab.process import Child, Children, LabError, wait_for
@@ -34,7 +34,8 @@ PREFIX = "stepstone:"
 ALLOW = "198.18.0.0/15"
 ZEEK_WS_PORT = 9997
 ZEEK_SCRIPTS = Path(__file__).resolve().parents[1] / "zeek-scripts"
-Sensor = Literal["responder", "zeek"]
+# "zeek-cluster": a manager and two workers sharing the interface by AF_PACKET fanout (lab/zeekcluster.py).
+Sensor = Literal["responder", "zeek", "zeek-cluster"]
 
 
 def default_sensor() -> Sensor:
@@ -50,7 +51,7 @@ def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
     tools = ["ip", "nft", "redis-server"]
     if any(h.kind == "proxy" for h in scenarios.hosts):
         tools.append("socat")
-    if sensor == "zeek":
+    if sensor != "responder":
         tools.append("zeek")
         if not (ZEEK_SCRIPTS / "__load__.zeek").is_file():
             raise LabError(f"--sensor zeek: the Zeek package is not at {ZEEK_SCRIPTS}")
@@ -137,7 +138,7 @@ class Lab:
     def start_services(self) -> None:
         sensor = self.topology.sensor
         assert sensor is not None
-        if self.sensor == "zeek":
+        if self.sensor != "responder":
             # Zeek first: the analyzer connects to its WebSocket.
             self.start_service("zeek")
             wait_for(lambda: ZEEK_WS_PORT in _listening(sensor), 60, "Zeek's WebSocket listener",
@@ -203,6 +204,14 @@ class Lab:
             # does not overwrite the logs of the one before.
             zeek_dir = self.workdir / label
             zeek_dir.mkdir(exist_ok=True)
+            if self.sensor == "zeek-cluster":
+                argv = self.service_args(name)
+                nodes = zeekcluster.start(self.children, ns, self.topology.sensor_if, zeek_dir, label=label,
+                                          scripts=argv[argv.index("-i") + 2:])
+                # The manager is "zeek" (it talks to the analyzer); the workers are services too.
+                self.services.update({f"zeek-{n}" if n != zeekcluster.MANAGER else "zeek": c
+                                      for n, c in nodes.items()})
+                return self.services["zeek"]
             self.services[name] = self.children.start(label, self.service_args(name), ns, cwd=zeek_dir)
         else:
             self.services[name] = self.children.start(label, self.service_args(name), ns, python=True)
@@ -220,6 +229,11 @@ class Lab:
 
     def stop_zeek(self) -> None:
         """Stops Zeek the way an operator does (SIGTERM): it flushes its logs and exits."""
+        if self.sensor == "zeek-cluster":
+            nodes = {n: self.services.pop(f"zeek-{n}" if n != zeekcluster.MANAGER else "zeek")
+                     for n in zeekcluster.NODES}
+            zeekcluster.stop(self.children, nodes)
+            return
         child = self.services.pop("zeek")
         self.children.stop(child, grace=30)
 
@@ -374,7 +388,7 @@ class Lab:
 
     def report(self) -> dict[str, Any]:
         sources = [report.Source(h.addr, h.host) for h in self.topology.hosts]
-        notices = self.notices() if self.sensor == "zeek" else None
+        notices = self.notices() if self.sensor != "responder" else None
         return report.build(self.scenarios.darknet.num_addresses, sources, self.handshakes(), self.records(),
                             self.attempts(), notices=notices)
 
@@ -414,7 +428,7 @@ def run_demo(
         lab.start_services()
         lab.start_traffic()
         finished = lab.wait_verdicts(scenarios.traffic_s + scenarios.settle_s)
-        if sensor == "zeek":
+        if sensor != "responder":
             with contextlib.suppress(LabError):  # the report says what is missing
                 wait_for(lab.verdicts_delivered, 15, "Zeek to confirm the last verdicts")
             lab.stop_zeek()  # it writes its last log lines (notices) as it stops
