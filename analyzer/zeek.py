@@ -91,8 +91,9 @@ from analyzer.broker import (
 )
 from analyzer.handshake import MAX_SYNACKS, Handshake, HandshakeError
 from analyzer.record import Record, RecordError
-from analyzer.rules import TimingRef
-from prober.job import DURATION_MAX_US
+from analyzer.rules import KINDS, Evidence, TimingRef
+from analyzer.verdicts import VERDICT_NUMBER_MAX
+from prober.job import DURATION_MAX_US, short
 
 log = logging.getLogger("stepstone.zeek")
 
@@ -327,8 +328,13 @@ def _confident_reason(verdict: Mapping[str, Any]) -> str:
         sign = ">" if verdict.get("cond_timing_strong") else "<="
         timing = (f"timing margin {_ms(margin)} {sign} threshold {_ms(threshold)}, "
                   f"{ref if isinstance(ref, str) else '?'} reference, {n} samples")
-    if confident and verdict.get("cond_os") and not verdict.get("cond_timing_strong"):
-        timing = f"OS mismatch; {timing}"
+    if confident and not verdict.get("cond_timing_strong"):
+        if verdict.get("cond_hops"):  # hops found it (analyzer/rules.py cond_hops)
+            hops = verdict.get("hops_margin")
+            shown = f"{hops:+g}" if isinstance(hops, int | float) and not isinstance(hops, bool) else "?"
+            timing = f"hops {shown} over {verdict.get('hops_samples')} pairs; {timing}"
+        elif verdict.get("cond_os"):  # an analyzer from before issue 10 (OS mismatch was enough)
+            timing = f"OS mismatch; {timing}"
     return f"confident: {'relay' if confident else 'not a relay'} ({timing})"
 
 
@@ -376,8 +382,63 @@ def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any
         _optional_count(verdict_dict, "timing_samples"),
         _optional_count(verdict_dict, "os_mismatches"),
         ident,
+        # What the verdict found (issue 10), at the end: kind, evidence, the hop test.
+        _kind(verdict_dict.get("kind")),
+        _evidence(verdict_dict.get("evidence")),
+        _optional_bool(verdict_dict, "cond_hops"),
+        _hops_margin(verdict_dict.get("hops_margin")),
+        _optional_count(verdict_dict, "hops_samples"),
     )
     return Event(VERDICT_EVENT, (value,))
+
+
+EVIDENCE_MAX = 16  # entries of a verdict's evidence sent to Zeek (the analyzer makes at most 4 today)
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in KINDS:
+        raise ValueError(f"verdict kind must be one of {', '.join(KINDS)}, not {short(value)}")
+    return str(value)
+
+
+def _evidence(value: Any) -> tuple[str, ...] | None:
+    """The evidence list as Zeek's `vector of string`, one `test=margin/samples` each (rules.py
+    Evidence.brief)."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) > EVIDENCE_MAX:
+        raise ValueError(f"verdict evidence must be a list of at most {EVIDENCE_MAX}, not {short(value)}")
+    out = []
+    for item in value:
+        if not isinstance(item, Mapping):
+            raise ValueError(f"verdict evidence entry must be an object, not {short(item)}")
+        try:
+            e = Evidence(test=item["test"], margin=item["margin"], threshold=item["threshold"],
+                         samples=item["samples"], unit=item["unit"])
+        except (KeyError, TypeError):
+            raise ValueError(f"verdict evidence entry is incomplete: {short(item)}") from None
+        if (not isinstance(e.test, str) or not e.test.isidentifier() or len(e.test) > 32
+                or not isinstance(e.unit, str) or not e.unit.isidentifier() or len(e.unit) > 16):
+            raise ValueError(f"verdict evidence entry has a bad test or unit: {short(item)}")
+        for name in ("margin", "threshold"):
+            number = getattr(e, name)
+            if (isinstance(number, bool) or not isinstance(number, int | float)
+                    or not abs(number) <= VERDICT_NUMBER_MAX):
+                raise ValueError(f"verdict evidence {name} must be a finite number: {short(item)}")
+        if isinstance(e.samples, bool) or not isinstance(e.samples, int) or not 0 <= e.samples < 2**63:
+            raise ValueError(f"verdict evidence samples must be a count: {short(item)}")
+        out.append(e.brief())
+    return tuple(out)
+
+
+def _hops_margin(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= 255:
+        raise ValueError(f"verdict hops_margin must be a number within -255..255, not {short(value)}")
+    return float(value)
 
 
 def _optional_bool(verdict: Mapping[str, Any], name: str) -> bool | None:

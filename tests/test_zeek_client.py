@@ -153,7 +153,15 @@ VERDICT_TYPES = (
     Count | None,  # timing_samples
     Count | None,  # os_mismatches
     str | None,  # id
+    str | None,  # kind
+    tuple | None,  # evidence (vector of string)
+    bool | None,  # cond_hops
+    float | None,  # hops_margin
+    Count | None,  # hops_samples
 )
+
+
+VERDICT_ID = 23  # the Verdict's `id`; issue 10's fields follow it
 
 
 def zeek_would_accept(event: Event) -> bool:
@@ -263,9 +271,10 @@ class FakeZeek:
         if accept is None or not accept(event):
             await ws.send(ERR_EVENT, text=True)  # recorded: "failed to create Zeek event"
             return
-        if event.name == VERDICT_EVENT and isinstance(ident := event.args[0][-1], str):
+        if event.name == VERDICT_EVENT and isinstance(ident := event.args[0][VERDICT_ID], str):
             # Kept without its id, which differs per send: the tests compare what Zeek logged.
-            event = Event(event.name, ((*event.args[0][:-1], None),))
+            fields = event.args[0]
+            event = Event(event.name, ((*fields[:VERDICT_ID], None, *fields[VERDICT_ID + 1:]),))
             if self.skip_confirms > 0:
                 self.skip_confirms -= 1
             elif self.confirm:
@@ -468,13 +477,14 @@ def _zeek_record(name: str) -> list[tuple[str, str, bool]]:
 ADDR = ipaddress.IPv4Address | ipaddress.IPv6Address
 ZEEK_TYPES: dict[str, Any] = {"addr": ADDR, "bool": bool, "count": Count, "int": int, "interval": Timespan,
                               "time": Timestamp, "string": str, "port": Port, "link_encap": Enum,
-                              "layer3_proto": Enum, "vector of interval": tuple}
+                              "layer3_proto": Enum, "vector of interval": tuple, "double": float,
+                              "vector of string": tuple}
 
 
 def test_the_records_match_the_zeek_scripts() -> None:
     """Both sides of the fixed record layouts: no Zeek runs here to catch a field moved on one side."""
     verdict = _zeek_record("Verdict")
-    assert len(verdict) == len(VERDICT_TYPES) == 24
+    assert len(verdict) == len(VERDICT_TYPES) == 29
     for (name, zeek_type, optional), ours in zip(verdict, VERDICT_TYPES, strict=True):
         expected = ZEEK_TYPES[zeek_type] | None if optional else ZEEK_TYPES[zeek_type]
         assert ours == expected, name
@@ -523,8 +533,10 @@ def test_the_readme_example_log_line_is_what_the_analyzer_sends() -> None:
     (v,) = verdict_event(judge([first, last]).to_dict(), last.to_dict()).args
     # fa unset, then the reasons column, then the confident rule's evidence, then noticed_by, change
     head, _, tail = line.partition(" -                          " + v[15] + " ")
+    # ... then what the verdict found (issue 10): kind, evidence, hops margin (unset), hop samples.
     assert head and tail.split() == ["T", f"{v[18].ns / 1e9:.6f}", f"{v[19].ns / 1e9:.6f}", v[20],
-                                     str(int(v[21])), str(int(v[22])), "confident", "flagged"]
+                                     str(int(v[21])), str(int(v[22])), "confident", "flagged",
+                                     v[24], ",".join(v[25]), "-", str(int(v[28]))]
 
 
 @pytest.mark.parametrize(
@@ -985,3 +997,32 @@ async def test_a_zeek_whose_package_never_confirms_gets_written_verdicts_counted
     await zeek.wait_for(lambda: len(zeek.received) == 2)
     warnings = [r.getMessage() for r in caplog.records if "predates verdict_ack" in r.getMessage()]
     assert len(warnings) == 1 and client.stats.resent == 0 and zeek.connections == 1
+
+
+def test_verdict_event_says_what_kind_at_the_end() -> None:
+    """Issue 10: kind, evidence ("test=margin/samples"), cond_hops, hops_margin, hops_samples come
+    after `id`; a malformed one is refused before it becomes an event."""
+    from analyzer.rules import judge
+
+    records = [Record(t=float(i), src="203.0.113.20", dst="198.18.0.6", tp_us=20_000, ping_max_us=20_000,
+                      ping_avg_us=20_000, fp="unix:Linux:3.11 and newer", syn_dist=2, fa_dist=1)
+               for i in range(3)]
+    verdict = judge(records).to_dict()
+    event = verdict_event(verdict, records[-1].to_dict(), "v-1")
+    assert zeek_would_accept(event)
+    (v,) = event.args
+    assert v[23] == "v-1"
+    assert v[24:] == ("forwarding", ("hops=+1/3",), True, 1.0, Count(3))
+    assert "confident: relay (hops +1 over 3 pairs; timing margin 0.000 ms <= threshold" in v[15]
+    # A verdict from before issue 10 leaves them unset.
+    old = {k: x for k, x in verdict.items()
+           if k not in ("kind", "evidence", "cond_hops", "hops_margin", "hops_samples")}
+    (v,) = verdict_event(old, records[-1].to_dict()).args
+    assert v[24:] == (None, None, None, None, None)
+    for bad in ({"kind": "relay"}, {"evidence": "hops"}, {"evidence": [{"test": "hops"}]},
+                {"evidence": [{"test": "x y", "margin": 1, "threshold": 1, "samples": 1, "unit": "hops"}]},
+                {"evidence": [{"test": "hops", "margin": float("inf"), "threshold": 1, "samples": 1,
+                               "unit": "hops"}]},
+                {"hops_margin": 1e9}, {"hops_samples": -1}, {"cond_hops": "yes"}):
+        with pytest.raises(ValueError):
+            verdict_event({**verdict, **bad}, records[-1].to_dict())

@@ -151,6 +151,22 @@ export {
 		## confirmed with *verdict_ack* once it is logged; the analyzer
 		## sends again what was not confirmed (at least once).
 		id: string &optional;
+		## What the verdict found (analyzer/rules.py): "forwarding"
+		## (timing, hops, or the OS with hops or timing), "terminating"
+		## (application-layer timing), "shared" (an OS mismatch, or hops
+		## with several client OSes, and no timing: a home NAT or CGN),
+		## "none". relay_confident is kind forwarding or terminating.
+		kind: string &optional;
+		## The evidence that held, "test=margin/samples" each (timing in
+		## ms, hops in hops, os and clients as counts).
+		evidence: vector of string &optional;
+		## Hop counts: the median of the SYN's hop distance minus the
+		## probe SYN+ACK's is at least 1 over at least 3 measurements.
+		cond_hops: bool &optional;
+		## That median, in hops.
+		hops_margin: double &optional;
+		## Measurements behind it.
+		hops_samples: count &optional;
 	};
 
 	## Published by the analyzer to *verdict_topic*.
@@ -200,6 +216,11 @@ export {
 		## "flagged" when the source starts to meet *notice_rule*, "cleared"
 		## when a source flagged within *flag_memory* no longer does.
 		change: string &log &optional;
+		## The verdict's kind and evidence (see *Verdict*).
+		kind: string &log &optional;
+		evidence: vector of string &log &optional;
+		hops_margin: double &log &optional;
+		hops_samples: count &log &optional;
 	};
 
 	global log_policy: Log::PolicyHook;

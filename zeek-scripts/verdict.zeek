@@ -76,11 +76,26 @@ function confident_evidence(v: Verdict): string
 	else
 		parts += "no timing reference";
 
+	if ( v?$cond_hops && v$cond_hops )
+		parts += fmt("hops +%.1f over %d measurements", v?$hops_margin ?
+		    v$hops_margin : 0.0, v?$hops_samples ? v$hops_samples : 0);
+
 	if ( v$cond_os )
 		parts += fmt("OS mismatch in %d measurements", v?$os_mismatches ?
 		    v$os_mismatches : 1);
 
 	return join_string_vec(parts, ", ");
+	}
+
+# What the verdict found, for $sub: "kind forwarding (hops=+1/5); " or "" for
+# an analyzer that sends no kind.
+function kind_prefix(v: Verdict): string
+	{
+	if ( ! v?$kind )
+		return "";
+	if ( v?$evidence && |v$evidence| > 0 )
+		return fmt("kind %s (%s); ", v$kind, join_string_vec(v$evidence, ", "));
+	return fmt("kind %s; ", v$kind);
 	}
 
 # The paper's evidence: its conditions and the margin of its mean comparison.
@@ -95,10 +110,8 @@ function paper_evidence(v: Verdict): string
 	return s;
 	}
 
-# $sub of a notice: the rule that fired, or for a clearing the rule that no
-# longer holds, with its margin. Where the confident rule was not the one
-# that fired, its evidence follows, so the margin it missed by is in view.
-function rule_evidence(v: Verdict, rule: string): string
+# rule_evidence without the kind.
+function rule_evidence_only(v: Verdict, rule: string): string
 	{
 	if ( rule == "confident+paper" )
 		return fmt("rule confident+paper: %s; %s", confident_evidence(v),
@@ -119,6 +132,15 @@ function rule_evidence(v: Verdict, rule: string): string
 	if ( notice_rule == CONFIDENT )
 		return fmt("rule confident not met: %s", confident_evidence(v));
 	return fmt("neither rule met: %s; %s", confident_evidence(v), paper_evidence(v));
+	}
+
+# $sub of a notice: what the verdict found (its kind and evidence), then the
+# rule that fired, or for a clearing the rule that no longer holds, with its
+# margin. Where the confident rule was not the one that fired, its evidence
+# follows, so the margin it missed by is in view.
+function rule_evidence(v: Verdict, rule: string): string
+	{
+	return kind_prefix(v) + rule_evidence_only(v, rule);
 	}
 
 function log_line(v: Verdict): Info
@@ -159,6 +181,14 @@ function log_line(v: Verdict): Info
 		rec$timing_samples = v$timing_samples;
 	if ( v?$os_mismatches )
 		rec$os_mismatches = v$os_mismatches;
+	if ( v?$kind )
+		rec$kind = v$kind;
+	if ( v?$evidence )
+		rec$evidence = v$evidence;
+	if ( v?$hops_margin )
+		rec$hops_margin = v$hops_margin;
+	if ( v?$hops_samples )
+		rec$hops_samples = v$hops_samples;
 
 	return rec;
 	}

@@ -5,12 +5,16 @@
 #                 0.3 ms, the confident rule does not.
 #   203.0.113.20  two handshakes: a confident timing relay, then a verdict that
 #                 no longer holds (a cleared source).
-#   203.0.113.12  OS mismatch (both rules), sent twice: one notice (suppression).
+#   203.0.113.12  OS mismatch and one hop further (the paper's rule by the OS,
+#                 the confident one as kind forwarding by hops), sent twice: one
+#                 notice (suppression).
 #   2001:db8::10  from an analyzer that sends no confident fields.
 #   203.0.113.15  direct, neither rule.
 #   203.0.113.17  confident timing relay with no ping (SYN probe reference): the
 #                 paper's rule misses it.
-# Fixed in the trace: times, addresses; the evidence below is invented.
+# Fixed in the trace: times, addresses; the evidence below is invented. Each
+# verdict with confident fields says its kind and evidence (issue 10) as the
+# analyzer does: forwarding when confident, else none.
 
 redef StepStone::darknet_subnets = {
 	198.18.0.0/15,
@@ -34,6 +38,18 @@ function send(h: StepStone::HandshakeInfo, paper_timing: bool, os: bool,
 	    $cond_timing_strong=margin > 5msec, $timing_margin=margin,
 	    $timing_threshold=5msec, $timing_ref=ref, $timing_samples=n,
 	    $os_mismatches=os ? 1 : 0);
+	v$kind = confident ? "forwarding" : "none";
+	v$evidence = vector();
+	if ( margin > 5msec )
+		v$evidence += fmt("timing=+%.1fms/%d", interval_to_double(margin) * 1000.0, n);
+	v$cond_hops = os;
+	v$hops_samples = n;
+	if ( os )
+		{
+		v$hops_margin = 1.0;
+		v$evidence += fmt("hops=+1/%d", n);
+		v$evidence += fmt("os=+1/%d", n);
+		}
 	event StepStone::verdict(v);
 	}
 
