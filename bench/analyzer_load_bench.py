@@ -1,0 +1,429 @@
+"""One `stepstone-analyzer run --handshakes` under a darknet's load: what each handshake costs.
+
+A private redis-server per point; the real analyzer as a subprocess (its RSS and CPU time are
+read from /proc); the instant prober of bench/service_bench.py (answers every job at once, no
+network); bench/darknet_load.py writes the heavy-tailed mix. Every point prints:
+
+  handshakes/s   handshakes.log lines per second of the run (the feed is held to --backlog
+                 entries ahead of the analyzer, so at --rate 0 this is the analyzer's capacity)
+  hs/cpu-s       handshakes per second of the analyzer's own CPU time (robust on a shared machine)
+  verdicts/s     stepstone.log lines per second (answered handshakes only)
+  trips/hs       Redis read events (INFO stats total_reads_processed: about one per round trip)
+                 per handshake, the load's and the prober's own subtracted
+  cmds/hs        commands Redis executed (INFO commandstats, commands inside Lua included) per
+                 handshake, the load's and the prober's own subtracted
+  bytes/hs       total_net_input_bytes + total_net_output_bytes per handshake (everything; the
+                 load's own XADD bytes are printed apart)
+  mem/src, mem/hs  used_memory split by key family (SCAN + MEMORY USAGE samples): the families
+                 kept per source (src:, probe:, job:, outcome:) per source seen, and hs: per
+                 handshake (each answered handshake is kept an hour after its verdict)
+  RSS            the analyzer's peak resident memory (VmHWM)
+  p50/p95        SYN-to-verdict (verdict_at - t, stepstone.log), under the backlog bound
+
+Curves: against the number of sources (heavy-tailed mix) and against handshakes per source (every
+source sends exactly N). Each point stops after --seconds of feeding or --max-handshakes, then
+waits at most --seconds for the analyzer to finish what was fed.
+
+    python bench/analyzer_load_bench.py --curve sources --points 1000,10000,100000,1000000
+    python bench/analyzer_load_bench.py --curve per-source --points 1,10,100,1000,10000,100000
+    python bench/analyzer_load_bench.py --curve sources --points 10000 --profile /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from darknet_load import DarknetLoad, add_load_args, mix_from_args, write
+from service_bench import prober
+
+from lab.redis import RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+P = "stepstone:"
+SAMPLE_KEYS = 200  # MEMORY USAGE calls per key family
+
+
+def _die_with_parent() -> None:
+    # The analyzer must not outlive a benchmark killed with SIGKILL (PR_SET_PDEATHSIG = 1).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class Counting:
+    """The instant prober's Redis client, counting its own round trips and commands so the
+    analyzer's can be told apart in Redis's totals."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+        self.trips = 0
+        self.commands = 0
+
+    async def xread(self, *args: Any, **kwargs: Any) -> Any:
+        self.trips += 1
+        self.commands += 1
+        return await self.r.xread(*args, **kwargs)
+
+    def pipeline(self, **kwargs: Any) -> _CountingPipe:
+        return _CountingPipe(self, self.r.pipeline(**kwargs))
+
+
+class _CountingPipe:
+    def __init__(self, owner: Counting, pipe: Any) -> None:
+        self.owner = owner
+        self.pipe = pipe
+
+    async def __aenter__(self) -> _CountingPipe:
+        await self.pipe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pipe.__aexit__(*exc)
+
+    def xadd(self, *args: Any, **kwargs: Any) -> None:
+        self.owner.commands += 1
+        self.pipe.xadd(*args, **kwargs)
+
+    async def execute(self) -> Any:
+        self.owner.trips += 1
+        return await self.pipe.execute()
+
+
+class LineCounter:
+    """Lines of a growing file, read incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.lines = 0
+
+    def count(self) -> int:
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+            cut = data.rfind(b"\n") + 1
+            self.lines += data.count(b"\n", 0, cut)
+            self.offset += cut
+        return self.lines
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_mem(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+async def redis_info(r: aioredis.Redis) -> dict[str, Any]:
+    info = await r.info("all")
+    cmds = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_")}
+    return {"reads": int(info["total_reads_processed"]),
+            "bytes": int(info["total_net_input_bytes"]) + int(info["total_net_output_bytes"]),
+            "memory": int(info["used_memory"]), "commands": cmds}
+
+
+async def census(r: aioredis.Redis) -> dict[str, dict[str, float]]:
+    """Keys under the prefix by family (the text after the prefix up to ':'): count, and bytes
+    estimated from MEMORY USAGE of up to SAMPLE_KEYS of them."""
+    counts: Counter[str] = Counter()
+    samples: dict[str, list[str]] = defaultdict(list)
+    async for key in r.scan_iter(match=P + "*", count=2000):
+        family = key.removeprefix(P).split(":", 1)[0]
+        counts[family] += 1
+        if len(samples[family]) < SAMPLE_KEYS:
+            samples[family].append(key)
+    out = {}
+    for family, n in counts.items():
+        sizes = [await r.memory_usage(k, samples=0) or 0 for k in samples[family]]
+        each = statistics.fmean(sizes) if sizes else 0.0
+        out[family] = {"keys": n, "bytes_each": each, "bytes": each * n}
+    return out
+
+
+def start_analyzer(url: str, log_dir: Path) -> subprocess.Popen[bytes]:
+    err = open(log_dir.parent / "analyzer.stderr", "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "analyzer.cli", "run", "--redis", url, "--handshakes",
+         "--log-dir", str(log_dir), "--consumer", "bench"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads in this process)
+    )
+    err.close()
+    return proc
+
+
+def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the analyzer (raw collapsed stacks; `--nonblocking`: it never pauses it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "50", "--nonblocking",
+                             "--format", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def read_latencies(path: Path) -> list[float]:
+    """SYN-to-verdict of every line of stepstone.log, sorted."""
+    out = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            x = json.loads(line)
+            out.append(x["verdict_at"] - x["t"])
+    return sorted(out)
+
+
+def append_json(path: Path, x: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(x) + "\n")
+
+
+def summarize_profile(path: Path, top: int = 25) -> list[tuple[str, float, float]]:
+    """(function, inclusive share, self share) from py-spy's raw collapsed stacks, by inclusive.
+    Line numbers are dropped so a function counts once per stack."""
+    incl: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        if not stack or not n_text.isdigit():
+            continue
+        n = int(n_text)
+        total += n
+        frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
+        for name in set(frames):
+            incl[name] += n
+        own[frames[-1]] += n
+    return [(name, n / total, own[name] / total) for name, n in incl.most_common(top)] if total else []
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, wait: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_for(cond: Any, limit: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + limit
+    while not await cond():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the analyzer exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)  # polling a condition with a deadline
+
+
+async def point(args: argparse.Namespace, sources: int, per_source: int | None) -> dict[str, Any]:
+    setup = time.monotonic()
+    darknet = ipaddress.ip_network(args.darknet, strict=False)
+    load = DarknetLoad(darknet, sources, mix_from_args(args), seed=args.seed, per_source=per_source)
+    setup = time.monotonic() - setup
+    count = args.max_handshakes if per_source is None else min(args.max_handshakes, sources * per_source)
+    answered_of = {s.addr: s.kind != "silent" for s in load.pool}
+    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="stepstone-load-") as tmp:
+        log_dir = Path(tmp) / "logs"
+        log_dir.mkdir()
+        r = aioredis.from_url(server.url, decode_responses=True)
+        proc = start_analyzer(server.url, log_dir)
+        spy: subprocess.Popen[bytes] | None = None
+        stop = asyncio.Event()
+        prober_task: asyncio.Task[None] | None = None
+        try:
+            async def ready() -> bool:
+                with contextlib.suppress(Exception):
+                    return any(g["name"] == "analyzers" for g in await r.xinfo_groups(P + "handshakes"))
+                return False
+
+            await wait_for(ready, 60, "the analyzer's consumer group", proc)
+            if args.profile:
+                name = f"sources{sources}" if per_source is None else f"per{per_source}"
+                spy = start_spy(proc.pid, Path(args.profile) / f"{name}.txt")
+            before = await redis_info(r)
+            cpu0 = proc_cpu(proc.pid)
+            hs_lines = LineCounter(log_dir / "handshakes.log")
+            v_lines = LineCounter(log_dir / "stepstone.log")
+            counting = Counting(aioredis.from_url(server.url, decode_responses=True))
+            prober_task = asyncio.create_task(prober(counting, stop))  # type: ignore[arg-type]
+            own = {"trips": 0, "commands": 0}
+            handshakes_of: list[str] = []
+
+            async def room(n: int) -> None:
+                # Hold the feed to --backlog entries ahead of the analyzer (one XINFO per batch).
+                while True:
+                    own["trips"] += 1
+                    own["commands"] += 1
+                    groups = await r.xinfo_groups(P + "handshakes")
+                    group = next(g for g in groups if g["name"] == "analyzers")
+                    if int(group.get("lag") or 0) + int(group.get("pending") or 0) + n <= args.backlog:
+                        return
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"the analyzer exited ({proc.returncode})")
+                    await asyncio.sleep(0.005)
+
+            real = load.handshake
+
+            def remembered(i: int, now: float) -> Any:
+                h = real(i, now)
+                handshakes_of.append(h.src)
+                return h
+
+            load.handshake = remembered  # type: ignore[method-assign]
+            start = time.monotonic()
+            fed = await write(r, P + "handshakes", load, count=count, duration=args.seconds,
+                              rate=args.rate, batch=args.batch, room=room)
+            fed_at = time.monotonic() - start
+            sent = int(fed["handshakes"])
+            answered = sum(1 for src in handshakes_of if answered_of[src])
+
+            async def drained() -> bool:
+                return hs_lines.count() >= sent and v_lines.count() >= answered
+
+            with contextlib.suppress(RuntimeError):
+                await wait_for(drained, args.seconds, "the analyzer to finish the feed", proc)
+            elapsed = time.monotonic() - start
+            cpu = proc_cpu(proc.pid) - cpu0
+            mem = proc_mem(proc.pid)
+            stop.set()
+            await prober_task
+            prober_task = None
+            after = await redis_info(r)
+            keys = await census(r)
+            done_hs, done_v = hs_lines.count(), v_lines.count()
+        finally:
+            stop.set()
+            if prober_task is not None:
+                prober_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await prober_task
+            if spy is not None:
+                stop_process(spy, signal.SIGINT)
+            stop_process(proc)
+            await r.aclose()
+        latencies = read_latencies(log_dir / "stepstone.log")
+    cmds = {k: after["commands"].get(k, 0) - before["commands"].get(k, 0) for k in after["commands"]}
+    # Subtract what this benchmark sent itself: the load's XADDs, its XINFOs, the prober's work,
+    # the INFO calls (and the census after `after`, not counted).
+    theirs = fed["handshakes"] + own["commands"] + counting.commands + 1
+    trips = after["reads"] - before["reads"] - fed["round_trips"] - own["trips"] - counting.trips - 1
+    seen = Counter(handshakes_of[:done_hs])
+    src_families = ("src", "probe", "job", "outcome")
+    per_src_bytes = sum(keys.get(f, {}).get("bytes", 0.0) for f in src_families)
+    n = max(1, done_hs)
+    return {
+        "sources": sources, "per_source": per_source, "setup_s": round(setup, 1),
+        "fed": sent, "fed_s": round(fed_at, 2), "done": done_hs, "verdicts": done_v,
+        "elapsed_s": round(elapsed, 2), "sources_seen": len(seen),
+        "busiest": max(seen.values()) if seen else 0,
+        "hs_per_s": done_hs / elapsed, "verdicts_per_s": done_v / elapsed,
+        "hs_per_cpu_s": done_hs / cpu if cpu else 0.0, "analyzer_cpu_s": cpu,
+        "trips_per_hs": trips / n, "cmds_per_hs": (sum(cmds.values()) - theirs) / n,
+        "top_cmds": {k: round(v / n, 2) for k, v in sorted(cmds.items(), key=lambda x: -x[1])[:8]},
+        "bytes_per_hs": (after["bytes"] - before["bytes"]) / n,
+        "load_bytes_per_hs": fed["bytes"] / max(1, sent),
+        "mem_delta": after["memory"] - before["memory"],
+        "mem_per_src": per_src_bytes / max(1, len(seen)),
+        "mem_per_hs": keys.get("hs", {}).get("bytes", 0.0) / max(1, done_v),
+        "keys": {f: int(v["keys"]) for f, v in keys.items()},
+        "src_keys_per_source": keys.get("src", {}).get("keys", 0) / max(1, len(seen)),
+        "rss": mem.get("VmHWM", 0),
+        "p50": statistics.median(latencies) if latencies else None,
+        "p95": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
+    }
+
+
+def show(x: dict[str, Any]) -> str:
+    lat = "-" if x["p50"] is None else f"{x['p50']:.2f}/{x['p95']:.2f}"
+    return (f"{x['sources']:>8} {x['per_source'] or '-':>7} {x['done']:>7}/{x['fed']:<7} "
+            f"{x['sources_seen']:>7} "
+            f"{x['hs_per_s']:>7,.0f} {x['hs_per_cpu_s']:>7,.0f} {x['verdicts_per_s']:>7,.0f} "
+            f"{x['trips_per_hs']:>6.2f} {x['cmds_per_hs']:>6.1f} {x['bytes_per_hs']:>7,.0f} "
+            f"{x['mem_per_src']:>7,.0f} {x['mem_per_hs']:>6,.0f} {x['rss'] / 2**20:>6.0f} {lat:>11}")
+
+
+# net B/hs: Redis traffic per handshake; mem B/src, B/hs: Redis memory kept per source, per handshake.
+HEADER = (f"{'sources':>8} {'hs/src':>7} {'done/fed':>15} {'seen':>7} {'hs/s':>7} {'hs/cpu':>7} "
+          f"{'vrd/s':>7} {'trip/hs':>6} {'cmd/hs':>6} {'net B/hs':>7} {'mem B/src':>7} {'B/hs':>6} "
+          f"{'RSS MB':>6} {'p50/p95 s':>11}")
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_args(ap)
+    ap.add_argument("--curve", choices=("sources", "per-source"), default="sources")
+    ap.add_argument("--points", help="comma-separated: sources (default 1000,10000,100000,1000000) or "
+                    "handshakes per source (default 1,10,100,1000,10000,100000)")
+    ap.add_argument("--per-source-budget", type=int, default=20_000,
+                    help="per-source curve: sources = budget / N, at least 1 (default 20000)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="feeding time cap per point (default 20)")
+    ap.add_argument("--max-handshakes", type=int, default=200_000, help="per point (default 200000)")
+    ap.add_argument("--rate", type=float, default=0.0, help="offered handshakes/s (default 0: flat out, "
+                    "held to --backlog)")
+    ap.add_argument("--backlog", type=int, default=2000, help="entries the feed may run ahead (default 2000)")
+    ap.add_argument("--batch", type=int, default=200, help="XADDs per pipeline of the load (default 200)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per point (default 1)")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy record the analyzer (raw stacks) per point")
+    ap.add_argument("--json", metavar="FILE", help="append every point's numbers as JSON lines")
+    ap.add_argument("--summarize", metavar="FILE", help="print the top functions of a --profile file, exit")
+    args = ap.parse_args()
+    if args.summarize:
+        for name, inclusive, itself in summarize_profile(Path(args.summarize), 40):
+            print(f"{inclusive:6.1%} {itself:6.1%}  {name}")
+        return 0
+    # SIGTERM like Ctrl-C: cancel, so every point's `finally` stops its analyzer and Redis.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    try:
+        mix_from_args(args)
+        if args.curve == "sources":
+            points = [int(x) for x in (args.points or "1000,10000,100000,1000000").split(",")]
+        else:
+            points = [int(x) for x in (args.points or "1,10,100,1000,10000,100000").split(",")]
+        if any(p < 1 for p in points) or args.seconds <= 0 or args.backlog < args.batch or args.repeat < 1:
+            raise ValueError("points >= 1, --seconds > 0, --backlog >= --batch, --repeat >= 1")
+    except ValueError as exc:
+        print(f"analyzer_load_bench: {exc}", file=sys.stderr)
+        return 2
+    print(f"darknet {args.darknet}, seed {args.seed}, {args.seconds:.0f}s per point, backlog {args.backlog}, "
+          f"rate {'flat out' if not args.rate else f'{args.rate:,.0f}/s'}; machine load "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(HEADER)
+    for p in points:
+        for _ in range(args.repeat):
+            if args.curve == "sources":
+                x = await point(args, p, None)
+            else:
+                x = await point(args, max(1, args.per_source_budget // p), p)
+            x["load"] = os.getloadavg()[0]
+            print(show(x), flush=True)
+            if args.json:
+                append_json(Path(args.json), x)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
