@@ -266,9 +266,17 @@ class Lab:
             targets = self.topology.darknet_targets(count, self.seed * 1000 + h.index)
             listen = ",".join(map(str, LISTEN_PORTS))
             tag = f"traffic{h.index}"
-            if h.host.kind == "direct":
+            if h.host.kind in ("direct", "scanner"):
                 drivers = [self._driver(tag, h.ns, listen, [f"{a}:{p}" for a, p in targets],
-                                        spacing=spacing, offset=offset)]
+                                        spacing=spacing, offset=offset, craft=h.host.kind == "scanner")]
+            elif h.host.kind == "homenat":
+                # Two machines behind one router, taking turns: each every other connection.
+                assert h.attacker is not None and h.second is not None
+                drivers = [self._driver(f"{tag}r", h.ns, listen, [], spacing=spacing, offset=offset)]
+                for k, ns in enumerate((h.attacker, h.second)):
+                    turn = [f"{a}:{p}" for a, p in targets[k::2]]
+                    drivers.append(self._driver(f"{tag}{'am'[k]}", ns, "", turn, spacing=2 * spacing,
+                                                offset=offset + k * spacing))
             else:
                 assert h.attacker is not None
                 drivers = [self._driver(f"{tag}r", h.ns, listen, [], spacing=spacing, offset=offset)]
@@ -294,8 +302,10 @@ class Lab:
                  f"{sc.traffic_s:.0f}s")
 
     def _driver(self, name: str, ns: Any, listen: str, connect: list[str], *, spacing: float,
-                offset: float) -> Child:
+                offset: float, craft: bool = False) -> Child:
         args = ["-m", "lab.traffic", "--spacing", f"{spacing:.3f}", "--offset", f"{offset:.3f}"]
+        if craft:
+            args.append("--craft")
         if listen:
             args += ["--listen", listen]
         for target in connect:

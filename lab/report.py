@@ -1,7 +1,12 @@
 """The lab's report: the paper's Table 3 for this run and the detection against the known truth.
 
 `truth` scores the paper's rule (the verdict's `relay`); `truth_strong` scores the analyzer's own
-stronger verdict (`relay_confident`: noise-aware timing, SYN-RTT fallback; analyzer/rules.py).
+stronger verdict (`relay_confident`: noise-aware timing, SYN-RTT fallback, hop counts;
+analyzer/rules.py); `truth_kind` scores the combined verdict `kind` (a relay when forwarding or
+terminating; today the same sources as relay_confident, by definition) and counts how often the
+kind is the one the truth calls for (`KIND_FOR_TRUTH`). `truth_by_rule` breaks all three down per
+truth class (direct, relay, proxy, shared): TP/FP/TN/FN, precision and recall. A positive is a
+relay or a proxy; a home NAT (truth `shared`) is a negative that should be called `shared`.
 
 Works on what the run left behind (the analyzer's handshakes.log and stepstone.log lines, the
 traffic drivers' attempt lines) so it can be checked independently of how the run went.
@@ -16,6 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lab.scenarios import Host
+
+RULES = ("paper", "confident", "kind")
+# What the combined verdict should say for each truth.
+KIND_FOR_TRUTH = {"direct": "none", "relay": "forwarding", "proxy": "terminating", "shared": "shared"}
+RELAY_KINDS = ("forwarding", "terminating")
 
 
 @dataclass(frozen=True)
@@ -88,17 +98,29 @@ def build(
     counts_strong = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     counts_notice = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     per_kind: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+    by_rule: dict[str, dict[str, dict[str, int]]] = defaultdict(
+        lambda: {r: {"tp": 0, "fp": 0, "tn": 0, "fn": 0} for r in RULES})
+    counts_kind = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    kind_right: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # truth -> [right, total]
     for source in sources:
         h = source.host
         verdict = final.get(source.addr)
         relay = bool(verdict.get("relay")) if verdict else False
-        positive = h.truth != "direct"
+        positive = h.truth in ("relay", "proxy")
         outcome = ("tp" if relay else "fn") if positive else ("fp" if relay else "tn")
         counts[outcome] += 1
         strong = bool(verdict.get("relay_confident")) if verdict else False
         outcome_strong = ("tp" if strong else "fn") if positive else ("fp" if strong else "tn")
         counts_strong[outcome_strong] += 1
         per_kind[h.kind][outcome] += 1
+        kind = str(verdict.get("kind") or "none") if verdict else None
+        flagged_kind = kind in RELAY_KINDS
+        outcome_kind = ("tp" if flagged_kind else "fn") if positive else ("fp" if flagged_kind else "tn")
+        counts_kind[outcome_kind] += 1
+        for rule, result in zip(RULES, (outcome, outcome_strong, outcome_kind), strict=True):
+            by_rule[h.truth][rule][result] += 1
+        kind_right[h.truth][0] += kind == KIND_FOR_TRUTH[h.truth]
+        kind_right[h.truth][1] += 1
         n_notices = noticed.get(source.addr, 0)
         outcome_notice = ("tp" if n_notices else "fn") if positive else ("fp" if n_notices else "tn")
         counts_notice[outcome_notice] += 1
@@ -119,6 +141,9 @@ def build(
             "outcome": outcome,
             "relay_strong": strong if verdict else None,
             "outcome_strong": outcome_strong,
+            "verdict_kind": kind,
+            "kind_expected": KIND_FOR_TRUTH[h.truth],
+            "outcome_kind": outcome_kind,
             # Relay_Detected notices in Zeek's notice.log (None: the sensor was not Zeek).
             "notices": n_notices if notices is not None else None,
             "outcome_notice": outcome_notice if notices is not None else None,
@@ -134,6 +159,8 @@ def build(
                 "ping_max_us": [r.get("ping_max_us") for r in recs],
                 "fp": sorted({str(r.get("fp")) for r in recs}),
                 "fa": sorted({str(r.get("fa")) for r in recs}),
+                "syn_dist": [r.get("syn_dist") for r in recs],
+                "fa_dist": [r.get("fa_dist") for r in recs],
             },
         })
     return {
@@ -142,6 +169,10 @@ def build(
         "truth_strong": _scores(counts_strong),
         "truth_notice": _scores(counts_notice) if notices is not None else None,
         "truth_by_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
+        "truth_kind": _scores(counts_kind),
+        "truth_by_rule": {t: {r: _scores(c) for r, c in rules.items()}
+                          for t, rules in sorted(by_rule.items())},
+        "kind_right": {t: {"right": n[0], "of": n[1]} for t, n in sorted(kind_right.items())},
         "latency_s": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95),
                       "mean": round(statistics.fmean(latencies), 3) if latencies else None,
                       "verdicts": len(latencies)},
@@ -177,6 +208,10 @@ def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
             level = "below the goal (extra delay < 20 ms)" if (h["extra_delay_ms"] or 0) < 20 else "MISSED"
             cause = "no ping answer, so no active RTT to compare" if h["drop_icmp"] else timing
             out.append(f"{h['scenario']}: not found, {level}: {cause}")
+        elif h["kind"] == "homenat" and h.get("verdict_kind") != "shared":
+            out.append(f"{h['scenario']}: a home NAT called {h.get('verdict_kind')}, not shared "
+                       f"(hops {v.get('hops_margin')} over {v.get('hops_samples')}, "
+                       f"{v.get('os_clients')} client OSes, timing margin {_ms(v.get('timing_margin_us'))})")
         elif h["kind"] == "proxy":
             seen = "flagged" if h["relay"] else "not flagged"
             out.append(f"{h['scenario']}: {seen}; a TCP-terminating proxy completes the handshake itself, "
@@ -190,6 +225,19 @@ def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
                    f"the confident rule {said} (timing margin {_ms(v.get('timing_margin_us'))} vs "
                    f"threshold {_ms(v.get('timing_threshold_us'))}, {v.get('timing_ref') or 'no'} reference, "
                    f"{v.get('timing_samples', 0)} samples)")
+    for h in hosts:
+        v = h["evidence"]["verdict"] or {}
+        if h["truth"] == "direct" and h.get("outcome_kind") == "fp" and h["relay_strong"] is not None:
+            ev = h["evidence"]
+            out.append(f"{h['scenario']}: FALSE POSITIVE by kind {h.get('verdict_kind')} (evidence "
+                       f"{[e.get('test') for e in v.get('evidence') or []]}; SYN hops {ev['syn_dist']}, "
+                       f"SYN+ACK hops {ev['fa_dist']})")
+        elif h["truth"] == "relay" and h.get("outcome_kind") == "fn" and h["relay"] is not None:
+            ev = h["evidence"]
+            out.append(f"{h['scenario']}: missed by the combined verdict (kind {h.get('verdict_kind')}; "
+                       f"hops {v.get('hops_margin')} over {v.get('hops_samples')} pairs, SYN hops "
+                       f"{ev['syn_dist']}, SYN+ACK hops {ev['fa_dist']}; timing margin "
+                       f"{_ms(v.get('timing_margin_us'))})")
     wobbly = [h["scenario"] for h in hosts
               if h["truth"] == "direct" and h["relay"] is False and h["evidence"]["flagged_records"]]
     if wobbly:
@@ -244,9 +292,16 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append(f"  Zeek notice.log:         TP {nt['tp']}  FP {nt['fp']}  TN {nt['tn']}  "
                      f"FN {nt['fn']}  precision {_num(nt['precision'])}  recall {_num(nt['recall'])}  "
                      "(Relay_Detected per source)")
+    tk = report.get("truth_kind")
+    if tk:
+        lines.append(f"  overall, combined kind:  TP {tk['tp']}  FP {tk['fp']}  TN {tk['tn']}  "
+                     f"FN {tk['fn']}  precision {_num(tk['precision'])}  recall {_num(tk['recall'])}  "
+                     "(forwarding or terminating)")
     lines.append("  per kind (paper's rule):")
     for kind, c in report["truth_by_kind"].items():
         lines.append(f"    {kind:<7} TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
+    if report.get("truth_by_rule"):
+        lines += ["", rule_table(report["truth_by_rule"], report.get("kind_right") or {})]
     lat = report["latency_s"]
     lines += ["", f"  SYN -> verdict: median {_num(lat['p50'])} s, p95 {_num(lat['p95'])} s "
               f"({lat['verdicts']} verdicts)"]
@@ -254,6 +309,21 @@ def render(report: Mapping[str, Any]) -> str:
         lines += ["", "Notes"] + [f"  - {n}" for n in report["notes"]]
     else:
         lines += ["", "Every NAT relay found, no direct scanner flagged."]
+    return "\n".join(lines)
+
+
+def rule_table(by_rule: Mapping[str, Mapping[str, Mapping[str, Any]]],
+               kind_right: Mapping[str, Mapping[str, int]]) -> str:
+    """Per truth class and rule: TP/FP/TN/FN, precision, recall; and how often the kind was right."""
+    lines = [f"  {'truth':<7} {'rule':<10} {'TP':>3} {'FP':>3} {'TN':>3} {'FN':>3} {'precision':>9} "
+             f"{'recall':>6}  kind right"]
+    for truth, rules in by_rule.items():
+        right = kind_right.get(truth)
+        for rule, c in rules.items():
+            said = (f"{right['right']}/{right['of']} {KIND_FOR_TRUTH[truth]}"
+                    if right and rule == "kind" else "")
+            lines.append(f"  {truth:<7} {rule:<10} {c['tp']:>3} {c['fp']:>3} {c['tn']:>3} {c['fn']:>3} "
+                         f"{_num(c['precision']):>9} {_num(c['recall']):>6}  {said}")
     return "\n".join(lines)
 
 

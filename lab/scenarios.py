@@ -11,7 +11,12 @@ from typing import Any, Literal
 
 from lab.personas import PERSONAS
 
-Kind = Literal["direct", "nat", "proxy"]
+Kind = Literal["direct", "nat", "proxy", "scanner", "homenat"]
+Truth = Literal["direct", "relay", "proxy", "shared"]
+KINDS: tuple[str, ...] = ("direct", "nat", "proxy", "scanner", "homenat")
+ROUTE_CHANGES = ("add", "remove")
+TRUTH: dict[str, Truth] = {"direct": "direct", "nat": "relay", "proxy": "proxy", "scanner": "direct",
+                           "homenat": "shared"}
 DEFAULT_FILE = Path(__file__).with_name("scenarios.toml")
 MAX_HOSTS = 40  # one /24 per host link out of 198.19.0.0/16, leaving room for the fixed links
 
@@ -31,10 +36,19 @@ class Host:
     extra_delay_ms: float = 0.0  # nat/proxy: attacker leg, one way
     drop_icmp: bool = False  # the host (relay) drops ICMP echo requests
     connections: int | None = None  # overrides [lab].connections
+    # direct/scanner: a hop added to ("add") or removed from ("remove") the host's outbound path
+    # right after its first SYN, i.e. between its first handshake and that handshake's probe.
+    route_change: str | None = None
+    second_persona: str | None = None  # homenat: the OS of the second machine behind the router
 
     @property
-    def truth(self) -> Literal["direct", "relay", "proxy"]:
-        return {"direct": "direct", "nat": "relay", "proxy": "proxy"}[self.kind]  # type: ignore[return-value]
+    def truth(self) -> Truth:
+        return TRUTH[self.kind]
+
+    @property
+    def behind(self) -> bool:
+        """Whether the connections start in namespaces behind this host (a relay or home NAT)."""
+        return self.kind in ("nat", "proxy", "homenat")
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,7 @@ def parse(text: str, source: str = "<string>") -> Scenarios:
             raise ScenarioError(f"{source}: [[host]] #{i} must be a table")
         where = f"{source}: [[host]] #{i}"
         known = {"name", "kind", "persona", "rtt_ms", "jitter_ms", "attacker_persona", "extra_delay_ms",
-                 "drop_icmp", "connections"}
+                 "drop_icmp", "connections", "route_change", "second_persona"}
         if set(entry) - known:
             raise ScenarioError(f"{where}: unknown keys {sorted(set(entry) - known)}")
         name = _get(entry, "name", str, f"host{i}", where)
@@ -100,15 +114,22 @@ def parse(text: str, source: str = "<string>") -> Scenarios:
             raise ScenarioError(f"{where}: duplicate name {name!r}")
         names.add(name)
         kind = _get(entry, "kind", str, "direct", where)
-        if kind not in ("direct", "nat", "proxy"):
-            raise ScenarioError(f"{where}: kind must be direct, nat or proxy, not {kind!r}")
+        if kind not in KINDS:
+            raise ScenarioError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        alone = kind in ("direct", "scanner")
         persona = _get(entry, "persona", str, "linux", where)
-        attacker = _get(entry, "attacker_persona", str, None if kind == "direct" else "linux", where)
-        for p in (persona, attacker):
+        attacker = _get(entry, "attacker_persona", str, None if alone else "linux", where)
+        second = _get(entry, "second_persona", str, "windows" if kind == "homenat" else None, where)
+        for p in (persona, attacker, second):
             if p is not None and p not in PERSONAS:
                 raise ScenarioError(f"{where}: unknown persona {p!r} (known: {', '.join(PERSONAS)})")
-        if kind == "direct" and ("attacker_persona" in entry or "extra_delay_ms" in entry):
-            raise ScenarioError(f"{where}: attacker_persona / extra_delay_ms only for nat and proxy")
+        if alone and ("attacker_persona" in entry or "extra_delay_ms" in entry):
+            raise ScenarioError(f"{where}: attacker_persona / extra_delay_ms only for nat, proxy and homenat")
+        if kind != "homenat" and "second_persona" in entry:
+            raise ScenarioError(f"{where}: second_persona only for homenat")
+        route_change = _get(entry, "route_change", str, None, where)
+        if route_change is not None and (route_change not in ROUTE_CHANGES or not alone):
+            raise ScenarioError(f"{where}: route_change must be add or remove, on a direct host or scanner")
         host = Host(
             name=name,
             kind=kind,
@@ -119,6 +140,8 @@ def parse(text: str, source: str = "<string>") -> Scenarios:
             extra_delay_ms=float(_get(entry, "extra_delay_ms", (int, float), 0, where)),
             drop_icmp=_get(entry, "drop_icmp", bool, False, where),
             connections=_get(entry, "connections", int, None, where),
+            route_change=route_change,
+            second_persona=second,
         )
         if min(host.rtt_ms, host.jitter_ms, host.extra_delay_ms) < 0 or host.rtt_ms > 2000:
             raise ScenarioError(f"{where}: delays must be >= 0 and rtt_ms <= 2000")

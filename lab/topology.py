@@ -7,7 +7,18 @@ Addresses (all in benchmarking space 198.18.0.0/15, so the prober runs with --al
   prober link       198.19.251.0/24   router .1, prober .2   (veth, no delay)
   host i link       198.19.i.0/24     router .1, host .2     (delay line: rtt/2 each way + jitter)
   attacker leg i    10.i.0.0/24       relay .1, attacker .2  (delay line: extra_delay_ms each way)
+  home NAT i        10.i.1.0/24       router .1, second machine .2 (veth, no delay)
+  route change i    100.64.i.0/24     host .2, extra router .1; 100.65.i.0/24 extra router .2,
+                                      router .1 (veths): the detour, one more router hop
 The sensor and the prober sit side by side, so a probe crosses the same path a handshake did.
+
+Hops: every router namespace forwards with the kernel, which decrements the TTL. A host's packets
+cross one router (rt) to the sensor or the prober; an attacker's (or a home NAT machine's) cross
+its relay too, one hop more; a host with a route change crosses the extra router (x<i>) on the
+detour. The detour is chosen per packet by a firewall mark (policy route, table ROUTE_TABLE) that
+an nftables set flips at the host's first SYN to the darknet: "add" sends everything after that
+SYN (the first handshake's probe answers included) through the extra router, "remove" everything
+before it. So exactly one handshake/probe pair straddles the change, without any timing race.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ PROBER_ADDR = "198.19.251.2"
 LAB_TABLE = "stepstone_lab"
 PROXY_BASE_PORT = 20000  # the proxy relay's socat listeners: one port per target
 LISTEN_PORTS = (22, 80)  # every host/relay accepts here so SYN probes get a SYN+ACK
+ROUTE_TABLE = 100  # a route-change host's detour through its extra router
+ROUTE_MARK = 1
 
 
 @dataclass
@@ -38,6 +51,8 @@ class LabHost:
     attacker: Namespace | None = None
     attacker_addr: str | None = None
     relay_inside: str | None = None  # the relay's address on the attacker leg
+    second: Namespace | None = None  # homenat: the second machine behind the router
+    detour: Namespace | None = None  # route change: the extra router
 
     @property
     def client_ns(self) -> Namespace:
@@ -75,7 +90,7 @@ class Topology:
             lab_host = LabHost(host, i, ns, f"198.19.{i}.2")
             half = host.rtt_ms / 2
             links.append(Link(self.router.name, f"r{i}", ns.name, f"u{i}", half, half, host.jitter_ms))
-            if host.kind != "direct":
+            if host.behind:
                 lab_host.attacker = net.add(f"a{i}")
                 lab_host.attacker_addr, lab_host.relay_inside = f"10.{i}.0.2", f"10.{i}.0.1"
                 extra = host.extra_delay_ms
@@ -100,15 +115,53 @@ class Topology:
                 _addr(h.attacker, f"c{i}", f"{h.attacker_addr}/24")
                 h.attacker.run("ip", "route", "add", "default", "via", h.relay_inside)
                 personas.apply(h.attacker, personas.PERSONAS[h.host.attacker_persona])
-                if h.host.kind == "nat":
+                if h.host.kind in ("nat", "homenat"):
                     h.ns.sysctl("net.ipv4.ip_forward", 1)
                     rules.append("chain post { type nat hook postrouting priority srcnat; policy accept; "
-                                 f'ip saddr 10.{i}.0.0/24 oifname "u{i}" masquerade; }}')
+                                 f'ip saddr 10.{i}.0.0/16 oifname "u{i}" masquerade; }}')
+                if h.host.kind == "homenat":
+                    assert h.host.second_persona
+                    h.second = self.net.add(f"m{i}")
+                    self.net.link(h.ns, f"10.{i}.1.1/24", h.second, f"10.{i}.1.2/24")
+                    h.second.run("ip", "route", "add", "default", "via", f"10.{i}.1.1")
+                    personas.apply(h.second, personas.PERSONAS[h.host.second_persona])
+            if h.host.route_change:
+                self._detour(h)
             if h.host.drop_icmp:
                 rules.append("chain in { type filter hook input priority filter; policy accept; "
                              "icmp type echo-request drop; }")
             if rules:
                 h.ns.run("nft", "-f", "-", input=f"table inet {LAB_TABLE} {{\n" + "\n".join(rules) + "\n}\n")
+
+    def _detour(self, h: LabHost) -> None:
+        """The route change (module docstring): an extra router x<i> beside the direct path, and
+        the mark that sends the host's packets through it after (add) or before (remove) its
+        first SYN to the darknet."""
+        assert self.router is not None
+        i = h.index
+        x = h.detour = self.net.add(f"x{i}")
+        # The detour is one-way (replies come back the direct way): no reverse-path filtering.
+        for ns in (x, self.router):
+            ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
+            ns.sysctl("net.ipv4.conf.default.rp_filter", 0)
+        x.sysctl("net.ipv4.ip_forward", 1)
+        self.net.link(h.ns, f"100.64.{i}.2/24", x, f"100.64.{i}.1/24")
+        _, rt_if = self.net.link(x, f"100.65.{i}.2/24", self.router, f"100.65.{i}.1/24")
+        self.router.sysctl(f"net.ipv4.conf.{rt_if}.rp_filter", 0)
+        x.run("ip", "route", "add", "default", "via", f"100.65.{i}.1")
+        h.ns.run("ip", "route", "add", "default", "via", f"100.64.{i}.1", "table", str(ROUTE_TABLE))
+        h.ns.run("ip", "rule", "add", "fwmark", str(ROUTE_MARK), "table", str(ROUTE_TABLE))
+        darknet = self.scenarios.darknet
+        # "changed" holds the host's address once its first SYN to the darknet has left.
+        when = "" if h.host.route_change == "add" else "!= "
+        h.ns.run("nft", "-f", "-", input=(
+            "table ip stepstone_route {\n"
+            "    set changed { type ipv4_addr; flags dynamic; }\n"
+            "    chain out {\n"
+            "        type route hook output priority mangle; policy accept;\n"
+            f"        ip saddr {when}@changed meta mark set {ROUTE_MARK}\n"
+            f"        ip daddr {darknet} tcp flags & (syn | ack) == syn add @changed {{ ip saddr }}\n"
+            "    }\n}\n"))
 
     def by_addr(self) -> dict[str, LabHost]:
         return {h.addr: h for h in self.hosts}

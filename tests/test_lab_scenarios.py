@@ -29,12 +29,12 @@ def test_default_set_covers_the_required_cases() -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("[[host]]\nkind = 'vpn'\n", "kind must be direct, nat or proxy"),
+    ("[[host]]\nkind = 'vpn'\n", "kind must be one of direct, nat, proxy, scanner, homenat"),
     ("[[host]]\npersona = 'amiga'\n", "unknown persona"),
     ("[lab]\ndarknet = '10.0.0.0/24'\n[[host]]\n", "198.18.0.0/16"),
     ("[[host]]\nname = 'a'\n[[host]]\nname = 'a'\n", "duplicate name"),
     ("[[host]]\nrtt_ms = -1\n", "delays must be >= 0"),
-    ("[[host]]\nkind = 'direct'\nextra_delay_ms = 5\n", "only for nat and proxy"),
+    ("[[host]]\nkind = 'direct'\nextra_delay_ms = 5\n", "only for nat, proxy and homenat"),
     ("[[host]]\nrtt = 5\n", "unknown keys"),
     ("[[host]]\ndrop_icmp = 'yes'\n", "wrong type"),
     ("[lab]\n", "at least one [[host]]"),
