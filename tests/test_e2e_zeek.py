@@ -137,10 +137,11 @@ def test_zeek_and_responder_agree_and_notices_are_exact_across_a_zeek_restart() 
 
     # No verdict the analyzer decided is missing from Zeek's stepstone.log (the two Zeek runs'
     # logs together): matched on the measurement behind it (source and SYN time).
-    in_zeek = {(v["src"], round(v["syn_ts"], 5)) for run in verdict_runs for v in run if "syn_ts" in v}
-    decided = {(r["src"], round(r["t"], 5)) for r in records}
-    assert decided <= in_zeek, (sorted(decided - in_zeek), sorted(r["t"] for r in records),
-                                [sorted(v.get("syn_ts", 0) for v in run) for run in verdict_runs])
+    # Times cross as Broker timestamps and Zeek's JSON logs: equal within a microsecond or so.
+    in_zeek = [(v["src"], v["syn_ts"]) for run in verdict_runs for v in run if "syn_ts" in v]
+    lost = [(r["src"], r["t"]) for r in records
+            if not any(src == r["src"] and abs(t - r["t"]) < 1e-4 for src, t in in_zeek)]
+    assert not lost, (lost, sorted(in_zeek))
 
     # T^p: Zeek's and the responder's, per source.
     zeek_tp, responder_tp = _median_tp(records), _median_tp(responder_records)
