@@ -70,15 +70,15 @@ def main() -> int:
                 totals_strong[k] += ts[k]
                 if report.get("truth_notice"):
                     totals_notice[k] += report["truth_notice"][k]
-            for truth, rules in report["truth_by_rule"].items():
+            for klass, rules in report["truth_by_rule"].items():
                 for rule, c in rules.items():
                     zero = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
-                    into = by_rule.setdefault(truth, {}).setdefault(rule, zero)
+                    into = by_rule.setdefault(klass, {}).setdefault(rule, zero)
                     for k in into:
                         into[k] += c[k]
-            for truth, n in report["kind_right"].items():
-                kind_right[truth][0] += n["right"]
-                kind_right[truth][1] += n["of"]
+            for klass, n in report["kind_right"].items():
+                kind_right[klass][0] += n["right"]
+                kind_right[klass][1] += n["of"]
             for h in report["hosts"]:
                 kinds_seen[h["scenario"]].append(str(h.get("verdict_kind")))
                 flagged[h["scenario"]] += bool(h["relay"])
