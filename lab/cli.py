@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "sensor's interface, a Zeek cluster there (a manager and two workers sharing the "
                       "interface by AF_PACKET fanout), or the built-in responder (default: zeek if a zeek "
                       "binary is on PATH, else responder); the responder answers the SYNs either way")
+    demo.add_argument("--zeek-backend", choices=("broker", "zeromq"), default="broker",
+                      help="with --sensor zeek-cluster: Zeek's cluster backend (default %(default)s; zeromq "
+                      "needs Zeek 8, and adds a logger node)")
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="keep the run's logs (stepstone.log, probes, every process's output) in DIR")
     demo.add_argument("--html", type=Path, metavar="FILE",
@@ -122,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise LabError(f"--keep {args.keep}: cannot create it: {exc.strerror}") from None
         if args.html is not None and not os.access(args.html.resolve().parent, os.W_OK):
             raise LabError(f"--html {args.html}: cannot write in {args.html.resolve().parent}")
-        result = run_demo(scenarios, progress=sys.stderr, keep=args.keep, sensor=args.sensor, html=args.html)
+        result = run_demo(scenarios, progress=sys.stderr, keep=args.keep, sensor=args.sensor, html=args.html,
+                          zeek_backend=args.zeek_backend)
         if args.json:
             print(json.dumps(result, indent=None, sort_keys=False))
         else:

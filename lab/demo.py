@@ -78,9 +78,10 @@ class Lab:
 
     def __init__(self, scenarios: Scenarios, *, workdir: Path | None = None, seed: int = 1,
                  progress: TextIO | None = None, dedup_window: float = 5.0,
-                 sensor: Sensor = "responder") -> None:
+                 sensor: Sensor = "responder", zeek_backend: zeekcluster.Backend = "broker") -> None:
         # With Zeek as the sensor the responder still answers the SYNs, but Zeek reports them.
         self.sensor = sensor
+        self.zeek_backend = zeek_backend  # the cluster backend of sensor "zeek-cluster"
         self.scenarios = scenarios
         self.own_workdir = workdir is None
         # Short path: the Redis unix socket path must stay under 108 bytes.
@@ -207,8 +208,8 @@ class Lab:
             if self.sensor == "zeek-cluster":
                 argv = self.service_args(name)
                 nodes = zeekcluster.start(self.children, ns, self.topology.sensor_if, zeek_dir, label=label,
-                                          scripts=argv[argv.index("-i") + 2:])
-                # The manager is "zeek" (it talks to the analyzer); the workers are services too.
+                                          scripts=argv[argv.index("-i") + 2:], backend=self.zeek_backend)
+                # The manager is "zeek" (it talks to the analyzer); the other nodes are services too.
                 self.services.update({f"zeek-{n}" if n != zeekcluster.MANAGER else "zeek": c
                                       for n, c in nodes.items()})
                 return self.services["zeek"]
@@ -231,7 +232,7 @@ class Lab:
         """Stops Zeek the way an operator does (SIGTERM): it flushes its logs and exits."""
         if self.sensor == "zeek-cluster":
             nodes = {n: self.services.pop(f"zeek-{n}" if n != zeekcluster.MANAGER else "zeek")
-                     for n in zeekcluster.NODES}
+                     for n in zeekcluster.nodes_of(self.zeek_backend)}
             zeekcluster.stop(self.children, nodes)
             return
         child = self.services.pop("zeek")
@@ -428,12 +429,12 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 def run_demo(
     scenarios: Scenarios, *, progress: TextIO = sys.stderr, keep: Path | None = None,
-    sensor: Sensor | None = None, html: Path | None = None,
+    sensor: Sensor | None = None, html: Path | None = None, zeek_backend: zeekcluster.Backend = "broker",
 ) -> Mapping[str, Any]:
     sensor = sensor or default_sensor()
     preflight(scenarios, sensor)
-    with Lab(scenarios, workdir=keep, progress=progress, sensor=sensor) as lab:
-        lab.say(f"sensor: {sensor}")
+    with Lab(scenarios, workdir=keep, progress=progress, sensor=sensor, zeek_backend=zeek_backend) as lab:
+        lab.say(f"sensor: {sensor}" + (f" ({zeek_backend} backend)" if sensor == "zeek-cluster" else ""))
         lab.build()
         lab.start_services()
         lab.start_traffic()

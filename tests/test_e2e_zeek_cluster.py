@@ -1,6 +1,7 @@
 """End to end on a real Zeek cluster: the same small scenario set once through a single Zeek and
 once through a cluster started by hand (lab/zeekcluster.py: a manager that also logs, and two
-workers sharing the sensor's interface through AF_PACKET fanout), the package loaded on every node.
+workers sharing the sensor's interface through AF_PACKET fanout), the package loaded on every node;
+on Broker (Zeek's default backend) and, where the Zeek has it (8.0), on ZeroMQ (with a logger).
 
 Checked on both runs: every connection the drivers completed reaches the analyzer exactly once
 (no handshake lost, none doubled), and the cluster's handshakes are the single node's; the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import subprocess
 from collections import Counter
 from typing import Any
 
@@ -23,7 +25,7 @@ from lab.demo import Lab, Sensor, preflight
 from lab.netns import unavailable_reason
 from lab.process import wait_for
 from lab.scenarios import Scenarios, parse
-from lab.zeekcluster import WORKERS
+from lab.zeekcluster import WORKERS, Backend
 
 pytestmark = [pytest.mark.netns, pytest.mark.zeek]
 
@@ -66,10 +68,18 @@ def _needs_zeek_and_netns() -> None:
         pytest.skip(reason)
 
 
-def _run(sc: Scenarios, sensor: Sensor) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def single() -> dict[str, Any]:
+    """The run through a single Zeek, to compare each cluster's with."""
+    if shutil.which("zeek") is None or unavailable_reason():
+        pytest.skip("no zeek binary on PATH, or no network namespaces")
+    return _run(parse(SCENARIOS, "e2e-zeek-cluster"), "zeek")
+
+
+def _run(sc: Scenarios, sensor: Sensor, backend: Backend = "broker") -> dict[str, Any]:
     """One lab run through `sensor`; what it left, read before the teardown."""
     preflight(sc, sensor)
-    with Lab(sc, dedup_window=1.0, sensor=sensor) as lab:
+    with Lab(sc, dedup_window=1.0, sensor=sensor, zeek_backend=backend) as lab:
         lab.build()
         lab.start_services()
         lab.start_traffic()
@@ -114,10 +124,14 @@ def _detected(run: dict[str, Any]) -> Counter[str]:
     return Counter(n["src"] for n in run["notices"] if n["note"] == "StepStone::Relay_Detected")
 
 
-def test_a_zeek_cluster_loses_and_doubles_no_handshake_and_notices_each_relay_once() -> None:
-    sc = parse(SCENARIOS, "e2e-zeek-cluster")
-    single = _run(sc, "zeek")
-    cluster = _run(sc, "zeek-cluster")
+@pytest.mark.parametrize("backend", ["broker", "zeromq"])
+def test_a_zeek_cluster_loses_and_doubles_no_handshake_and_notices_each_relay_once(
+        single: dict[str, Any], backend: Backend) -> None:
+    if backend == "zeromq":
+        plugins = subprocess.run(["zeek", "-N"], capture_output=True, text=True, check=False).stdout
+        if "Cluster_Backend_ZeroMQ" not in plugins:
+            pytest.skip("this Zeek has no ZeroMQ cluster backend (Zeek 8 has)")
+    cluster = _run(parse(SCENARIOS, "e2e-zeek-cluster"), "zeek-cluster", backend)
 
     # No handshake lost or doubled, in either run, and the same ones in both (the drivers' targets
     # come from the lab's seed).
