@@ -163,11 +163,11 @@ async def census(r: aioredis.Redis) -> dict[str, dict[str, float]]:
     return out
 
 
-def start_analyzer(url: str, log_dir: Path) -> subprocess.Popen[bytes]:
+def start_analyzer(url: str, log_dir: Path, extra: list[str]) -> subprocess.Popen[bytes]:
     err = open(log_dir.parent / "analyzer.stderr", "wb")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(
         [sys.executable, "-m", "analyzer.cli", "run", "--redis", url, "--handshakes",
-         "--log-dir", str(log_dir), "--consumer", "bench"],
+         "--log-dir", str(log_dir), "--consumer", "bench", *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads in this process)
     )
@@ -248,7 +248,7 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
         log_dir = Path(tmp) / "logs"
         log_dir.mkdir()
         r = aioredis.from_url(server.url, decode_responses=True)
-        proc = start_analyzer(server.url, log_dir)
+        proc = start_analyzer(server.url, log_dir, args.analyzer_args.split())
         spy: subprocess.Popen[bytes] | None = None
         stop = asyncio.Event()
         prober_task: asyncio.Task[None] | None = None
@@ -264,6 +264,8 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 spy = start_spy(proc.pid, Path(args.profile) / f"{name}.txt")
             before = await redis_info(r)
             cpu0 = proc_cpu(proc.pid)
+            assert server.proc is not None
+            redis_cpu0, own_cpu0 = proc_cpu(server.proc.pid), time.process_time()
             hs_lines = LineCounter(log_dir / "handshakes.log")
             v_lines = LineCounter(log_dir / "stepstone.log")
             counting = Counting(aioredis.from_url(server.url, decode_responses=True))
@@ -306,6 +308,7 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 await wait_for(drained, args.seconds, "the analyzer to finish the feed", proc)
             elapsed = time.monotonic() - start
             cpu = proc_cpu(proc.pid) - cpu0
+            redis_cpu, own_cpu = proc_cpu(server.proc.pid) - redis_cpu0, time.process_time() - own_cpu0
             mem = proc_mem(proc.pid)
             stop.set()
             await prober_task
@@ -340,6 +343,8 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
         "busiest": max(seen.values()) if seen else 0,
         "hs_per_s": done_hs / elapsed, "verdicts_per_s": done_v / elapsed,
         "hs_per_cpu_s": done_hs / cpu if cpu else 0.0, "analyzer_cpu_s": cpu,
+        # Redis's and this benchmark's (load + prober) CPU, per handshake: who else uses the cores.
+        "redis_cpu_us_per_hs": redis_cpu / n * 1e6, "bench_cpu_us_per_hs": own_cpu / n * 1e6,
         "trips_per_hs": trips / n, "cmds_per_hs": (sum(cmds.values()) - theirs) / n,
         "top_cmds": {k: round(v / n, 2) for k, v in sorted(cmds.items(), key=lambda x: -x[1])[:8]},
         "bytes_per_hs": (after["bytes"] - before["bytes"]) / n,
@@ -361,13 +366,15 @@ def show(x: dict[str, Any]) -> str:
             f"{x['sources_seen']:>7} "
             f"{x['hs_per_s']:>7,.0f} {x['hs_per_cpu_s']:>7,.0f} {x['verdicts_per_s']:>7,.0f} "
             f"{x['trips_per_hs']:>6.2f} {x['cmds_per_hs']:>6.1f} {x['bytes_per_hs']:>7,.0f} "
-            f"{x['mem_per_src']:>7,.0f} {x['mem_per_hs']:>6,.0f} {x['rss'] / 2**20:>6.0f} {lat:>11}")
+            f"{x['mem_per_src']:>9,.0f} {x['mem_per_hs']:>6,.0f} {x['rss'] / 2**20:>6.0f} {lat:>11} "
+            f"{x['redis_cpu_us_per_hs']:>8.0f}")
 
 
-# net B/hs: Redis traffic per handshake; mem B/src, B/hs: Redis memory kept per source, per handshake.
+# net B/hs: Redis traffic per handshake; mem B/src, B/hs: Redis memory kept per source, per handshake;
+# redis us: redis-server CPU microseconds per handshake.
 HEADER = (f"{'sources':>8} {'hs/src':>7} {'done/fed':>15} {'seen':>7} {'hs/s':>7} {'hs/cpu':>7} "
           f"{'vrd/s':>7} {'trip/hs':>6} {'cmd/hs':>6} {'net B/hs':>7} {'mem B/src':>7} {'B/hs':>6} "
-          f"{'RSS MB':>6} {'p50/p95 s':>11}")
+          f"{'RSS MB':>6} {'p50/p95 s':>11} {'redis us':>8}")
 
 
 async def main() -> int:
@@ -385,6 +392,8 @@ async def main() -> int:
     ap.add_argument("--backlog", type=int, default=2000, help="entries the feed may run ahead (default 2000)")
     ap.add_argument("--batch", type=int, default=200, help="XADDs per pipeline of the load (default 200)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per point (default 1)")
+    ap.add_argument("--analyzer-args", default="", metavar="ARGS",
+                    help="more options of stepstone-analyzer run, e.g. '--max-records 10'")
     ap.add_argument("--profile", metavar="DIR", help="py-spy record the analyzer (raw stacks) per point")
     ap.add_argument("--json", metavar="FILE", help="append every point's numbers as JSON lines")
     ap.add_argument("--summarize", metavar="FILE", help="print the top functions of a --profile file, exit")
@@ -409,6 +418,7 @@ async def main() -> int:
         print(f"analyzer_load_bench: {exc}", file=sys.stderr)
         return 2
     print(f"darknet {args.darknet}, seed {args.seed}, {args.seconds:.0f}s per point, backlog {args.backlog}, "
+          f"analyzer {args.analyzer_args or 'defaults'}, "
           f"rate {'flat out' if not args.rate else f'{args.rate:,.0f}/s'}; machine load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(HEADER)

@@ -18,9 +18,10 @@ Where the proportions come from (defaults of `Mix`; every one is a parameter):
   fraction of the TCP SYNs reaching a reactive telescope are irregular: written on raw sockets by
   ZMap, masscan and Mirai-like bots, whose kernel answers our SYN+ACK with a RST (no socket knows
   the connection). Default: 0.5 % of sources (`scanners`), 75 % of handshakes
-  (`scanner_packets`): "predominant" made a number; a source at the head sends millions of SYNs a
-  day on a /16. Their SYNs carry the tools' own headers: masscan (no options, window 1024, TTL
-  255), ZMap (MSS only, window 65535, TTL 255, IP ID 54321), Mirai (no options, sequence number =
+  (`scanner_packets`): "predominant" made a number. The shift `zipf_q` = 30 keeps every scanner
+  at "millions of SYNs a day": with 100k sources on a /16 at the ORION rate the 500 scanners send
+  0.24M to 4.2M SYNs a day each (ZMap at 1.4M packets/s over all of IPv4 puts ~1.8M a day on
+  a /16). Their SYNs carry the tools' own headers: masscan (no options, window 1024, TTL 255), ZMap (MSS only, window 65535, TTL 255, IP ID 54321), Mirai (no options, sequence number =
   destination address, TTL 64) and nmap's SYN scan (p0f's `!:NMap:SYN scan`).
 - Stateful clients complete the handshake with an ACK (bots brute-forcing telnet/SSH through a
   real stack, second-phase connections of two-phase scanners, Spoki again). Their SYNs are exact
@@ -80,8 +81,8 @@ class Mix:
     silent_packets: float = 0.05
     natted: float = 0.30  # share of stateful clients that are a Windows host behind a NAT
     retransmitted: float = 0.01  # share of ACKed handshakes whose SYN+ACK was sent twice
-    zipf_s: float = 1.1  # Zipf-Mandelbrot exponent of packets by source rank within a class
-    zipf_q: float = 2.7  # ... and its shift (flattens the very head)
+    zipf_s: float = 1.0  # Zipf-Mandelbrot exponent of packets by source rank within a class
+    zipf_q: float = 30.0  # ... and its shift (flattens the very head; see the module docstring)
 
     def check(self) -> Mix:
         for name in ("scanners", "scanner_packets", "silent", "silent_packets", "natted", "retransmitted"):
