@@ -1,6 +1,6 @@
 # A SYN flood nobody answers (1,500 SYNs from random sources at 50/s for 30 s;
 # the darknet answers half of them with a SYN+ACK and its retransmissions at
-# 1 s and 3 s, no client replies; then 20 quiet seconds) leaves no state
+# 1 s and 3 s, no client replies; then 20 s of unrelated packets) leaves no state
 # behind: a SYN's track leaves StepStone::tracks *reply_wait* after it at the
 # latest, so the table never holds more than the SYNs of the last
 # *reply_wait*, and it is empty once the flood is over, while Zeek itself
