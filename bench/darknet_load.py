@@ -21,7 +21,8 @@ Where the proportions come from (defaults of `Mix`; every one is a parameter):
   (`scanner_packets`): "predominant" made a number. The shift `zipf_q` = 30 keeps every scanner
   at "millions of SYNs a day": with 100k sources on a /16 at the ORION rate the 500 scanners send
   0.24M to 4.2M SYNs a day each (ZMap at 1.4M packets/s over all of IPv4 puts ~1.8M a day on
-  a /16). Their SYNs carry the tools' own headers: masscan (no options, window 1024, TTL 255), ZMap (MSS only, window 65535, TTL 255, IP ID 54321), Mirai (no options, sequence number =
+  a /16). Their SYNs carry the tools' own headers: masscan (no options, window 1024, TTL 255),
+  ZMap (MSS only, window 65535, TTL 255, IP ID 54321), Mirai (no options, sequence number =
   destination address, TTL 64) and nmap's SYN scan (p0f's `!:NMap:SYN scan`).
 - Stateful clients complete the handshake with an ACK (bots brute-forcing telnet/SSH through a
   real stack, second-phase connections of two-phase scanners, Spoki again). Their SYNs are exact
