@@ -31,9 +31,11 @@
 ##! publishes on *handshake_topic* only while something could receive it: a
 ##! Broker peer (Broker::peer_added; Zeek 7.0's Broker WebSocket clients are
 ##! peers too) or a client of Cluster::listen_websocket
-##! (Cluster::websocket_client_added, from 7.2). A client that subscribes
-##! gets every handshake published after its subscription took effect, as
-##! before. The local StepStone::handshake event is raised in any case.
+##! (Cluster::websocket_client_added, from 7.2). Zeek queues that event
+##! before it acknowledges the client's subscriptions (zeek/zeek
+##! src/cluster/websocket/WebSocket.cc), so a client misses at most what
+##! the same event-queue run publishes, as if it had come a moment later.
+##! The local StepStone::handshake event is raised in any case.
 
 @load base/frameworks/broker
 @load base/frameworks/cluster
