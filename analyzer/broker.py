@@ -299,10 +299,27 @@ def _format_timestamp(value: Timestamp) -> str:
     if not 1970 <= moment.year <= 9999:
         raise BrokerError(f"timestamp out of range: {value!r}")
     text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    # Microseconds are what Zeek is known to read exactly; nanoseconds only when there are any.
+    # The fewest digits that are exact: milliseconds are what every Zeek sends and reads (Zeek
+    # 7.0's Broker reads any fraction as a count of milliseconds: ".500000" became 500 s, see
+    # `to_milliseconds`); microseconds Zeek 8 reads exactly; nanoseconds only when there are any.
+    if fraction % 1_000_000 == 0:
+        return f"{text}.{fraction // 1_000_000:03d}"
     if fraction % 1000 == 0:
         return f"{text}.{fraction // 1000:06d}"
     return f"{text}.{fraction:09d}"
+
+
+def to_milliseconds(value: Any) -> Any:
+    """`value` with every Timestamp in it rounded to the millisecond, for a peer that reads no
+    finer (Zeek 7.0's Broker: a six-digit fraction is read as milliseconds, hundreds of seconds
+    off). Vectors (tuples) are walked; other values are returned as they are."""
+    if isinstance(value, Timestamp):
+        return Timestamp(round(value.ns / 1_000_000) * 1_000_000)
+    if isinstance(value, tuple):
+        return tuple(to_milliseconds(v) for v in value)
+    if isinstance(value, Event):
+        return Event(value.name, to_milliseconds(value.args), value.metadata)
+    return value
 
 
 _TIMESPAN = re.compile(r"(-?[0-9]{1,20})(ns|us|ms|s|min|h|d)")  # 20 digits: past any 64-bit value

@@ -88,6 +88,7 @@ from analyzer.broker import (
     parse_frame,
     quote,
     subscription_frame,
+    to_milliseconds,
 )
 from analyzer.handshake import MAX_SYNACKS, Handshake, HandshakeError
 from analyzer.record import Record, RecordError
@@ -528,6 +529,7 @@ class ZeekClient:
         self._unconfirmed: dict[str, _Outgoing] = {}
         self._confirms_seen = False  # on the current connection
         self._legacy = False  # the current connection's Zeek does not confirm
+        self._exact_times = False  # the current connection's Zeek reads sub-millisecond times
         self._ids = f"{random.getrandbits(48):012x}"  # ids unique across analyzer restarts
         self._next_id = 0
         # None wakes a consumer waiting in handshakes() when the client is closed.
@@ -554,16 +556,18 @@ class ZeekClient:
         once Zeek confirms it (see the module's Delivery), False if it left the queue unsent."""
         self._next_id += 1
         ident = f"{self._ids}-{self._next_id}"
-        return self._queue(event_frame(self.verdict_topic, verdict_event(verdict, record, ident)), ident)
+        return self._queue(self.verdict_topic, verdict_event(verdict, record, ident), ident)
 
     async def publish(self, topic: str, event: Event) -> asyncio.Future[bool]:
         """Queue an event; the future becomes True once the frame is written to a connected
         WebSocket, False if it left the queue unsent (dropped when full, or the client closed)."""
-        return self._queue(event_frame(topic, event), None)
+        return self._queue(topic, event, None)
 
-    def _queue(self, frame: str, ident: str | None) -> asyncio.Future[bool]:
+    def _queue(self, topic: str, event: Event, ident: str | None) -> asyncio.Future[bool]:
         if self._closed:
             raise RuntimeError("ZeekClient is closed")
+        frame = event_frame(topic, event)  # encoded now: an event that cannot be sent raises here
+        coarse = event_frame(topic, to_milliseconds(event))
         if self.pending >= self.resend_limit:
             self.stats.dropped += 1
             log.warning("re-send queue full (%d): dropping the oldest verdict", self.resend_limit)
@@ -574,7 +578,7 @@ class ZeekClient:
                 oldest = self._outbox.popleft()
             _resolve(oldest.done, False)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Outgoing(frame, done, ident))
+        self._outbox.append(_Outgoing(frame, coarse, done, ident))
         self._outbox_ready.set()
         self.start()
         return done
@@ -681,6 +685,7 @@ class ZeekClient:
                 continue
             if isinstance(message, Ack):
                 self.server_version = message.version
+                self._exact_times = _reads_exact_times(message.version)
                 self.stats.connects += 1
                 log.info("subscribed to %s on Zeek %s (%s)", self.topics, quote(message.version), self.url)
                 return True
@@ -768,7 +773,8 @@ class ZeekClient:
         while True:
             while self._outbox:
                 item = self._outbox[0]
-                await ws.send(item.frame)  # on failure the frame stays queued for the next connection
+                # On failure the frame stays queued for the next connection.
+                await ws.send(item.frame if self._exact_times else item.coarse)
                 if self._outbox and self._outbox[0] is item:
                     self._outbox.popleft()
                 self.stats.sent += 1
@@ -831,11 +837,21 @@ class ZeekClient:
         self._unconfirmed.clear()
 
 
+def _reads_exact_times(version: str) -> bool:
+    """Whether the Zeek that acked with `version` reads a timestamp's microseconds. Zeek 8's
+    WebSocket API acks with Zeek's version and reads them exactly; Zeek 7.0 acks with Broker's
+    (`2.8.0-dev`), whose JSON reader takes any fraction for a count of milliseconds. Anything
+    not known to be exact gets millisecond times (what every Zeek reads right)."""
+    head = version.split(".")[:2]
+    return len(head) == 2 and all(p.isdigit() for p in head) and (int(head[0]), int(head[1])) >= (8, 0)
+
+
 @dataclass(eq=False)
 class _Outgoing:
     """A frame to send, and the future that says when it was delivered."""
 
     frame: str
+    coarse: str  # the same with its times in milliseconds, for a Zeek that reads no finer
     done: asyncio.Future[bool]
     ident: str | None  # a verdict's id: delivered when Zeek confirms it, not when written
     written: float = 0.0  # loop time of the last write

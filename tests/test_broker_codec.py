@@ -371,3 +371,25 @@ def test_quote_cuts_long_values_and_escapes_control_characters() -> None:
     assert broker.quote("x" * 10**6) == "'" + "x" * 56 + "..."
     assert broker.quote("a\nb") == "'a\\nb'"
     assert len(broker.quote(list(range(10**5)))) == broker.QUOTE
+
+
+def test_timestamps_are_written_with_the_fewest_exact_digits_and_can_be_rounded_to_milliseconds() -> None:
+    """Zeek 7.0's Broker reads a timestamp's fraction as a count of milliseconds (".500000" was
+    read as 500 s, measured on 7.0.11): whole milliseconds go out with three digits, and
+    `to_milliseconds` makes an event safe for such a peer."""
+    from analyzer.broker import Event, Timestamp, encode, to_milliseconds
+
+    assert encode(Timestamp(1_764_212_880_500_000_000))["data"] == "2025-11-27T03:08:00.500"
+    assert encode(Timestamp(1_764_212_880_123_456_000))["data"] == "2025-11-27T03:08:00.123456"
+    event = Event("E", ((Timestamp(1_764_212_880_123_456_000), "x"), Timestamp(1_764_212_880_999_600_000)))
+    assert to_milliseconds(event) == Event(
+        "E", ((Timestamp(1_764_212_880_123_000_000), "x"), Timestamp(1_764_212_881_000_000_000)))
+
+
+@pytest.mark.parametrize(("version", "exact"), [("8.0.10", True), ("8.1.0-dev.12", True), ("9.0.0", True),
+                                                ("2.8.0-dev", False), ("7.2.1", False), ("", False),
+                                                ("weird", False)])
+def test_only_a_zeek_known_to_read_microseconds_gets_them(version: str, exact: bool) -> None:
+    from analyzer.zeek import _reads_exact_times
+
+    assert _reads_exact_times(version) is exact
