@@ -90,9 +90,10 @@ class FakeZeek:
             async for frame in ws:
                 message = parse_frame(frame)
                 assert isinstance(message, DataMessage)
-                # Confirmed as the package does, once "logged" (here: queued for the test).
+                # Confirmed as the package does, once "logged" (here: queued for the test). The
+                # Verdict's id is field 23; issue 10's fields follow it.
                 await self.published.put(message)
-                if message.event is not None and isinstance(ident := message.event.args[0][-1], str):
+                if message.event is not None and isinstance(ident := message.event.args[0][23], str):
                     ack = Event("StepStone::verdict_ack", (ident,))
                     await ws.send(event_frame("stepstone/verdict-ack", ack))
         finally:
