@@ -194,9 +194,11 @@ event connection_SYN_packet(c: connection, pkt: SYN_packet)
 	# A SYN+ACK captured before its SYN (real in
 	# tests/btest/Traces/vnc-scanner.pcap) comes first as the
 	# originator's "SYN" until the SYN flips the connection: no
-	# SYN to time or fingerprint, no handshake.
+	# SYN to time or fingerprint, no handshake. A SYN that came through a
+	# tunnel Zeek decapsulated has the outer packet's header, without $tcp:
+	# it is taken as the SYN it was raised as.
 	local hdr = get_current_packet_header();
-	if ( ( hdr$tcp$flags & 16 ) != 0 )
+	if ( hdr?$tcp && ( hdr$tcp$flags & 16 ) != 0 )
 		return;
 
 	c$stepstone_seen = T;
