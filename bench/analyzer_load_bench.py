@@ -163,11 +163,11 @@ async def census(r: aioredis.Redis) -> dict[str, dict[str, float]]:
     return out
 
 
-def start_analyzer(url: str, log_dir: Path, extra: list[str]) -> subprocess.Popen[bytes]:
-    err = open(log_dir.parent / "analyzer.stderr", "wb")  # noqa: SIM115 (closed with the process)
+def start_analyzer(url: str, log_dir: Path, extra: list[str], consumer: str) -> subprocess.Popen[bytes]:
+    err = open(log_dir.parent / f"{consumer}.stderr", "wb")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(
         [sys.executable, "-m", "analyzer.cli", "run", "--redis", url, "--handshakes",
-         "--log-dir", str(log_dir), "--consumer", "bench", *extra],
+         "--log-dir", str(log_dir), "--consumer", consumer, *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads in this process)
     )
@@ -245,10 +245,13 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
     count = args.max_handshakes if per_source is None else min(args.max_handshakes, sources * per_source)
     answered_of = {s.addr: s.kind != "silent" for s in load.pool}
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="stepstone-load-") as tmp:
-        log_dir = Path(tmp) / "logs"
-        log_dir.mkdir()
+        dirs = [Path(tmp) / f"logs{i}" for i in range(args.analyzers)]
         r = aioredis.from_url(server.url, decode_responses=True)
-        proc = start_analyzer(server.url, log_dir, args.analyzer_args.split())
+        procs = []
+        for i, d in enumerate(dirs):
+            d.mkdir()
+            procs.append(start_analyzer(server.url, d, args.analyzer_args.split(), f"bench{i}"))
+        proc = procs[0]
         spy: subprocess.Popen[bytes] | None = None
         stop = asyncio.Event()
         prober_task: asyncio.Task[None] | None = None
@@ -258,16 +261,20 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                     return any(g["name"] == "analyzers" for g in await r.xinfo_groups(P + "handshakes"))
                 return False
 
-            await wait_for(ready, 60, "the analyzer's consumer group", proc)
+            for p in procs:
+                await wait_for(ready, 60, "the analyzer's consumer group", p)
             if args.profile:
                 name = f"sources{sources}" if per_source is None else f"per{per_source}"
                 spy = start_spy(proc.pid, Path(args.profile) / f"{name}.txt")
             before = await redis_info(r)
-            cpu0 = proc_cpu(proc.pid)
+            cpu0 = sum(proc_cpu(p.pid) for p in procs)
             assert server.proc is not None
             redis_cpu0, own_cpu0 = proc_cpu(server.proc.pid), time.process_time()
-            hs_lines = LineCounter(log_dir / "handshakes.log")
-            v_lines = LineCounter(log_dir / "stepstone.log")
+            hs_lines = [LineCounter(d / "handshakes.log") for d in dirs]
+            v_lines = [LineCounter(d / "stepstone.log") for d in dirs]
+
+            def logged() -> tuple[int, int]:
+                return sum(c.count() for c in hs_lines), sum(c.count() for c in v_lines)
             counting = Counting(aioredis.from_url(server.url, decode_responses=True))
             prober_task = asyncio.create_task(prober(counting, stop))  # type: ignore[arg-type]
             own = {"trips": 0, "commands": 0}
@@ -282,8 +289,9 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                     group = next(g for g in groups if g["name"] == "analyzers")
                     if int(group.get("lag") or 0) + int(group.get("pending") or 0) + n <= args.backlog:
                         return
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"the analyzer exited ({proc.returncode})")
+                    for p in procs:
+                        if p.poll() is not None:
+                            raise RuntimeError(f"an analyzer exited ({p.returncode})")
                     await asyncio.sleep(0.005)
 
             real = load.handshake
@@ -302,20 +310,21 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
             answered = sum(1 for src in handshakes_of if answered_of[src])
 
             async def drained() -> bool:
-                return hs_lines.count() >= sent and v_lines.count() >= answered
+                done = logged()
+                return done[0] >= sent and done[1] >= answered
 
             with contextlib.suppress(RuntimeError):
                 await wait_for(drained, args.seconds, "the analyzer to finish the feed", proc)
             elapsed = time.monotonic() - start
-            cpu = proc_cpu(proc.pid) - cpu0
+            cpu = sum(proc_cpu(p.pid) for p in procs) - cpu0
             redis_cpu, own_cpu = proc_cpu(server.proc.pid) - redis_cpu0, time.process_time() - own_cpu0
-            mem = proc_mem(proc.pid)
+            mem = {"VmHWM": max(proc_mem(p.pid).get("VmHWM", 0) for p in procs)}
             stop.set()
             await prober_task
             prober_task = None
             after = await redis_info(r)
             keys = await census(r)
-            done_hs, done_v = hs_lines.count(), v_lines.count()
+            done_hs, done_v = logged()
         finally:
             stop.set()
             if prober_task is not None:
@@ -324,9 +333,10 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                     await prober_task
             if spy is not None:
                 stop_process(spy, signal.SIGINT)
-            stop_process(proc)
+            for p in procs:
+                stop_process(p)
             await r.aclose()
-        latencies = read_latencies(log_dir / "stepstone.log")
+        latencies = sorted(x for d in dirs for x in read_latencies(d / "stepstone.log"))
     cmds = {k: after["commands"].get(k, 0) - before["commands"].get(k, 0) for k in after["commands"]}
     # Subtract what this benchmark sent itself: the load's XADDs, its XINFOs, the prober's work,
     # the INFO calls (and the census after `after`, not counted).
@@ -337,7 +347,7 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
     per_src_bytes = sum(keys.get(f, {}).get("bytes", 0.0) for f in src_families)
     n = max(1, done_hs)
     return {
-        "sources": sources, "per_source": per_source, "setup_s": round(setup, 1),
+        "sources": sources, "per_source": per_source, "analyzers": args.analyzers, "setup_s": round(setup, 1),
         "fed": sent, "fed_s": round(fed_at, 2), "done": done_hs, "verdicts": done_v,
         "elapsed_s": round(elapsed, 2), "sources_seen": len(seen),
         "busiest": max(seen.values()) if seen else 0,
@@ -392,6 +402,8 @@ async def main() -> int:
     ap.add_argument("--backlog", type=int, default=2000, help="entries the feed may run ahead (default 2000)")
     ap.add_argument("--batch", type=int, default=200, help="XADDs per pipeline of the load (default 200)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per point (default 1)")
+    ap.add_argument("--analyzers", type=int, default=1, help="analyzer processes sharing the work "
+                    "(consumers of one group; hs/cpu is per CPU second of all of them; RSS the largest)")
     ap.add_argument("--analyzer-args", default="", metavar="ARGS",
                     help="more options of stepstone-analyzer run, e.g. '--max-records 10'")
     ap.add_argument("--profile", metavar="DIR", help="py-spy record the analyzer (raw stacks) per point")
@@ -412,12 +424,14 @@ async def main() -> int:
             points = [int(x) for x in (args.points or "1000,10000,100000,1000000").split(",")]
         else:
             points = [int(x) for x in (args.points or "1,10,100,1000,10000,100000").split(",")]
-        if any(p < 1 for p in points) or args.seconds <= 0 or args.backlog < args.batch or args.repeat < 1:
-            raise ValueError("points >= 1, --seconds > 0, --backlog >= --batch, --repeat >= 1")
+        if (any(p < 1 for p in points) or args.seconds <= 0 or args.backlog < args.batch or args.repeat < 1
+                or args.analyzers < 1):
+            raise ValueError("points, --analyzers, --repeat >= 1; --seconds > 0; --backlog >= --batch")
     except ValueError as exc:
         print(f"analyzer_load_bench: {exc}", file=sys.stderr)
         return 2
     print(f"darknet {args.darknet}, seed {args.seed}, {args.seconds:.0f}s per point, backlog {args.backlog}, "
+          f"{args.analyzers} analyzer(s), "
           f"analyzer {args.analyzer_args or 'defaults'}, "
           f"rate {'flat out' if not args.rate else f'{args.rate:,.0f}/s'}; machine load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
