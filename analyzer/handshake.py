@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
 from prober.job import DURATION_MAX_US, EPOCH_MAX, epoch_seconds, short
+from prober.job import address as canonical_address
 
 Reply = Literal["ack", "rst"]
 Feed = Literal["pcap", "zeek", "responder"]
@@ -89,7 +89,7 @@ class Handshake:
         for name in ("src", "dst"):
             value = getattr(self, name)
             try:
-                canonical = isinstance(value, str) and str(ipaddress.ip_address(value)) == value
+                canonical = canonical_address(value) == value
             except ValueError:
                 canonical = False
             if not canonical:
@@ -132,7 +132,7 @@ class Handshake:
         def address(name: str) -> str:
             text = fields.get(name, "")
             try:
-                return str(ipaddress.ip_address(text))
+                return canonical_address(text)
             except ValueError:
                 raise HandshakeError(f"{name} is not an IP address: {short(text)}") from None
 

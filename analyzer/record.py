@@ -10,12 +10,20 @@ verdict) can count on finite, bounded numbers.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prober.job import DURATION_MAX_US, EPOCH_MAX, HOPS_MAX, VARIANCE_MAX_US2, bounded, p0f_label, short
+from prober.job import (
+    DURATION_MAX_US,
+    EPOCH_MAX,
+    HOPS_MAX,
+    VARIANCE_MAX_US2,
+    address,
+    bounded,
+    p0f_label,
+    short,
+)
 
 
 class RecordError(ValueError):
@@ -111,10 +119,8 @@ def _hops(obj: dict[str, Any], name: str) -> int | None:
 
 def _address(obj: dict[str, Any], name: str) -> str:
     value = obj.get(name)
-    if not isinstance(value, str):  # ip_address() also takes ints (and True): not a contract
-        raise RecordError(f"field {name!r} is not an IP address: {short(value)}")
     try:
-        return str(ipaddress.ip_address(value))
+        return address(value)
     except ValueError:
         raise RecordError(f"field {name!r} is not an IP address: {short(value)}") from None
 

@@ -86,7 +86,7 @@ what it does:
   over the source's last --window seconds, one entry on <prefix>verdicts and one JSON line in
   LOG_DIR/stepstone.log. LOG_DIR/handshakes.log gets one line per handshake received, answered
   or not. With --zeek: every analyzer's verdicts (read from <prefix>verdicts with group
-  --zeek-group) go to that Zeek; an entry is acknowledged once written to the connected WebSocket.
+  --zeek-group) go to that Zeek; an entry is acknowledged once Zeek confirms it has logged it.
 
 examples:
   stepstone-analyzer run --redis unix:///run/redis/redis.sock --handshakes --log-dir /var/log/stepstone
@@ -491,11 +491,12 @@ class Service:
                              on_reject=rejected)
 
     async def send_verdicts(self, batch: list[Entry], stop: asyncio.Event) -> list[str]:
-        """Hand a batch of `verdicts` entries to Zeek; the ids to acknowledge: those written to a
-        connected WebSocket, and malformed ones. The rest stay pending in Redis (the durable
-        buffer; the client's queue is only the short-term one): Zeek is down and `stop` came first,
-        or the client dropped them. They are sent again after a restart (pending first) or when
-        they are claimed (--claim-after)."""
+        """Hand a batch of `verdicts` entries to Zeek; the ids to acknowledge: those Zeek
+        confirmed (StepStone::verdict_ack, once logged; written, for a package that predates
+        confirmations), and malformed ones or ones Zeek refused (counted as rejected). The rest
+        stay pending in Redis (the durable buffer; the client's queue is only the short-term one):
+        Zeek is down and `stop` came first, or the client dropped them. They are sent again after
+        a restart (pending first) or when they are claimed (--claim-after)."""
         done: list[str] = []
         waiting: list[tuple[str, asyncio.Future[bool]]] = []
         for entry_id, fields in batch:
@@ -516,11 +517,21 @@ class Service:
                     break
         finally:
             stopping.cancel()
-        unsent = [entry_id for entry_id, sent in waiting if not (sent.done() and sent.result())]
+        unsent = []
+        for entry_id, sent in waiting:
+            if not sent.done():
+                unsent.append(entry_id)
+            elif (exc := sent.exception()) is not None:  # VerdictRefused: never again
+                self._reject(self.verdicts_stream.stream, entry_id, exc)
+                done.append(entry_id)
+            elif sent.result():
+                done.append(entry_id)
+            else:
+                unsent.append(entry_id)
         if unsent and not stop.is_set():
             log.warning("%d verdicts the Zeek client could not keep; left pending", len(unsent))
             self.metrics.errors.labels("zeek").inc(len(unsent))
-        return done + [entry_id for entry_id, sent in waiting if sent.done() and sent.result()]
+        return done
 
     # -- the work -------------------------------------------------------------------------------
 

@@ -104,6 +104,13 @@ HANDSHAKE_EVENT = "StepStone::handshake"
 VERDICT_EVENT = "StepStone::verdict"
 VERDICT_ACK_TOPIC = "stepstone/verdict-ack"
 VERDICT_ACK_EVENT = "StepStone::verdict_ack"
+# Rounds of confirm_timeout a verdict may go unconfirmed, on a Zeek that confirms others, before
+# it is given up as one Zeek refuses (its error frames name no message).
+MAX_UNCONFIRMED = 3
+
+
+class VerdictRefused(Exception):
+    """Zeek never confirmed this verdict though it confirmed others: it cannot use it."""
 DLT_EN10MB = 1  # pcap's Ethernet link type
 # Bounds at the boundary. T^p and the SYN+ACK and reply times relative to the SYN come from one
 # connection that Zeek publishes after StepStone::reply_wait (30 s by default): an hour (the
@@ -390,7 +397,21 @@ def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any
         _hops_margin(verdict_dict.get("hops_margin")),
         _optional_count(verdict_dict, "hops_samples"),
     )
+    _strict_text(value)
     return Event(VERDICT_EVENT, (value,))
+
+
+def _strict_text(value: Any) -> None:
+    """Zeek refuses a string that is not UTF-8 (a lone surrogate in `reasons`, say) and says not
+    which: such a verdict would wait for a confirmation that never comes."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, tuple):
+            _strict_text(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"verdict text is not UTF-8: {short(v)}") from None
 
 
 EVIDENCE_MAX = 16  # entries of a verdict's evidence sent to Zeek (the analyzer makes at most 4 today)
@@ -473,6 +494,7 @@ class ClientStats:
     sent: int = 0
     confirmed: int = 0  # verdicts Zeek confirmed (StepStone::verdict_ack)
     resent: int = 0  # verdicts sent again: written but unconfirmed when a connection ended, or lost
+    refused: int = 0  # verdicts given up: never confirmed though Zeek confirmed others
     dropped: int = 0  # verdicts dropped because the re-send queue was full
     oversized: int = 0  # connections closed on a frame over MAX_FRAME_BYTES
 
@@ -529,6 +551,7 @@ class ZeekClient:
         self._unconfirmed: dict[str, _Outgoing] = {}
         self._confirms_seen = False  # on the current connection
         self._legacy = False  # the current connection's Zeek does not confirm
+        self._errors_seen = False  # the current connection's Zeek refused something we sent
         self._exact_times = False  # the current connection's Zeek reads sub-millisecond times
         self._ids = f"{random.getrandbits(48):012x}"  # ids unique across analyzer restarts
         self._next_id = 0
@@ -699,7 +722,7 @@ class ZeekClient:
     async def _session(self, ws: ClientConnection) -> None:
         self.connected.set()
         self.disconnected.clear()
-        self._confirms_seen = self._legacy = False
+        self._confirms_seen = self._legacy = self._errors_seen = False
         tasks = {asyncio.create_task(self._read(ws), name="zeek-read"),
                  asyncio.create_task(self._write(ws), name="zeek-write"),
                  asyncio.create_task(self._watch_confirmations(), name="zeek-confirm")}
@@ -744,6 +767,7 @@ class ZeekClient:
         if isinstance(message, Error):
             # Zeek's answer to something we published; it does not say which message.
             self.stats.zeek_errors += 1
+            self._errors_seen = True
             log.warning("Zeek reports %s: %s", quote(message.code), quote(message.context, 200))
             return None
         if not isinstance(message, DataMessage):
@@ -772,11 +796,13 @@ class ZeekClient:
     async def _write(self, ws: ClientConnection) -> None:
         while True:
             while self._outbox:
-                item = self._outbox[0]
-                # On failure the frame stays queued for the next connection.
-                await ws.send(item.frame if self._exact_times else item.coarse)
-                if self._outbox and self._outbox[0] is item:
-                    self._outbox.popleft()
+                # Taken out before the send, which may yield: the queue can change meanwhile.
+                item = self._outbox.popleft()
+                try:
+                    await ws.send(item.frame if self._exact_times else item.coarse)
+                except BaseException:
+                    self._outbox.appendleft(item)  # for the next connection, first
+                    raise
                 self.stats.sent += 1
                 if item.ident is None or self._legacy:
                     _resolve(item.done, True)
@@ -799,9 +825,11 @@ class ZeekClient:
             _resolve(item.done, True)
 
     async def _watch_confirmations(self) -> None:
-        """While connected: a Zeek that never confirms has a package that predates confirmations
-        (fall back to written = delivered); one confirmation missing among others was lost on
-        the way (send that verdict again)."""
+        """While connected: a Zeek that never confirms, and refuses nothing, has a package that
+        predates confirmations (fall back to written = delivered); a confirmation missing among
+        others, or after Zeek refused something, was lost on the way or refused: send that
+        verdict again, and after MAX_UNCONFIRMED such rounds give it up as refused (its future
+        raises VerdictRefused), so that it never holds up the verdicts behind it."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, self.confirm_timeout / 4))  # a periodic check, not a sync
@@ -809,7 +837,7 @@ class ZeekClient:
                        if loop.time() - i.written > self.confirm_timeout]
             if not overdue:
                 continue
-            if not self._confirms_seen:
+            if not self._confirms_seen and not self._errors_seen:
                 self._legacy = True
                 log.warning("Zeek at %s confirmed none of %d verdicts within %g s: its stepstone "
                             "package predates verdict_ack; on this connection a written verdict counts "
@@ -819,13 +847,23 @@ class ZeekClient:
                     _resolve(item.done, True)
                 self._unconfirmed.clear()
                 continue  # nothing is held back on this connection from now on (`_write`)
-            log.warning("%d verdicts written to Zeek %g s ago were never confirmed; sending them again",
-                        len(overdue), self.confirm_timeout)
-            for item in reversed(overdue):
+            again = []
+            for item in overdue:
                 del self._unconfirmed[item.ident]  # type: ignore[arg-type]
-                self._outbox.appendleft(item)
-            self.stats.resent += len(overdue)
-            self._outbox_ready.set()
+                item.overdue += 1
+                if item.overdue >= MAX_UNCONFIRMED:
+                    self.stats.refused += 1
+                    _fail(item.done, VerdictRefused(
+                        f"Zeek did not confirm verdict {item.ident} after {item.overdue} sends "
+                        f"{self.confirm_timeout:g} s apart, while it confirmed others or reported errors"))
+                else:
+                    again.append(item)
+            if again:
+                log.warning("%d verdicts written to Zeek %g s ago were never confirmed; sending them again",
+                            len(again), self.confirm_timeout)
+                self._outbox.extendleft(reversed(again))
+                self.stats.resent += len(again)
+                self._outbox_ready.set()
 
     def _requeue_unconfirmed(self) -> None:
         if not self._unconfirmed:
@@ -855,6 +893,7 @@ class _Outgoing:
     done: asyncio.Future[bool]
     ident: str | None  # a verdict's id: delivered when Zeek confirms it, not when written
     written: float = 0.0  # loop time of the last write
+    overdue: int = 0  # times it went unconfirmed past confirm_timeout on a connection
 
 
 def _reason(exc: BaseException) -> str:
@@ -865,3 +904,8 @@ def _reason(exc: BaseException) -> str:
 def _resolve(done: asyncio.Future[bool], sent: bool) -> None:
     if not done.done():  # a waiter may have cancelled it
         done.set_result(sent)
+
+
+def _fail(done: asyncio.Future[bool], exc: Exception) -> None:
+    if not done.done():
+        done.set_exception(exc)

@@ -18,7 +18,7 @@ from redis.client import NEVER_DECODE
 
 # An entry is a handful of short fields on every stream of ours; far more is not one of ours.
 MAX_FIELDS = 64
-MAX_VALUE_BYTES = 65536
+MAX_VALUE_BYTES = 4 * (65535 // 3 + 1)  # the base64 of the largest SYN (an IP packet) a handshake holds
 
 RawFields = dict[bytes, bytes]
 # (entry id, fields); fields None or empty: still pending, but deleted from the stream (trimmed).

@@ -38,3 +38,26 @@ def test_good_entry_round_trips() -> None:
 def test_every_bad_field_is_a_handshake_error(field: str, text: str) -> None:
     with pytest.raises(HandshakeError):
         Handshake.from_fields({**GOOD, field: text})
+
+
+def test_an_ipv6_address_with_a_zone_is_no_source_anywhere() -> None:
+    """`fe80::1%eth0` parses as an address but names one machine's link: every contract refuses it
+    (Zeek refused it in a verdict, and every verdict behind it waited)."""
+    import pytest
+
+    from analyzer.handshake import Handshake, HandshakeError
+    from analyzer.record import Record, RecordError
+    from prober.job import Job, JobError, Result, address
+
+    with pytest.raises(ValueError, match="zone"):
+        address("fe80::1%eth0")
+    assert address("2001:DB8::1") == "2001:db8::1"
+    with pytest.raises(HandshakeError):
+        Handshake(t=1764212880.0, src="fe80::1%eth0", sport=1, dst="2001:db8::5", dport=2, syn=None,
+                  synack_times=(1764212880.1,), reply=None, reply_time=None, tp_us=None).check()
+    with pytest.raises(JobError):
+        Job.from_fields("1-0", {"src": "fe80::1%eth0", "t": "1764212880.0", "deadline": "1764212890.0"})
+    with pytest.raises(JobError):
+        Result.from_fields({"job": "1-0", "src": "fe80::1%eth0", "t": "1764212880.0"})
+    with pytest.raises(RecordError):
+        Record.from_json({"t": 1764212880.0, "src": "fe80::1%eth0", "dst": "2001:db8::5"})

@@ -188,6 +188,7 @@ class FakeZeek:
     # Confirm each verdict that carries an id, as the package does (False: a package before that).
     confirm: bool = True
     skip_confirms: int = 0  # leave this many verdicts unconfirmed (a confirmation lost on the way)
+    refuse_tp_us: set[int] = field(default_factory=set)  # verdicts with this T^p: Zeek's error instead
     confirmed: list[str] = field(default_factory=list)
     # Events this Zeek knows, each with its check of arity and types.
     known: dict[str, Callable[[Event], bool]] = field(
@@ -270,6 +271,9 @@ class FakeZeek:
         accept = self.known.get(event.name)
         if accept is None or not accept(event):
             await ws.send(ERR_EVENT, text=True)  # recorded: "failed to create Zeek event"
+            return
+        if event.name == VERDICT_EVENT and event.args[0][9].us in self.refuse_tp_us:
+            await ws.send(ERR_EVENT, text=True)  # as Zeek answers a verdict it cannot make
             return
         if event.name == VERDICT_EVENT and isinstance(ident := event.args[0][VERDICT_ID], str):
             # Kept without its id, which differs per send: the tests compare what Zeek logged.
@@ -1026,3 +1030,44 @@ def test_verdict_event_says_what_kind_at_the_end() -> None:
                 {"hops_margin": 1e9}, {"hops_samples": -1}, {"cond_hops": "yes"}):
         with pytest.raises(ValueError):
             verdict_event({**verdict, **bad}, records[-1].to_dict())
+
+
+
+async def test_a_verdict_zeek_keeps_refusing_is_given_up_and_holds_up_nothing(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    """Zeek answers an error (which names no message) to one verdict and confirms the others: that
+    one is sent MAX_UNCONFIRMED times, then its future raises VerdictRefused (the service
+    acknowledges it as rejected); the verdicts around it are delivered."""
+    from analyzer.zeek import MAX_UNCONFIRMED, VerdictRefused
+
+    client = client_for(zeek.url, confirm_timeout=0.3)
+    zeek.refuse_tp_us = {100_001}
+    records = [RECORD.to_dict() | {"tp_us": 100_000 + i} for i in range(3)]
+    sent = [await client.publish_verdict(VERDICT.to_dict(), r) for r in records]
+    async with asyncio.timeout(TIMEOUT):
+        assert await sent[0] is True and await sent[2] is True
+        with pytest.raises(VerdictRefused):
+            await sent[1]
+    assert client.stats.refused == 1 and client.stats.resent == MAX_UNCONFIRMED - 1
+    assert client.pending == 0 and client.stats.zeek_errors == MAX_UNCONFIRMED
+
+
+async def test_a_zeek_that_refuses_every_verdict_is_not_taken_for_an_old_package(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    """No confirmation at all, but errors: the verdicts were refused, not silently handled by a
+    package without confirmations, so none counts as delivered."""
+    from analyzer.zeek import VerdictRefused
+
+    client = client_for(zeek.url, confirm_timeout=0.3)
+    zeek.refuse_tp_us = {RECORD.tp_us}
+    sent = await client.publish_verdict(VERDICT.to_dict(), RECORD.to_dict())
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(VerdictRefused):
+            await sent
+
+
+def test_a_verdict_whose_text_is_not_utf8_is_refused_before_it_is_sent() -> None:
+    with pytest.raises(ValueError, match="not UTF-8"):
+        verdict_event(VERDICT.to_dict() | {"reasons": "bad \ud800 text"}, RECORD.to_dict())
