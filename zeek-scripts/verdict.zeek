@@ -4,9 +4,11 @@
 ##!
 ##! Notice fields checked against zeek/zeek
 ##! scripts/base/frameworks/notice/main.zeek (6.0 to 8.x): $note, $msg, $sub,
-##! $src, $identifier; suppression is keyed on note + identifier, so one
-##! notice of each kind per source per Notice::default_suppression_interval
-##! (1 hr).
+##! $src, $identifier; suppression is keyed on note + identifier. The
+##! identifier is the source and the start of its flagging, so a source gets
+##! one notice of each kind per Notice::default_suppression_interval (1 hr)
+##! within one flagging, and a source flagged again after a clearing is
+##! noticed again (else notice.log would end on its clearing).
 
 @load base/frameworks/notice
 @load ./main
@@ -14,9 +16,26 @@
 
 module StepStone;
 
-# Sources that met *notice_rule*, with when they last did. Only the node that
-# handles verdicts (the manager, or a standalone node) fills it.
-global flagged: table[addr] of time &write_expire=flag_memory;
+# A source that meets *notice_rule*: since when, without a clearing between.
+type Flagging: record {
+	since: time;
+	## This node's count of flaggings when it began: tells two flaggings
+	## apart even at one network time.
+	n: count;
+};
+
+global flaggings = 0;
+
+# Sources that met *notice_rule*, forgotten *flag_memory* after the last
+# verdict that did. Only the node that handles verdicts (the manager, or a
+# standalone node) fills it.
+global flagged: table[addr] of Flagging &write_expire=flag_memory;
+
+# The notices' identifier: one flagging of one source.
+function flagging_id(src: addr, f: Flagging): string
+	{
+	return fmt("%s/%d", src, f$n);
+	}
 
 function ms(i: interval): string
 	{
@@ -77,8 +96,8 @@ function confident_evidence(v: Verdict): string
 		parts += "no timing reference";
 
 	if ( v?$cond_hops && v$cond_hops )
-		parts += fmt("hops +%.1f over %d measurements", v?$hops_margin ?
-		    v$hops_margin : 0.0, v?$hops_samples ? v$hops_samples : 0);
+		parts += fmt("hops +%.1f over %d measurements", v?$hops_margin ? v$hops_margin :
+		    0.0, v?$hops_samples ? v$hops_samples : 0);
 
 	if ( v$cond_os )
 		parts += fmt("OS mismatch in %d measurements", v?$os_mismatches ?
@@ -203,13 +222,13 @@ function handle_verdict(v: Verdict)
 		if ( v$src in flagged )
 			{
 			rec$change = "cleared";
-			local since = flagged[v$src];
+			local f = flagged[v$src];
 			delete flagged[v$src];
 			Log::write(StepStone::LOG, rec);
-			NOTICE([$note=Relay_Cleared, $src=v$src, $msg=fmt("%s is no longer a stepping stone under notice_rule %s (last flagged at %s)",
+			NOTICE([$note=Relay_Cleared, $src=v$src, $msg=fmt("%s is no longer a stepping stone under notice_rule %s (flagged since %s)",
 			    v$src, notice_rule, strftime("%Y-%m-%dT%H:%M:%S",
-			    since)), $sub=rule_evidence(v, rule),
-			    $identifier=cat(v$src)]);
+			    f$since)), $sub=rule_evidence(v, rule),
+			    $identifier=flagging_id(v$src, f)]);
 			return;
 			}
 
@@ -219,8 +238,12 @@ function handle_verdict(v: Verdict)
 
 	rec$noticed_by = rule;
 	if ( v$src !in flagged )
+		{
 		rec$change = "flagged";
-	flagged[v$src] = network_time();
+		flagged[v$src] = Flagging($since=network_time(), $n=++flaggings);
+		}
+	else
+		flagged[v$src] = flagged[v$src]; # a write: flag_memory counts from now
 	Log::write(StepStone::LOG, rec);
 
 	local tp_mean = v?$tp_mean ? ms(v$tp_mean) : "?";
@@ -233,7 +256,7 @@ function handle_verdict(v: Verdict)
 	    v$src, tp_mean, ta_max_mean, v$samples, tp, ping_max, fp, fa);
 
 	NOTICE([$note=Relay_Detected, $src=v$src, $msg=msg, $sub=rule_evidence(v,
-	    rule), $identifier=cat(v$src)]);
+	    rule), $identifier=flagging_id(v$src, flagged[v$src])]);
 	}
 
 event StepStone::verdict(v: Verdict)

@@ -7,7 +7,8 @@
 #                 no longer holds (a cleared source).
 #   203.0.113.12  OS mismatch and one hop further (the paper's rule by the OS,
 #                 the confident one as kind forwarding by hops), sent twice: one
-#                 notice (suppression).
+#                 notice (suppression); then cleared, then flagged again: a new
+#                 flagging is noticed again, despite the suppression interval.
 #   2001:db8::10  from an analyzer that sends no confident fields.
 #   203.0.113.15  direct, neither rule.
 #   203.0.113.17  confident timing relay with no ping (SYN probe reference): the
@@ -29,10 +30,10 @@ function send(h: StepStone::HandshakeInfo, paper_timing: bool, os: bool,
     confident: bool, margin: interval, ref: string, n: count)
 	{
 	local v = StepStone::Verdict($src=h$orig_h, $cond_os=os,
-	    $cond_timing=paper_timing, $relay=os || paper_timing,
-	    $tp_mean=h$tp, $ta_max_mean=h$tp - margin, $samples=n, $t=h$ts,
-	    $dst=h$resp_h, $tp=h$tp, $ping_min=5msec, $ping_avg=8msec,
-	    $ping_max=h$tp - margin, $fp="unix:Linux:3.11 and newer",
+	    $cond_timing=paper_timing, $relay=os || paper_timing, $tp_mean=h$tp,
+	    $ta_max_mean=h$tp - margin, $samples=n, $t=h$ts, $dst=h$resp_h,
+	    $tp=h$tp, $ping_min=5msec, $ping_avg=8msec, $ping_max=h$tp - margin,
+	    $fp="unix:Linux:3.11 and newer",
 	    $fa=os ? "win:Windows:7 or 8" : "unix:Linux:3.11 and newer",
 	    $reasons="scripted", $relay_confident=confident,
 	    $cond_timing_strong=margin > 5msec, $timing_margin=margin,
@@ -71,6 +72,8 @@ event StepStone::handshake(h: StepStone::HandshakeInfo)
 		{
 		send(h, F, T, T, 0usec, "ping", 1);
 		send(h, F, T, T, 0usec, "ping", 1);
+		send(h, F, F, F, 0usec, "ping", 2);
+		send(h, F, T, T, 0usec, "ping", 3);
 		}
 	else if ( src == [2001:db8::10] )
 		event StepStone::verdict(StepStone::Verdict($src=src, $cond_os=F,
