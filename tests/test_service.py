@@ -102,9 +102,9 @@ async def test_relayed_and_direct_sources_get_the_right_verdicts(harness: Harnes
     quiet = next(x for x in hs_lines if x["src"] == silent.src)
     assert quiet["answered"] is False and quiet["job"] is None and quiet["tp_us"] is None
 
-    # The README's example lines (section `live`) show this relay: same fields as written, so the
-    # documentation follows the verdict when it gains fields.
-    readme = (ROOT / "README.md").read_text()
+    # The example lines of docs/output.md (section `live`) show this relay: same fields as written,
+    # so the documentation follows the verdict when it gains fields.
+    readme = (ROOT / "docs" / "output.md").read_text()
     section = readme.split("<!-- section: live -->")[1].split("<!-- /section: live -->")[0]
     examples = [json.loads(x) for x in section.splitlines() if x.startswith('{"hid"')]
     readme_stepstone = next(x for x in examples if "verdict" in x)

@@ -526,8 +526,8 @@ def test_verdict_reasons_name_the_os_pair() -> None:
 
 
 def test_the_readme_example_log_line_is_what_the_analyzer_sends() -> None:
-    """README section `zeek`: its stepstone.log line is the second of these two records."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """docs/output.md section `zeek`: its stepstone.log line is the second of these two records."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "output.md").read_text()
     section = readme.split("<!-- section: zeek -->")[1].split("<!-- /section: zeek -->")[0]
     line = next(x for x in section.splitlines() if x.startswith("17642"))
     base = {"src": "203.0.113.20", "dst": "198.18.0.6", "ping_min_us": 4000, "ping_avg_us": 8000,
