@@ -4,7 +4,7 @@ All three write JSON lines on stdout. Bad input is reported as one line per prob
 naming the file and the position (byte offset, packet number or line number), the first
 MAX_REPORTED of them and then a count; the good input around it is still processed and printed.
 
-Exit status 2 (README "Bad input: captures, records and the offline commands"): a capture that
+Exit status 2 (docs/offline.md, "Bad input"): a capture that
 cannot be read on (bad header, cut mid-record: everything before is still processed), a capture
 whose snapshot length cut off the SYNs' options, a records line that is not a record, bad options
 or database. A malformed packet inside a readable capture (a runt frame, a broken header, options

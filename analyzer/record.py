@@ -1,6 +1,6 @@
 """The measurement record (paper Table 2 / Fig. 4): one passive handshake plus its active probe.
 
-Field names are a fixed contract (DESIGN.md). Records cross process boundaries as JSON lines
+Field names are a fixed contract (docs/design.md). Records cross process boundaries as JSON lines
 (`replay` writes them, `judge` reads them, the live analyzer logs them), so `from_json` validates
 every field and says which one is wrong. The bounds and the label rule are the streams' own
 (`prober.job`): a probe result that passed the `results` stream's check always makes a record that

@@ -1,6 +1,6 @@
 """The analyzer's link to a Zeek sensor: Broker WebSocket client (JSON v1, `analyzer.broker`).
 
-Zeek side: `zeek-scripts/` (the `StepStone` module). Two topics, fixed by DESIGN.md:
+Zeek side: `zeek-scripts/` (the `StepStone` module). Two topics, fixed by docs/design.md:
 
 `stepstone/handshake` (Zeek -> analyzer) carries `StepStone::handshake(h: StepStone::HandshakeInfo)`,
 one event per darknet connection, published when the client's reply (ACK or RST) arrives or the

@@ -1,4 +1,4 @@
-"""Probe jobs and results: the schema both ends of the Redis streams agree on (DESIGN.md).
+"""Probe jobs and results: the schema both ends of the Redis streams agree on (docs/design.md).
 
 Stream entries are flat string maps; an empty string is null. Every entry read from Redis is
 validated here, so a malformed job is dead-lettered with a reason instead of crashing a worker.

@@ -2,7 +2,7 @@
 analyzer uses (enqueue jobs with dedup, iterate over results, acknowledge them).
 
 Streams (prefix default `stepstone:`): `jobs` (group `probers`), `results` (group `analyzers`),
-`dead` (jobs given up on, with `reason`, `job` and `src`). See DESIGN.md for the field contract.
+`dead` (jobs given up on, with `reason`, `job` and `src`). See docs/design.md for the field contract.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ their source port, ack == our seq + 1).
 
 The source port is reserved by binding an ordinary TCP socket to it for the duration of the probe,
 so no local connection can pick it; since nothing listens or connects there, the kernel answers the
-SYN+ACK with a RST, as after nmap -sS (see README: why we keep that RST).
+SYN+ACK with a RST, as after nmap -sS (see docs/running.md: why we keep that RST).
 """
 
 from __future__ import annotations
