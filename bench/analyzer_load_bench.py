@@ -193,6 +193,12 @@ def read_latencies(path: Path) -> list[float]:
     return sorted(out)
 
 
+def print_stderr_tails(folder: Path) -> None:
+    for err in sorted(folder.glob("*.stderr")):
+        for line in err.read_text(errors="replace").splitlines()[-5:]:
+            print(f"[{err.stem}] {line}", file=sys.stderr)
+
+
 def append_json(path: Path, x: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(x) + "\n")
@@ -255,6 +261,7 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
         spy: subprocess.Popen[bytes] | None = None
         stop = asyncio.Event()
         prober_task: asyncio.Task[None] | None = None
+        done_hs = sent = 0
         try:
             async def ready() -> bool:
                 with contextlib.suppress(Exception):
@@ -335,6 +342,9 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 stop_process(spy, signal.SIGINT)
             for p in procs:
                 stop_process(p)
+            if done_hs < sent:
+                # A point that did not finish: say what the analyzers said (their stderr).
+                print_stderr_tails(Path(tmp))
             await r.aclose()
         latencies = sorted(x for d in dirs for x in read_latencies(d / "stepstone.log"))
     cmds = {k: after["commands"].get(k, 0) - before["commands"].get(k, 0) for k in after["commands"]}
