@@ -25,8 +25,10 @@ BIN = Path(sys.executable).parent
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
-# What a shown command may carry before the program: sudo, VAR=value, a path to the venv or /opt.
-LEAD = re.compile(r"^(?:sudo\s+)?(?:[A-Z_]+=\S*\s+)*(?:\S*/)?(?=(?:stepstone-|python\b|scripts/|zkg\b))")
+# What a shown command may carry before the program: a systemd ExecStart=, sudo, VAR=value, a path
+# to the venv or /opt.
+LEAD = re.compile(r"^(?:ExecStart=)?(?:sudo\s+)?(?:[A-Z_]+=\S*\s+)*(?:\S*/)?"
+                  r"(?=(?:stepstone-|python\b|scripts/|zkg\b))")
 PIPE = re.compile(r"\|\s*(?=(?:sudo\s+)?(?:\S*/)?(?:stepstone-[a-z]+|python)\b)")
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 

@@ -2,7 +2,7 @@
 should get, bad uses of the new fields are refused, the crafted SYN is what a stack-less scanner
 sends (a valid packet the analyzer gives no hop distance), and the report scores the combined
 verdict `kind` per truth class and rule. The lab runs themselves: bench/lab_bench.py and the
-README's table."""
+docs/benchmarks.md's table."""
 
 from __future__ import annotations
 
