@@ -93,7 +93,8 @@ def test_bad_scenario_file_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "demo", "--scenarios", str(bad)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "kind must be one of direct, nat, proxy, scanner, homenat" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "kind must be one of direct, nat, proxy, scanner, homenat" in proc.stderr
 
 
 def test_an_unusable_keep_dir_is_one_line(tmp_path: Path) -> None:
