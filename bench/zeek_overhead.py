@@ -442,6 +442,7 @@ SAMPLER = """\
 global stepstone_bench_max = 0;
 global stepstone_bench_last = 0;
 global stepstone_bench_conns = 0;
+global stepstone_bench_at: time;
 
 event stepstone_bench_sample()
 	{
@@ -449,6 +450,7 @@ event stepstone_bench_sample()
 		return;
 	stepstone_bench_last = |StepStone::tracks|;
 	stepstone_bench_conns = get_conn_stats()$current_conns;
+	stepstone_bench_at = network_time();
 	if ( stepstone_bench_last > stepstone_bench_max )
 		stepstone_bench_max = stepstone_bench_last;
 	schedule 10sec { stepstone_bench_sample() };
@@ -461,7 +463,8 @@ event network_time_init()
 
 event zeek_done()
 	{
-	print fmt("%d %d %d", stepstone_bench_max, stepstone_bench_last, stepstone_bench_conns);
+	print fmt("%d %d %d %.0f", stepstone_bench_max, stepstone_bench_last,
+		stepstone_bench_conns, time_to_double(stepstone_bench_at));
 	}
 """
 
@@ -492,7 +495,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--rate", type=float, default=2000.0, help="new connections per second of trace")
     add("--flood-syns", type=int, default=1_000_000, help="SYNs in the flood capture")
     add("--flood-rate", type=float, default=2000.0, help="flood SYNs per second of trace")
-    add("--flood-tail", type=int, default=40, help="quiet seconds of trace after the flood")
+    add("--flood-tail", type=int, default=50, help="quiet seconds of trace after the flood")
     add("--no-flood", action="store_true", help="skip the flood")
     add("--write-flood", type=Path, metavar="PCAP", help="only write the flood capture to PCAP")
     add("--local", action="store_true", help="load site/local.zeek in both runs")
@@ -521,7 +524,8 @@ def report(args: argparse.Namespace, version: str, dark: Capture, alone: Run, pk
 
 
 def report_flood(args: argparse.Namespace, flood: Capture, alone: Run, pkg: Run) -> None:
-    largest, last, conns = (int(n) for n in pkg.stdout.split())
+    largest, last, conns, at = (int(n) for n in pkg.stdout.split())
+    after = at - START_US / 1e6 - flood.connections / args.flood_rate
     print(
         f"flood: {flood.packets} packets, {flood.connections} SYNs from random sources at "
         f"{args.flood_rate:g}/s ({flood.handshakes} answered by the darknet, none by the client), "
@@ -532,7 +536,7 @@ def report_flood(args: argparse.Namespace, flood: Capture, alone: Run, pkg: Run)
     print(
         f"  package memory {pkg.rss_mb - alone.rss_mb:+.0f} MB; |StepStone::tracks| every 10 s: "
         f"largest {largest} (SYNs in one reply_wait of 30 s: {args.flood_rate * 30:.0f}), "
-        f"last {last} ({args.flood_tail} s after the flood; Zeek's own open connections then: {conns})"
+        f"last {last} (about {after:.0f} s after the flood; Zeek's own open connections then: {conns})"
     )
 
 
