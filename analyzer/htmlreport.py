@@ -31,12 +31,10 @@ import argparse
 import html
 import io
 import ipaddress
-import json
 import math
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -46,27 +44,23 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, NamedTuple
 
 from analyzer.errors import InputError
-from analyzer.offline import (
-    MAX_LINE,
-    _lines,
-    _NotARecordNumber,
-    _parse_constant,
-    _parse_int,
-    _Problems,
-)
+from analyzer.offline import _Problems, json_objects
 from analyzer.record import Record, RecordError
 from analyzer.rules import (
-    _MAD_TO_SD,
+    RELAY_KINDS,
     TIMING_FLOOR_US,
-    TIMING_K,
+    StrongTiming,
     TimingRef,
     Verdict,
     _address_order,
+    findings,
+    hop_test,
     names_an_os,
     os_part,
+    timing_test,
 )
 
 DIFFS_CAP = 512  # T^p - T^a values kept per source for the median (exact up to this many)
@@ -95,12 +89,21 @@ class Truth:
     scenario: str = ""
 
 
+class _HopPair(NamedTuple):
+    """What the hop test reads of a record."""
+
+    syn_dist: int | None
+    fa_dist: int | None
+    fp: str | None
+
+
 class _Source:
     """One source's running aggregate (module docstring)."""
 
-    __slots__ = ("diffs", "exceeds", "first", "last", "n_diffs", "n_pairs", "n_points", "os_mismatches",
-                 "os_pair", "points", "records", "refs", "sum_ta", "sum_tp", "var_n", "var_sum",
-                 "verdict", "verdict_key", "with_ping")
+    __slots__ = ("clients", "diffs", "exceeds", "first", "hop_pairs", "labelled", "last", "n_diffs",
+                 "n_hops", "n_pairs", "n_points", "os_known", "os_mismatches", "os_pair", "points",
+                 "records", "refs", "sum_ta", "sum_tp", "var_n", "var_sum", "verdict", "verdict_key",
+                 "with_ping")
 
     def __init__(self, t: float) -> None:
         self.records = 0
@@ -119,6 +122,11 @@ class _Source:
         self.refs = 0  # bit 1: ping, bit 2: syn
         self.n_points = 0
         self.points: array[float] | None = None  # t, T^p, T^a, 1.0 if T^a is the SYN RTT
+        self.clients: set[str] = set()  # client OSes (class:name) among the SYN labels
+        self.labelled = 0  # records whose SYN label names an OS
+        self.os_known = 0  # records with both labels naming an OS
+        self.n_hops = 0
+        self.hop_pairs: list[_HopPair] | None = None  # a uniform sample, for the hop test
         self.verdict: dict[str, Any] | None = None  # the logged verdict (log-dir input)
         self.verdict_key: tuple[float, int] = (-math.inf, -1)
 
@@ -133,6 +141,21 @@ class _Source:
             self.os_mismatches += 1
             if self.os_pair is None:
                 self.os_pair = (r.fp, r.fa)
+        if names_an_os(r.fp):
+            self.labelled += 1
+            self.clients.add(os_part(r.fp, "name"))
+            self.os_known += names_an_os(r.fa)
+        if r.syn_dist is not None and r.fa_dist is not None:
+            self.n_hops += 1
+            slot = _reservoir_slot(self.n_hops, diffs_cap, rng)
+            if slot is not None:
+                if self.hop_pairs is None:
+                    self.hop_pairs = []
+                pair = _HopPair(r.syn_dist, r.fa_dist, r.fp)
+                if slot == len(self.hop_pairs):
+                    self.hop_pairs.append(pair)
+                else:
+                    self.hop_pairs[slot] = pair
         if r.has_ping:
             self.with_ping += 1
             if r.tp_us is not None and r.ping_max_us is not None:
@@ -174,34 +197,35 @@ class _Source:
                 self.points[slot * 4:slot * 4 + 4] = array("d", point)
 
     def judge(self, src: str) -> Verdict:
-        """analyzer.rules.judge over every record of the source (os level "name")."""
+        """analyzer.rules.judge over every record of the source (os level "name"), from the
+        running sums and the kept samples, with the rules' own tests (`timing_test`, `hop_test`,
+        `findings`)."""
         tp_mean = ta_mean = None
         cond_timing = False
         if self.n_pairs:
             tp_mean = self.sum_tp / self.n_pairs
             ta_mean = self.sum_ta / self.n_pairs
             cond_timing = self.exceeds > 0 and tp_mean > ta_mean
-        strong = False
-        ref: TimingRef | None = None
-        margin = noise = threshold = None
+        strong = StrongTiming()
         if self.n_diffs and self.diffs is not None:
-            sample = list(self.diffs)
-            margin = statistics.median(sample)
-            spread = _MAD_TO_SD * statistics.median(abs(d - margin) for d in sample)
-            path_var = 2 * self.var_sum / self.var_n if self.var_n else 0.0
-            noise = math.sqrt((spread * spread + path_var) / self.n_diffs)
-            threshold = max(TIMING_FLOOR_US, TIMING_K * noise)
-            strong = margin > threshold
-            ref = "ping+syn" if self.refs == 3 else ("ping" if self.refs == 1 else "syn")
+            ref: TimingRef = "ping+syn" if self.refs == 3 else ("ping" if self.refs == 1 else "syn")
+            strong = timing_test(list(self.diffs), samples=self.n_diffs,
+                                 mean_ping_var=self.var_sum / self.var_n if self.var_n else 0.0, ref=ref)
+        hops = hop_test(self.hop_pairs or ())
+        evidence, kind = findings(strong, hops, os_mismatches=self.os_mismatches, os_known=self.os_known,
+                                  clients=len(self.clients), labelled=self.labelled)
         cond_os = self.os_pair is not None
         return Verdict(
             src=src, cond_os=cond_os, cond_timing=cond_timing, relay=cond_os or cond_timing,
             tp_mean_us=tp_mean, ta_max_mean_us=ta_mean, samples=self.n_pairs, records=self.records,
             with_ping=self.with_ping, tp_exceeds_ta_max=self.exceeds, os_pair=self.os_pair,
-            window_start=self.first, window_end=self.last, cond_timing_strong=strong,
-            relay_confident=cond_os or strong, timing_ref=ref, timing_samples=self.n_diffs,
-            timing_margin_us=margin, timing_noise_us=noise, timing_threshold_us=threshold,
-            os_mismatches=self.os_mismatches,
+            window_start=self.first, window_end=self.last, cond_timing_strong=strong.holds,
+            relay_confident=kind in RELAY_KINDS, timing_ref=strong.ref, timing_samples=strong.samples,
+            timing_margin_us=strong.margin_us, timing_noise_us=strong.noise_us,
+            timing_threshold_us=strong.threshold_us, os_mismatches=self.os_mismatches,
+            cond_hops=hops.holds, hops_samples=hops.samples, hops_margin=hops.margin,
+            hops_spread=hops.spread, hops_set_aside=hops.set_aside, os_clients=len(self.clients),
+            kind=kind, evidence=tuple(evidence),
         )
 
     def series(self) -> list[tuple[float, float, float, bool]]:
@@ -283,38 +307,7 @@ class Aggregate:
 
 def _objects(path: str, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, JSON object) per good line; bad lines are reported in offline's words."""
-    try:
-        stream: BinaryIO = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        for number, raw in _lines(stream):
-            if raw is None:
-                problems.report(f"{path}: line {number}: longer than {MAX_LINE} bytes; skipped")
-                continue
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
-            except UnicodeDecodeError as exc:
-                problems.report(f"{path}: line {number}: not UTF-8 (byte {exc.start + 1})")
-                continue
-            except json.JSONDecodeError as exc:
-                problems.report(f"{path}: line {number}: not JSON ({exc.msg} at column {exc.colno})")
-                continue
-            except (_NotARecordNumber, RecursionError) as exc:
-                problems.report(f"{path}: line {number}: not a record: {exc or 'nested too deeply'}")
-                continue
-            if not isinstance(obj, dict):
-                problems.report(f"{path}: line {number}: not a JSON object")
-                continue
-            yield number, obj
-    except OSError as exc:
-        problems.report(f"{path}: read error: {exc.strerror}", fatal=True)
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
+    return json_objects(path, problems, what="a log line or record", read_error_fatal=True)
 
 
 def _clean_verdict(obj: Any) -> dict[str, Any] | None:

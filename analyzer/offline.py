@@ -635,16 +635,19 @@ def _lines(stream: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
             yield number, line
 
 
-def _read_records(path: str, problems: _Problems) -> list[Record]:
-    records: list[Record] = []
+def json_objects(path: str, problems: _Problems, *, what: str = "a record",
+                 read_error_fatal: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, JSON object) for each good line of a JSON-lines file (`-`: stdin), read in
+    bounded memory; every bad line is one problem naming its line, and is skipped. `what` names
+    what a line should be, in those messages."""
     try:
-        stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+        stream: BinaryIO = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
     except OSError as exc:
         raise InputError(f"{path}: cannot open: {exc.strerror}") from None
     try:
         for number, raw in _lines(stream):
             if raw is None:
-                problems.report(f"{path}: line {number}: longer than {MAX_LINE} bytes, not a record; skipped")
+                problems.report(f"{path}: line {number}: longer than {MAX_LINE} bytes, not {what}; skipped")
                 continue
             line = raw.strip()
             if not line:
@@ -658,20 +661,29 @@ def _read_records(path: str, problems: _Problems) -> list[Record]:
                 problems.report(f"{path}: line {number}: not JSON ({exc.msg} at column {exc.colno})")
                 continue
             except _NotARecordNumber as exc:
-                problems.report(f"{path}: line {number}: not a record: {exc}")
+                problems.report(f"{path}: line {number}: not {what}: {exc}")
                 continue
             except RecursionError:
                 problems.report(f"{path}: line {number}: JSON nested too deeply")
                 continue
-            try:
-                records.append(Record.from_json(obj))
-            except RecordError as exc:
-                problems.report(f"{path}: line {number}: {exc}")
+            if not isinstance(obj, dict):
+                problems.report(f"{path}: line {number}: {what} must be a JSON object")
+                continue
+            yield number, obj
     except OSError as exc:
-        problems.report(f"{path}: read error: {exc.strerror}")
+        problems.report(f"{path}: read error: {exc.strerror}", fatal=read_error_fatal)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def _read_records(path: str, problems: _Problems) -> list[Record]:
+    records: list[Record] = []
+    for number, obj in json_objects(path, problems):
+        try:
+            records.append(Record.from_json(obj))
+        except RecordError as exc:
+            problems.report(f"{path}: line {number}: {exc}")
     return records
 
 

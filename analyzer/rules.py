@@ -113,7 +113,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal, Protocol, TypeGuard
 
 from analyzer.record import Record
 
@@ -263,20 +263,10 @@ def judge(
     strong = strong_timing(in_window)
     hops = hop_test(in_window, offset=hops_offset)
     clients = {os_part(r.fp, os_level) for r in in_window if names_an_os(r.fp)}
-    evidence: list[Evidence] = []
-    if strong.holds:
-        assert strong.margin_us is not None and strong.threshold_us is not None
-        evidence.append(Evidence("timing", strong.margin_us, strong.threshold_us, strong.samples, "us"))
-    if hops.holds:
-        assert hops.margin is not None
-        evidence.append(Evidence("hops", hops.margin, 1.0, hops.samples, "hops"))
-    if cond_os:
-        known = sum(1 for r in in_window if names_an_os(r.fp) and names_an_os(r.fa))
-        evidence.append(Evidence("os", float(os_mismatches), 1.0, known, "records"))
-    if len(clients) > 1:
-        labelled = sum(1 for r in in_window if names_an_os(r.fp))
-        evidence.append(Evidence("clients", float(len(clients)), 2.0, labelled, "oses"))
-    kind = verdict_kind(timing=strong.holds, hops=hops.holds, os=cond_os, clients=len(clients))
+    known = sum(1 for r in in_window if names_an_os(r.fp) and names_an_os(r.fa))
+    labelled = sum(1 for r in in_window if names_an_os(r.fp))
+    evidence, kind = findings(strong, hops, os_mismatches=os_mismatches, os_known=known,
+                              clients=len(clients), labelled=labelled)
     return Verdict(
         src=src,
         cond_os=cond_os,
@@ -310,6 +300,26 @@ def judge(
     )
 
 
+def findings(strong: StrongTiming, hops: HopTest, *, os_mismatches: int, os_known: int, clients: int,
+             labelled: int) -> tuple[list[Evidence], Kind]:
+    """The evidence that held and the kind it makes, from the tests' results: `os_mismatches` of
+    `os_known` records with both labels known, `clients` distinct client OSes over `labelled`
+    SYN labels. One place for `judge` and for reports that aggregate as they stream."""
+    evidence: list[Evidence] = []
+    if strong.holds:
+        assert strong.margin_us is not None and strong.threshold_us is not None
+        evidence.append(Evidence("timing", strong.margin_us, strong.threshold_us, strong.samples, "us"))
+    if hops.holds:
+        assert hops.margin is not None
+        evidence.append(Evidence("hops", hops.margin, 1.0, hops.samples, "hops"))
+    if os_mismatches:
+        evidence.append(Evidence("os", float(os_mismatches), 1.0, os_known, "records"))
+    if clients > 1:
+        evidence.append(Evidence("clients", float(clients), 2.0, labelled, "oses"))
+    kind = verdict_kind(timing=strong.holds, hops=hops.holds, os=os_mismatches > 0, clients=clients)
+    return evidence, kind
+
+
 def verdict_kind(*, timing: bool, hops: bool, os: bool, clients: int, app: bool = False) -> Kind:
     """What the evidence says (module docstring, "The verdict's kind"). `app`: application-layer
     timing, for `terminating` (not measured yet)."""
@@ -333,7 +343,18 @@ class HopTest:
     set_aside: int = 0
 
 
-def hop_differences(records: Iterable[Record], *, offset: float = 0.0) -> tuple[list[float], int]:
+class HopPair(Protocol):
+    """What the hop test reads of a record (a report keeps only this of each)."""
+
+    @property
+    def syn_dist(self) -> int | None: ...
+    @property
+    def fa_dist(self) -> int | None: ...
+    @property
+    def fp(self) -> str | None: ...
+
+
+def hop_differences(records: Iterable[HopPair], *, offset: float = 0.0) -> tuple[list[float], int]:
     """The usable per-record h = syn_dist - fa_dist - offset, and how many pairs were set aside."""
     diffs: list[float] = []
     set_aside = 0
@@ -351,7 +372,7 @@ def hop_differences(records: Iterable[Record], *, offset: float = 0.0) -> tuple[
     return diffs, set_aside
 
 
-def hop_test(records: Iterable[Record], *, offset: float = 0.0) -> HopTest:
+def hop_test(records: Iterable[HopPair], *, offset: float = 0.0) -> HopTest:
     """`cond_hops` over `records` (already limited to the window)."""
     diffs, set_aside = hop_differences(records, offset=offset)
     if not diffs:
@@ -412,15 +433,21 @@ def strong_timing(records: Iterable[Record]) -> StrongTiming:
             refs.add("syn")
     if not diffs:
         return StrongTiming()
-    n = len(diffs)
+    ref: TimingRef = "ping+syn" if len(refs) == 2 else ("ping" if "ping" in refs else "syn")
+    mean_var = statistics.fmean(ping_vars) if ping_vars else 0.0
+    return timing_test(diffs, samples=len(diffs), mean_ping_var=mean_var, ref=ref)
+
+
+def timing_test(diffs: Sequence[float], *, samples: int, mean_ping_var: float, ref: TimingRef
+                ) -> StrongTiming:
+    """The strong timing test from the differences T^p - T^a (all of them, or a uniform sample of
+    `samples` for a report that streams), the mean ping variance and the reference."""
     margin = statistics.median(diffs)
     spread = _MAD_TO_SD * statistics.median(abs(d - margin) for d in diffs)
-    path_var = 2 * statistics.fmean(ping_vars) if ping_vars else 0.0
-    noise = math.sqrt((spread * spread + path_var) / n)
+    noise = math.sqrt((spread * spread + 2 * mean_ping_var) / samples)
     threshold = max(TIMING_FLOOR_US, TIMING_K * noise)
-    ref: TimingRef = "ping+syn" if len(refs) == 2 else ("ping" if "ping" in refs else "syn")
     return StrongTiming(
-        holds=margin > threshold, ref=ref, samples=n,
+        holds=margin > threshold, ref=ref, samples=samples,
         margin_us=margin, noise_us=noise, threshold_us=threshold,
     )
 

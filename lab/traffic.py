@@ -23,6 +23,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from osfp.checksum import internet_checksum
+
 
 def _target(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
@@ -59,23 +61,14 @@ CRAFT_WINDOW = 1024  # masscan's default window
 CRAFT_TTL = (200, 255)  # a TTL per SYN, as scanners that randomise it do
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def crafted_syn(src: str, dst: str, sport: int, dport: int, *, ttl: int, seq: int) -> bytes:
     """An IPv4 SYN as a stack-less scanner writes it: no options, window 1024, IP ID random."""
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, CRAFT_WINDOW, 0, 0)
     pseudo = s + d + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", internet_checksum(pseudo + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.getrandbits(16), 0, ttl, 6, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     return ip + tcp
 
 
