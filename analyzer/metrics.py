@@ -11,21 +11,18 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from analyzer.rules import KINDS
 from prober.metrics import serve
 
 NS = "stepstone_analyzer"
-# Values of `verdicts_by_kind{kind}`; new kinds of verdict (issue 10) add values, never rename these.
-VERDICT_KINDS = ("relay_confident", "relay_paper_only", "none")
+# Values of `verdicts_by_kind{kind}`: the verdict's kind (analyzer/rules.py, docs/output.md).
+VERDICT_KINDS: tuple[str, ...] = KINDS
 
 
 def verdict_kind(verdict: Mapping[str, Any]) -> str:
-    """The dashboard's kind of a verdict: a relay by the confident rule, one the paper's rule alone
-    calls a relay, or none (the HTML report's "kind" column, in label form)."""
-    if verdict.get("relay_confident"):
-        return "relay_confident"
-    if verdict.get("relay"):
-        return "relay_paper_only"
-    return "none"
+    """The verdict's kind: forwarding, terminating, shared or none (none when it carries none)."""
+    kind = verdict.get("kind")
+    return kind if isinstance(kind, str) and kind in KINDS else "none"
 
 
 class Metrics:
@@ -49,8 +46,9 @@ class Metrics:
         self.relays = Counter(f"{NS}_relays", "Verdicts that said relay", registry=r)
         self.verdict_kinds = Counter(
             f"{NS}_verdicts_by_kind",
-            "Records written with a verdict, by kind: relay_confident (the confident rule), "
-            "relay_paper_only (the paper's rule alone), none",
+            "Records written with a verdict, by the verdict's kind: forwarding (a NAT, port forward or "
+            "tunnel: timing or hop evidence), terminating (a proxy), shared (an OS mismatch alone: "
+            "likely a home NAT), none",
             ["kind"],
             registry=r,
         )

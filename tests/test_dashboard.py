@@ -247,11 +247,11 @@ def test_a_name_counts_only_with_its_types_suffix() -> None:
 
 
 def test_verdict_kind() -> None:
-    assert verdict_kind({"relay": True, "relay_confident": True}) == "relay_confident"
-    assert verdict_kind({"relay": False, "relay_confident": True}) == "relay_confident"
-    assert verdict_kind({"relay": True, "relay_confident": False}) == "relay_paper_only"
+    assert verdict_kind({"relay": True, "relay_confident": True, "kind": "forwarding"}) == "forwarding"
+    assert verdict_kind({"relay": True, "relay_confident": False, "kind": "shared"}) == "shared"
+    assert verdict_kind({"relay": True, "kind": "bogus"}) == "none"
     assert verdict_kind({"relay": False}) == "none"
-    assert set(VERDICT_KINDS) == {"relay_confident", "relay_paper_only", "none"}
+    assert set(VERDICT_KINDS) == {"forwarding", "terminating", "shared", "none"}
 
 
 async def test_every_dashboard_metric_is_exported(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ async def test_every_dashboard_metric_is_exported(redis_server: RedisServer, tmp
     # The histograms the latency panels read have real samples, and the verdict has its kind.
     a, p = samples(analyzer), samples(prober)
     assert a['stepstone_analyzer_verdict_latency_seconds_count{}'] == 1
-    assert a['stepstone_analyzer_verdicts_by_kind_total{"kind": "relay_confident"}'] == 1
+    assert a['stepstone_analyzer_verdicts_by_kind_total{"kind": "forwarding"}'] == 1
     assert a['stepstone_analyzer_verdicts_by_kind_total{"kind": "none"}'] == 0  # shown from the start
     assert p["stepstone_prober_probe_duration_seconds_count{}"] == 1
     assert 0 < p["stepstone_prober_probe_duration_seconds_sum{}"] < 5
