@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_FILES = ("zkg.meta", "zeek-scripts", "tests/btest")
+# What the btests read of the repository (zkg clones all of it): the flood-bounded btest writes its
+# trace with bench/zeek_overhead.py (standard library only).
+PACKAGE_FILES = ("zkg.meta", "zeek-scripts", "tests/btest", "bench/zeek_overhead.py")
 
 
 def _zkg() -> str:
