@@ -11,15 +11,14 @@ Skipped, with one line, where there is no zeek binary or no network namespaces.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 from collections import defaultdict
 from typing import Any
 
 import pytest
+import zeek_lab
 
 from lab.demo import ZEEK_WS_PORT, Lab, _listening, preflight
-from lab.netns import unavailable_reason
 from lab.process import wait_for
 from lab.scenarios import Scenarios, parse
 
@@ -27,33 +26,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.zeek]
 
 # One direct scanner, a NAT relay with another OS behind it (both conditions), a NAT relay with
 # the same OS (timing only). Connections 3 s apart and a 1 s dedup window: one probe each.
-SCENARIOS = """
-[lab]
-connections = 5
-traffic_s = 15
-settle_s = 30
-
-[[host]]
-name = "direct"
-kind = "direct"
-persona = "linux"
-rtt_ms = 20
-
-[[host]]
-name = "nat +50ms other OS"
-kind = "nat"
-persona = "linux"
-attacker_persona = "windows"
-rtt_ms = 20
-extra_delay_ms = 50
-
-[[host]]
-name = "nat +20ms same OS"
-kind = "nat"
-persona = "linux"
-rtt_ms = 10
-extra_delay_ms = 20
-"""
+SCENARIOS = zeek_lab.scenarios(connections=5, traffic_s=15)
 
 # T^p of one source, Zeek's run against the responder's: both time the client's ACK against the
 # SYN+ACK on the same fixed-delay path, in two runs. The responder's T^p is the kernel's smoothed
@@ -64,10 +37,7 @@ TP_TOLERANCE_US = 2_000
 
 @pytest.fixture(autouse=True)
 def _needs_zeek_and_netns() -> None:
-    if shutil.which("zeek") is None:
-        pytest.skip("no zeek binary on PATH")
-    if reason := unavailable_reason():
-        pytest.skip(reason)
+    zeek_lab.skip_without_zeek_or_netns()
 
 
 def _median_tp(records: list[dict[str, Any]]) -> dict[str, float]:

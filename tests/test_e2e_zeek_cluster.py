@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import zeek_lab
 
 from lab.demo import Lab, Sensor, preflight
 from lab.netns import unavailable_reason
@@ -31,41 +32,12 @@ pytestmark = [pytest.mark.netns, pytest.mark.zeek]
 
 # A direct scanner and two NAT relays (one with another OS behind it, one timing only), 6
 # connections each: 18 flows, so the fanout's flow hash leaves a worker idle with odds 2^-17.
-SCENARIOS = """
-[lab]
-connections = 6
-traffic_s = 10
-settle_s = 30
-
-[[host]]
-name = "direct"
-kind = "direct"
-persona = "linux"
-rtt_ms = 20
-
-[[host]]
-name = "nat +50ms other OS"
-kind = "nat"
-persona = "linux"
-attacker_persona = "windows"
-rtt_ms = 20
-extra_delay_ms = 50
-
-[[host]]
-name = "nat +20ms same OS"
-kind = "nat"
-persona = "linux"
-rtt_ms = 10
-extra_delay_ms = 20
-"""
+SCENARIOS = zeek_lab.scenarios(connections=6, traffic_s=10)
 
 
 @pytest.fixture(autouse=True)
 def _needs_zeek_and_netns() -> None:
-    if shutil.which("zeek") is None:
-        pytest.skip("no zeek binary on PATH")
-    if reason := unavailable_reason():
-        pytest.skip(reason)
+    zeek_lab.skip_without_zeek_or_netns()
 
 
 @pytest.fixture(scope="module")
