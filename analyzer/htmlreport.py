@@ -126,7 +126,9 @@ class _Source:
         self.labelled = 0  # records whose SYN label names an OS
         self.os_known = 0  # records with both labels naming an OS
         self.n_hops = 0
-        self.hop_pairs: list[_HopPair] | None = None  # a uniform sample, for the hop test
+        # A uniform sample for the hop test, packed: (SYN distance, SYN+ACK distance, 1 if the SYN's
+        # label is a userland tool's) per pair, 6 bytes each.
+        self.hop_pairs: array[int] | None = None
         self.verdict: dict[str, Any] | None = None  # the logged verdict (log-dir input)
         self.verdict_key: tuple[float, int] = (-math.inf, -1)
 
@@ -150,12 +152,12 @@ class _Source:
             slot = _reservoir_slot(self.n_hops, diffs_cap, rng)
             if slot is not None:
                 if self.hop_pairs is None:
-                    self.hop_pairs = []
-                pair = _HopPair(r.syn_dist, r.fa_dist, r.fp)
-                if slot == len(self.hop_pairs):
-                    self.hop_pairs.append(pair)
+                    self.hop_pairs = array("h")
+                pair = (r.syn_dist, r.fa_dist, int(r.fp is not None and r.fp.startswith("!:")))
+                if slot * 3 == len(self.hop_pairs):
+                    self.hop_pairs.extend(pair)
                 else:
-                    self.hop_pairs[slot] = pair
+                    self.hop_pairs[slot * 3:slot * 3 + 3] = array("h", pair)
         if r.has_ping:
             self.with_ping += 1
             if r.tp_us is not None and r.ping_max_us is not None:
@@ -211,7 +213,9 @@ class _Source:
             ref: TimingRef = "ping+syn" if self.refs == 3 else ("ping" if self.refs == 1 else "syn")
             strong = timing_test(list(self.diffs), samples=self.n_diffs,
                                  mean_ping_var=self.var_sum / self.var_n if self.var_n else 0.0, ref=ref)
-        hops = hop_test(self.hop_pairs or ())
+        p = self.hop_pairs or array("h")
+        # Only what hop_test reads of the label: whether it is a userland tool's.
+        hops = hop_test(_HopPair(p[i], p[i + 1], "!:" if p[i + 2] else None) for i in range(0, len(p), 3))
         evidence, kind = findings(strong, hops, os_mismatches=self.os_mismatches, os_known=self.os_known,
                                   clients=len(self.clients), labelled=self.labelled)
         cond_os = self.os_pair is not None
