@@ -82,11 +82,14 @@ class StreamConsumer:
         await self.ensure_group()
         last = "0"
         while not stop.is_set():
-            batch = await self._read(last)
-            if not batch:
+            # Paged by the last entry read, decoded or not: a page of only bad (or trimmed) entries,
+            # acknowledged while decoding, must not end the pending pass early.
+            batch, last_read = await self._read_page(last)
+            if last_read is None:
                 break
-            last = batch[-1][0]
-            yield batch
+            last = last_read
+            if batch:
+                yield batch
         next_claim = 0.0
         while not stop.is_set():
             if time.monotonic() >= next_claim:
@@ -100,6 +103,10 @@ class StreamConsumer:
                 yield batch
 
     async def _read(self, start: str, *, block: bool = False) -> list[Entry]:
+        return (await self._read_page(start, block=block))[0]
+
+    async def _read_page(self, start: str, *, block: bool = False) -> tuple[list[Entry], str | None]:
+        """The usable entries of one read, and the id of the last entry read (None: none)."""
         try:
             entries = await streams.read_group(self.redis, self.group, self.consumer, self.stream, start,
                                                count=self.count, block_ms=self.block_ms if block else None)
@@ -108,8 +115,8 @@ class StreamConsumer:
                 raise
             # The stream or group was deleted under us (redis-cli DEL, FLUSHALL): recreate it.
             await self.ensure_group()
-            return []
-        return await self._decoded(entries)
+            return [], None
+        return await self._decoded(entries), (entries[-1][0] if entries else None)
 
     async def _decoded(self, entries: list[streams.RawEntry]) -> list[Entry]:
         """The entries as text; the ones that are gone (pending but trimmed from the stream:

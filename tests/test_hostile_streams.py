@@ -506,3 +506,33 @@ def test_the_analyzer_cli_keeps_running_over_a_non_utf8_entry(redis_server: Redi
     r.close()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "is not UTF-8" in err, err
+
+
+async def test_a_page_of_only_bad_pending_entries_does_not_end_the_pending_pass(
+        redis_server: RedisServer) -> None:
+    """On restart a consumer reads its own pending entries first, a page at a time: a whole page
+    of entries that do not decode (acknowledged as rejected) is followed by the next page, so the
+    valid entry behind them is done at once, not after the claim sweep (found in review)."""
+    import redis.asyncio as aioredis
+
+    from analyzer.feeds import StreamConsumer
+
+    r = aioredis.from_url(redis_server.url)
+    try:
+        stream = "t:handshakes"
+        await r.xgroup_create(stream, "g", id="0", mkstream=True)
+        for _ in range(3):
+            await r.xadd(stream, {b"src": b"\xff"})
+        good = (await r.xadd(stream, {"src": "203.0.113.9"})).decode()
+        await r.xreadgroup("g", "c", {stream: ">"})  # all four now pending for consumer c
+        rejected: list[str] = []
+        consumer = StreamConsumer(r, stream, "g", "c", count=2, claim_idle_ms=3_600_000, claim_every=3600,
+                                  block_ms=50, on_reject=lambda _s, entry_id, _e: rejected.append(entry_id))
+        stop = asyncio.Event()
+        async with asyncio.timeout(10):
+            async for batch in consumer.batches(stop):
+                assert [entry_id for entry_id, _ in batch] == [good]
+                break
+        assert len(rejected) == 3
+    finally:
+        await r.aclose()
