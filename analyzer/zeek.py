@@ -590,7 +590,6 @@ class ZeekClient:
         if self._closed:
             raise RuntimeError("ZeekClient is closed")
         frame = event_frame(topic, event)  # encoded now: an event that cannot be sent raises here
-        coarse = event_frame(topic, to_milliseconds(event))
         if self.pending >= self.resend_limit:
             self.stats.dropped += 1
             log.warning("re-send queue full (%d): dropping the oldest verdict", self.resend_limit)
@@ -601,7 +600,7 @@ class ZeekClient:
                 oldest = self._outbox.popleft()
             _resolve(oldest.done, False)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Outgoing(frame, coarse, done, ident))
+        self._outbox.append(_Outgoing(topic, event, frame, done, ident))
         self._outbox_ready.set()
         self.start()
         return done
@@ -799,7 +798,7 @@ class ZeekClient:
                 # Taken out before the send, which may yield: the queue can change meanwhile.
                 item = self._outbox.popleft()
                 try:
-                    await ws.send(item.frame if self._exact_times else item.coarse)
+                    await ws.send(item.frame if self._exact_times else item.coarse())
                 except BaseException:
                     self._outbox.appendleft(item)  # for the next connection, first
                     raise
@@ -888,12 +887,18 @@ def _reads_exact_times(version: str) -> bool:
 class _Outgoing:
     """A frame to send, and the future that says when it was delivered."""
 
+    topic: str
+    event: Event
     frame: str
-    coarse: str  # the same with its times in milliseconds, for a Zeek that reads no finer
     done: asyncio.Future[bool]
     ident: str | None  # a verdict's id: delivered when Zeek confirms it, not when written
     written: float = 0.0  # loop time of the last write
     overdue: int = 0  # times it went unconfirmed past confirm_timeout on a connection
+
+    def coarse(self) -> str:
+        """The frame with its times in milliseconds, for a Zeek that reads no finer: encoded
+        only for such a Zeek (times are bounded, so rounding them cannot make it fail)."""
+        return event_frame(self.topic, to_milliseconds(self.event))
 
 
 def _reason(exc: BaseException) -> str:
