@@ -105,7 +105,7 @@ class Pcap:
         self.tmp.replace(self.path)  # a run cut short leaves no half capture in the cache
 
 
-def tcp4(  # noqa: PLR0917 - the header's fields, in the header's order
+def tcp_frame(  # noqa: PLR0917 - the header's fields, in the header's order
     inbound: bool,
     src: bytes,
     dst: bytes,
@@ -119,28 +119,13 @@ def tcp4(  # noqa: PLR0917 - the header's fields, in the header's order
     opts: bytes = b"",
     payload: bytes = b"",
 ) -> bytes:
+    """An Ethernet frame with a TCP segment over IPv4, or IPv6 when the addresses are 16 bytes."""
     tcp = TCP.pack(sport, dport, seq, ack, (5 + len(opts) // 4) << 4, flags, win, 0, 0)
+    if len(src) == 16:
+        ip = IP6.pack(0x60000000, 20 + len(opts) + len(payload), 6, ttl, src, dst)
+        return (ETH6_IN if inbound else ETH6_OUT) + ip + tcp + opts + payload
     ip = IP4.pack(0x45, 0, 40 + len(opts) + len(payload), seq & 0xFFFF, 0x4000, ttl, 6, 0, src, dst)
     return (ETH4_IN if inbound else ETH4_OUT) + ip + tcp + opts + payload
-
-
-def tcp6(  # noqa: PLR0917
-    inbound: bool,
-    src: bytes,
-    dst: bytes,
-    sport: int,
-    dport: int,
-    seq: int,
-    ack: int,
-    flags: int,
-    win: int,
-    ttl: int,
-    opts: bytes = b"",
-    payload: bytes = b"",
-) -> bytes:
-    tcp = TCP.pack(sport, dport, seq, ack, (5 + len(opts) // 4) << 4, flags, win, 0, 0)
-    ip = IP6.pack(0x60000000, 20 + len(opts) + len(payload), 6, ttl, src, dst)
-    return (ETH6_IN if inbound else ETH6_OUT) + ip + tcp + opts + payload
 
 
 Packets = list[tuple[int, bytes]]  # (offset from the first SYN in microseconds, frame)
@@ -183,7 +168,7 @@ class Traffic:
     def darknet(self) -> Packets:
         rng = self.rng
         v6 = rng.random() < 0.1
-        tcp = tcp6 if v6 else tcp4
+        tcp = tcp_frame
         src, dst = self._source(v6), self._darknet(v6)
         sport, dport = rng.randrange(1024, 65536), rng.choice(PORTS)
         cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
@@ -249,9 +234,9 @@ class Traffic:
         cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
         rtt = self._tp() // 4
         out: Packets = [
-            (0, tcp4(False, src, dst, sport, dport, cseq, 0, SYN, 64240, 60, LINUX_OPTS)),
-            (rtt, tcp4(True, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS)),
-            (rtt + 50, tcp4(False, src, dst, sport, dport, cseq + 1, sseq + 1, ACK, 502, 60)),
+            (0, tcp_frame(False, src, dst, sport, dport, cseq, 0, SYN, 64240, 60, LINUX_OPTS)),
+            (rtt, tcp_frame(True, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS)),
+            (rtt + 50, tcp_frame(False, src, dst, sport, dport, cseq + 1, sseq + 1, ACK, 502, 60)),
         ]
         at, c, s = rtt + 100, 1, 1
         for _ in range(rng.randrange(1, 4)):
@@ -259,7 +244,7 @@ class Traffic:
             out.append(
                 (
                     at,
-                    tcp4(
+                    tcp_frame(
                         False,
                         src,
                         dst,
@@ -279,7 +264,7 @@ class Traffic:
             out.append(
                 (
                     at,
-                    tcp4(
+                    tcp_frame(
                         True,
                         dst,
                         src,
@@ -296,11 +281,14 @@ class Traffic:
             )
             s += answer
             at += 100
-        out.append((at, tcp4(False, src, dst, sport, dport, cseq + c, sseq + s, FIN | ACK, 502, 60)))
-        out.append((at + rtt, tcp4(True, dst, src, dport, sport, sseq + s, cseq + c + 1, FIN | ACK, 509, 64)))
+        out.append((at, tcp_frame(False, src, dst, sport, dport, cseq + c, sseq + s, FIN | ACK, 502, 60)))
         out.append(
-            (at + rtt + 50, tcp4(False, src, dst, sport, dport, cseq + c + 1, sseq + s + 1, ACK, 502, 60))
+            (at + rtt, tcp_frame(True, dst, src, dport, sport, sseq + s, cseq + c + 1, FIN | ACK, 509, 64))
         )
+        out.append((
+            at + rtt + 50,
+            tcp_frame(False, src, dst, sport, dport, cseq + c + 1, sseq + s + 1, ACK, 502, 60),
+        ))
         return out
 
     def flood(self) -> Packets:
@@ -309,14 +297,16 @@ class Traffic:
         src, dst = self._outside4(), self._darknet(False)
         sport, dport = rng.randrange(1024, 65536), rng.choice(PORTS)
         cseq, sseq = rng.getrandbits(32), rng.getrandbits(32)
-        out = [(0, tcp4(True, src, dst, sport, dport, cseq, 0, SYN, 1024, rng.randrange(30, 250)))]
+        out = [(0, tcp_frame(True, src, dst, sport, dport, cseq, 0, SYN, 1024, rng.randrange(30, 250)))]
         if rng.random() < 0.5:
             self.handshakes += 1
             for at in (100, 1_000_100, 3_000_100):
                 out.append(
                     (
                         at,
-                        tcp4(False, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS),
+                        tcp_frame(
+                            False, dst, src, dport, sport, sseq, cseq + 1, SYN | ACK, 65160, 64, LINUX_OPTS
+                        ),
                     )
                 )
         return out
