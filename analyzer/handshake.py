@@ -19,6 +19,7 @@ Feed = Literal["pcap", "zeek", "responder"]
 FEEDS = ("pcap", "zeek", "responder")
 MAX_SYN_BYTES = 65535  # an IP packet
 MAX_SYNACKS = 64  # SYN+ACK times of one connection (a sensor keeps a handful)
+MAX_APP_DATA = 64  # bytes of the client's first data kept (enough to tell SSH from SMTP from junk)
 
 
 class HandshakeError(ValueError):
@@ -33,6 +34,12 @@ class Handshake:
     (ACK or RST) minus the SYN+ACK that reply answers. It is None when the SYN+ACK was never
     answered, and also when the SYN+ACK was retransmitted before the reply (Karn's rule: we cannot
     tell which copy the reply answers, so the connection counts but its timing does not).
+
+    Application-layer timing (issue 10, fields at the end): on a port where the server speaks
+    first, `tapp_us` is the time from our banner leaving to the client's first data byte arriving,
+    and `app_data` the first MAX_APP_DATA bytes of that data. Both None when no banner was sent or
+    the client sent nothing in time; `app_data` is only ever set together with `tapp_us`. The bytes
+    are the client's, hostile: never decoded except for display (escaped, or base64 on streams).
     """
 
     t: float
@@ -46,6 +53,8 @@ class Handshake:
     reply_time: float | None = None
     tp_us: int | None = None
     feed: Feed = "pcap"
+    tapp_us: int | None = None
+    app_data: bytes | None = None
 
     @property
     def answered(self) -> bool:
@@ -70,6 +79,8 @@ class Handshake:
             "reply_time": "" if self.reply_time is None else repr(self.reply_time),
             "tp_us": "" if self.tp_us is None else str(self.tp_us),
             "feed": self.feed,
+            "tapp_us": "" if self.tapp_us is None else str(self.tapp_us),
+            "app_data": "" if self.app_data is None else base64.b64encode(self.app_data).decode(),
         }
 
     def check(self) -> Handshake:
@@ -119,6 +130,17 @@ class Handshake:
                 raise HandshakeError("tp_us without a reply")
         if self.feed not in FEEDS:
             raise HandshakeError(f"unknown feed {short(self.feed)}")
+        if self.tapp_us is not None and (isinstance(self.tapp_us, bool) or not isinstance(self.tapp_us, int)
+                                         or not 0 <= self.tapp_us <= DURATION_MAX_US):
+            raise HandshakeError(f"tapp_us is not microseconds within 0..{DURATION_MAX_US}: "
+                                 f"{short(self.tapp_us)}")
+        data = self.app_data
+        if data is not None:
+            # Empty is not data (the stream's empty field means None): 1..MAX_APP_DATA bytes.
+            if not isinstance(data, bytes) or not 0 < len(data) <= MAX_APP_DATA:
+                raise HandshakeError(f"app_data is not 1..{MAX_APP_DATA} bytes")
+            if self.tapp_us is None:
+                raise HandshakeError("app_data without tapp_us")
         return self
 
     @classmethod
@@ -142,19 +164,23 @@ class Handshake:
                 raise HandshakeError(f"{name} is not a number: {short(text)}")
             return int(text)
 
-        syn_text = fields.get("syn", "")
-        if len(syn_text) > 4 * (MAX_SYN_BYTES // 3 + 1):
-            raise HandshakeError(f"syn is longer than an IP packet ({len(syn_text)} characters)")
-        if not syn_text.isascii():  # b64decode raises a plain ValueError for it, not binascii.Error
-            raise HandshakeError("syn is not base64")
-        try:
-            syn = base64.b64decode(syn_text, validate=True) or None
-        except binascii.Error:
-            raise HandshakeError("syn is not base64") from None
+        def b64(name: str, limit: int) -> bytes | None:
+            text = fields.get(name, "")
+            if len(text) > 4 * (limit // 3 + 1):
+                raise HandshakeError(f"{name} is longer than {limit} bytes ({len(text)} characters)")
+            if not text.isascii():  # b64decode raises a plain ValueError for it, not binascii.Error
+                raise HandshakeError(f"{name} is not base64")
+            try:
+                return base64.b64decode(text, validate=True) or None
+            except binascii.Error:
+                raise HandshakeError(f"{name} is not base64") from None
+
+        syn = b64("syn", MAX_SYN_BYTES)
         reply = fields.get("reply", "")
         if reply not in ("", "ack", "rst"):
             raise HandshakeError(f"reply must be ack, rst or empty, not {short(reply)}")
         tp_text = fields.get("tp_us", "")
+        tapp_text = fields.get("tapp_us", "")  # absent from older producers: None, as empty
         times = fields.get("synack_times", "")
         synacks = times.split(",") if times else []
         if len(synacks) > MAX_SYNACKS:
@@ -171,6 +197,8 @@ class Handshake:
             reply_time=epoch("reply_time", fields["reply_time"]) if fields.get("reply_time") else None,
             tp_us=count("tp_us", tp_text, 10) if tp_text else None,
             feed=fields.get("feed", "responder"),  # type: ignore[arg-type]
+            tapp_us=count("tapp_us", tapp_text, 10) if tapp_text else None,
+            app_data=b64("app_data", MAX_APP_DATA),
         ).check()
 
 

@@ -11,8 +11,9 @@ from prober.job import Result
 
 def passive_record(h: Handshake, fp_label: str | None, syn_dist: int | None = None) -> Record:
     """The record of one handshake before probing: t, src, dst, T^p, F^p and the SYN's hop
-    distance (`analyzer.hops.syn_distance`); active fields null."""
-    return Record(t=h.t, src=h.src, dst=h.dst, tp_us=h.tp_us, fp=fp_label, syn_dist=syn_dist)
+    distance (`analyzer.hops.syn_distance`) and the application-layer T^app; active fields null."""
+    return Record(t=h.t, src=h.src, dst=h.dst, tp_us=h.tp_us, fp=fp_label, syn_dist=syn_dist,
+                  tapp_us=h.tapp_us)
 
 
 def with_probe(record: Record, result: Result) -> Record:

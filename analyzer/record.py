@@ -47,6 +47,9 @@ class Record:
     # cond_hops). syn_dist is null when the SYN was crafted (analyzer/hops.py): its TTL is a tool's.
     syn_dist: int | None = None  # of the client's SYN
     fa_dist: int | None = None  # of the SYN+ACK the source returned to our probe
+    # Application-layer timing (analyzer/rules.py cond_app), added at the end: our banner -> the
+    # client's first data, µs (Handshake.tapp_us); null off server-first ports or without a reply.
+    tapp_us: int | None = None
 
     @property
     def has_ping(self) -> bool:
@@ -76,6 +79,7 @@ class Record:
             fa=_label(obj, "fa"),
             syn_dist=_hops(obj, "syn_dist"),
             fa_dist=_hops(obj, "fa_dist"),
+            tapp_us=_micros(obj, "tapp_us"),
         )
 
 

@@ -112,7 +112,8 @@ class Sink:
         while True:
             handshake = await self.queue.get()
             if self.client is None:
-                record = asdict(handshake) | {"syn": handshake.to_fields()["syn"]}
+                fields = handshake.to_fields()  # bytes as the stream carries them: base64
+                record = asdict(handshake) | {"syn": fields["syn"], "app_data": fields["app_data"] or None}
                 print(json.dumps(record), flush=True)
                 self.sent += 1
                 self.queue.task_done()

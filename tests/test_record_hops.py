@@ -15,7 +15,7 @@ BASE = {"t": 1.0, "src": "192.0.2.1", "dst": "198.18.0.1", "tp_us": 1000}
 
 
 def test_record_fields_are_at_the_end() -> None:
-    assert list(Record.__dataclass_fields__)[-2:] == ["syn_dist", "fa_dist"]
+    assert list(Record.__dataclass_fields__)[-3:] == ["syn_dist", "fa_dist", "tapp_us"]  # tapp_us: issue 10
     assert list(Result.__dataclass_fields__)[-1] == "fa_dist"
 
 
