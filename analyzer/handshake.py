@@ -65,6 +65,11 @@ class Handshake:
         """Answered, but the SYN+ACK had been retransmitted (Karn's rule drops the timing)."""
         return self.answered and self.tp_us is None
 
+    @property
+    def app_data_b64(self) -> str | None:
+        """`app_data` for logs and streams: base64, never the client's raw bytes."""
+        return None if self.app_data is None else base64.b64encode(self.app_data).decode()
+
     # The Redis stream `handshakes` (responder -> analyzer) carries flat string fields; empty = null.
     def to_fields(self) -> dict[str, str]:
         return {
@@ -80,7 +85,7 @@ class Handshake:
             "tp_us": "" if self.tp_us is None else str(self.tp_us),
             "feed": self.feed,
             "tapp_us": "" if self.tapp_us is None else str(self.tapp_us),
-            "app_data": "" if self.app_data is None else base64.b64encode(self.app_data).decode(),
+            "app_data": self.app_data_b64 or "",
         }
 
     def check(self) -> Handshake:

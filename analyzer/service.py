@@ -788,5 +788,6 @@ def _handshake_line(h: Handshake, fp: str | None, job: str | None, deduped: bool
         "reply": h.reply, "reply_time": h.reply_time, "synack_times": list(h.synack_times),
         "tp_us": h.tp_us, "fp": fp, "feed": h.feed, "answered": h.answered,
         "job": job, "deduped": deduped, "received_at": time.time(),
+        "tapp_us": h.tapp_us, "app_data": h.app_data_b64,  # base64: the client's bytes are hostile
     }
 
