@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from analyzer.errors import InputError
-from analyzer.offline import _Problems, json_objects
+from analyzer.offline import Problems, json_objects
 from analyzer.record import Record, RecordError
 from analyzer.rules import (
     RELAY_KINDS,
@@ -309,7 +309,7 @@ class Aggregate:
 # -- reading ----------------------------------------------------------------------------------
 
 
-def _objects(path: str, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+def _objects(path: str, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, JSON object) per good line; bad lines are reported in offline's words."""
     return json_objects(path, problems, what="a log line or record", read_error_fatal=True)
 
@@ -334,7 +334,7 @@ def _clean_verdict(obj: Any) -> dict[str, Any] | None:
     return out
 
 
-def read_records(path: str, agg: Aggregate, problems: _Problems) -> None:
+def read_records(path: str, agg: Aggregate, problems: Problems) -> None:
     for number, obj in _objects(path, problems):
         try:
             agg.add(Record.from_json(obj))
@@ -342,7 +342,7 @@ def read_records(path: str, agg: Aggregate, problems: _Problems) -> None:
             problems.report(f"{path}: line {number}: {exc}")
 
 
-def read_log_dir(log_dir: Path, agg: Aggregate, problems: _Problems) -> None:
+def read_log_dir(log_dir: Path, agg: Aggregate, problems: Problems) -> None:
     stepstone = log_dir / "stepstone.log"
     if not stepstone.is_file():
         raise InputError(f"{log_dir}: no stepstone.log in it (the analyzer's --log-dir)")
@@ -865,12 +865,12 @@ def make_report(
     truth: Mapping[str, Truth] | None = None,
     title: str | None = None,
     max_plots: int = MAX_PLOTS,
-    problems: _Problems | None = None,
+    problems: Problems | None = None,
     agg: Aggregate | None = None,
 ) -> Summary:
     """Read `source` (a log dir, a records file, or '-'), write the page to `out`."""
     started = time.monotonic()
-    problems = problems or _Problems(strict=True)
+    problems = problems or Problems(strict=True)
     agg = agg or Aggregate()
     path = Path(source)
     if source != "-" and path.is_dir():
@@ -903,7 +903,7 @@ def write_lab_report(log_dir: Path, result: Mapping[str, Any], out: Path, *, dar
     """The page for a lab run (`stepstone-lab demo --html`): its log dir, with the truth of
     `lab.report.build`'s result marked."""
     return make_report(str(log_dir), out, darknet_addresses=darknet_addresses, truth=truth_from_lab(result),
-                       title=title, problems=_Problems(stream=io.StringIO()))
+                       title=title, problems=Problems(stream=io.StringIO()))
 
 
 def register(sub: Any) -> None:
@@ -939,7 +939,7 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 def run_report(args: argparse.Namespace) -> int:
     if not 0 <= args.max_plots <= 1000:
         raise InputError(f"--max-plots must be 0..1000, not {args.max_plots}")
-    problems = _Problems(strict=True)
+    problems = Problems(strict=True)
     darknet = sum(n.num_addresses for n in args.darknet) if args.darknet else None
     s = make_report(args.input, args.output, darknet_addresses=darknet, title=args.title,
                     max_plots=args.max_plots, problems=problems)

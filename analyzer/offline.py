@@ -182,7 +182,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-class _Problems:
+class Problems:
     """Reports bad input on stderr, one line each (the first MAX_REPORTED), and remembers it.
 
     A `fatal` problem (the input cannot be read on, or cannot give what was asked) makes the exit
@@ -365,7 +365,7 @@ class _Snaplen:
             self._first = (ip, *where)
         return True
 
-    def report(self, path: str, problems: _Problems, what: tuple[str, str]) -> None:
+    def report(self, path: str, problems: Problems, what: tuple[str, str]) -> None:
         """One problem line for the file (the exit status stays 2: those labels are missing)."""
         if self._first is None:
             return
@@ -385,7 +385,7 @@ class _Snaplen:
 
 def _packets(
     path: str,
-    problems: _Problems,
+    problems: Problems,
     counts: _PacketCounts,
     snaplen: _Snaplen,
     handle: Callable[[int, int, bytes], None],
@@ -432,7 +432,7 @@ _SHAPE_BITS = SYN | ACK | FIN | RST
 
 def run_fingerprint(args: argparse.Namespace) -> int:
     cache = _FingerprintCache(args.p0f_db)
-    problems = _Problems(strict=args.strict)
+    problems = Problems(strict=args.strict)
     counts = _PacketCounts()
     snaplen = _Snaplen()
     out = _Output()
@@ -485,7 +485,7 @@ def _record_line(r: Record, fp_json: str) -> str:
 def run_replay(args: argparse.Namespace) -> int:
     _check_ranges(args)
     cache = _FingerprintCache(args.p0f_db)
-    problems = _Problems(strict=args.strict)
+    problems = Problems(strict=args.strict)
     counts = _PacketCounts()
     snaplen = _Snaplen()
     out = _Output()
@@ -635,7 +635,7 @@ def _lines(stream: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
             yield number, line
 
 
-def json_objects(path: str, problems: _Problems, *, what: str = "a record",
+def json_objects(path: str, problems: Problems, *, what: str = "a record",
                  read_error_fatal: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, JSON object) for each good line of a JSON-lines file (`-`: stdin), read in
     bounded memory; every bad line is one problem naming its line, and is skipped. `what` names
@@ -677,7 +677,7 @@ def json_objects(path: str, problems: _Problems, *, what: str = "a record",
             stream.close()
 
 
-def _read_records(path: str, problems: _Problems) -> list[Record]:
+def _read_records(path: str, problems: Problems) -> list[Record]:
     records: list[Record] = []
     for number, obj in json_objects(path, problems):
         try:
@@ -698,7 +698,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _verdict_json(verdict: dict[str, Any], problems: _Problems) -> str:
+def _verdict_json(verdict: dict[str, Any], problems: Problems) -> str:
     """Strict JSON. Bounded records cannot make a non-finite number; if one ever does, it is
     written as null and reported, never as `Infinity` (which no JSON reader accepts)."""
     try:
@@ -712,7 +712,7 @@ def _verdict_json(verdict: dict[str, Any], problems: _Problems) -> str:
 
 def run_judge(args: argparse.Namespace) -> int:
     _check_ranges(args)
-    problems = _Problems(strict=True)  # a line that is not a record is a broken file: exit 2
+    problems = Problems(strict=True)  # a line that is not a record is a broken file: exit 2
     out = _Output()
     path: str = args.records
     records = _read_records(path, problems)

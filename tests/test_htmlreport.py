@@ -19,7 +19,7 @@ import pytest
 
 from analyzer import htmlreport
 from analyzer.htmlreport import Aggregate, Truth, make_report, read_records
-from analyzer.offline import MAX_REPORTED, _Problems
+from analyzer.offline import MAX_REPORTED, Problems
 from analyzer.record import Record
 from analyzer.rules import judge_all
 
@@ -78,7 +78,7 @@ def test_verdicts_are_the_rules_own(tmp_path: Path) -> None:
     records (while no source has more timing samples than the reservoir holds)."""
     lines = _records(12, 40)
     agg = Aggregate()
-    read_records(str(_write(tmp_path / "r.jsonl", lines)), agg, _Problems())
+    read_records(str(_write(tmp_path / "r.jsonl", lines)), agg, Problems())
     got = {v["src"]: v for v in agg.verdicts()}
     want = judge_all([Record.from_json(x) for x in lines], window=2.0**33)
     assert len(got) == len(want) == 12
@@ -244,7 +244,7 @@ def test_synthetic_bench_file_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     report_bench.write_synthetic(path, 2000, 100)
     agg = Aggregate()
-    problems = _Problems()
+    problems = Problems()
     read_records(str(path), agg, problems)
     assert problems.count == 0 and agg.records == 2000 and len(agg.sources) == 100
     flagged = [v for v in agg.verdicts() if v["relay_confident"]]
