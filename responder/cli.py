@@ -22,6 +22,14 @@ from analyzer.cancellation import cancel_and_wait
 from analyzer.handshake import Handshake
 from prober.job import short
 from prober.metrics import serve as serve_metrics
+from responder.banners import (
+    DEFAULT_SESSIONS,
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    BannerError,
+    Banners,
+    load_banners,
+)
 from responder.kernel import Network, Steering, SteeringError
 from responder.listener import ListenerError, accept_forever, accept_pending, open_listener
 from responder.metrics import registry_for
@@ -50,6 +58,50 @@ def _metrics_port(text: str) -> int:
     return 0 if text == "0" else _port(text)
 
 
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_TIMEOUT:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"not a number of seconds in (0, {MAX_TIMEOUT:g}]: {short(text)}")
+    return value
+
+
+def _sessions(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 6) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a count 1..999999: {short(text)}")
+    return int(text)
+
+
+BANNERS_EXAMPLE = """\
+--banners FILE (TOML): after the handshake on these ports, send the banner,
+time the client's first data (tapp_us: banner out -> first byte in, for the
+analyzer's cond_app), keep its first 64 bytes (app_data), close. Nothing else
+is sent and no session is kept. Other ports are closed at once, as without it.
+
+  # port = banner: a TOML basic string (\\r\\n escapes), sent as Latin-1
+  # bytes (\\u00ff is the byte 0xff); ports 1..65535, banners 1..1024 bytes
+  [banners]
+  21 = "220 (vsFTPd 3.0.3)\\r\\n"
+  22 = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\\r\\n"
+  # Telnet: IAC DO TERMINAL-TYPE, TSPEED, XDISPLOC, NEW-ENVIRON (as Linux telnetd)
+  23 = "\\u00ff\\u00fd\\u0018\\u00ff\\u00fd\\u0020\\u00ff\\u00fd\\u0023\\u00ff\\u00fd\\u0027"
+  25 = "220 mail.example.net ESMTP Postfix (Debian/GNU)\\r\\n"
+
+(responder/banners.example.toml is the same file.)
+"""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Paragraphs wrap as usual; a text with line breaks of its own (the example) is kept as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return text
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepstone-responder",
@@ -65,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "takes them over). Each completed handshake (the "
         "client's SYN, original destination, the kernel's RTT sample) goes to the Redis stream "
         "<prefix>handshakes (default stepstone:handshakes) for `stepstone-analyzer run --handshakes`.",
+        epilog=BANNERS_EXAMPLE, formatter_class=_Formatter,
     )
     run.add_argument("--darknet", type=_darknet, action="append", required=True, metavar="CIDR",
                      help="darknet prefix (repeat for several)")
@@ -78,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on http://ADDR:N/metrics (default 0 = off)")
     run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                      help="address the metrics endpoint binds (default %(default)s)")
+    run.add_argument("--banners", metavar="FILE",
+                     help="server-first banners per port (TOML, example below); without it every "
+                     "connection is closed at once")
+    run.add_argument("--banner-timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="S",
+                     help="seconds to wait for the client's first data after a banner "
+                     "(default %(default)s)")
+    run.add_argument("--banner-sessions", type=_sessions, default=DEFAULT_SESSIONS, metavar="N",
+                     help="banner exchanges open at once, at most; beyond, a connection is reported "
+                     "without a banner and counted as dropped (default %(default)s)")
     return parser
 
 
@@ -144,7 +206,7 @@ class Sink:
 
 
 async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, prefix: str,
-                metrics: tuple[int, str] = (0, "127.0.0.1")) -> int:
+                metrics: tuple[int, str] = (0, "127.0.0.1"), *, banners: Banners | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -158,16 +220,24 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
         if metrics[0]:
             # Before the steering: a busy port fails before anything on the host is changed.
             try:
-                stop_metrics = serve_metrics(registry_for(sink), *metrics)
+                stop_metrics = serve_metrics(registry_for(sink, banners), *metrics)
             except OSError as exc:
                 raise MetricsError(f"--metrics-port: cannot serve on {metrics[1]}:{metrics[0]}: "
                                    f"{exc}") from None
         with Steering(darknets, port):
-            print(f"stepstone-responder: answering {', '.join(map(str, darknets))} on port {port}",
+            on = f"; banners on {', '.join(map(str, sorted(banners.banners)))}" if banners else ""
+            print(f"stepstone-responder: answering {', '.join(map(str, darknets))} on port {port}{on}",
                   file=sys.stderr, flush=True)
 
+            def take(conn: socket.socket, handshake: Handshake) -> bool:
+                """A banner port's connection becomes its own exchange, which reports it later."""
+                if banners is None or not banners.wants(handshake):
+                    return False
+                banners.start(conn, handshake, sink.put)
+                return True
+
             async def pump(listener: socket.socket) -> None:
-                async for handshake in accept_forever(listener):
+                async for handshake in accept_forever(listener, take):
                     sink.put(handshake)
 
             tasks = [asyncio.create_task(pump(sock)) for sock in listeners]
@@ -183,15 +253,22 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
             for sock in listeners:
                 for handshake in accept_pending(sock):
                     sink.put(handshake)
+            if banners is not None:
+                await banners.stop()  # open exchanges report their handshakes, untimed
             await sink.drain(2.0)
     finally:
+        if banners is not None:
+            await banners.stop()
         await cancel_and_wait(tasks)
         if stop_metrics is not None:
             stop_metrics()
         for sock in listeners:
             sock.close()
         await sink.close()
-        print(f"stepstone-responder: stopped; {sink.sent} handshakes reported, {sink.dropped} dropped",
+        said = (f"; banners: {banners.sent} sent, {banners.answered} answered, {banners.silent} silent, "
+                f"{banners.early} spoke first, {banners.dropped} dropped (over --banner-sessions)"
+                if banners is not None else "")
+        print(f"stepstone-responder: stopped; {sink.sent} handshakes reported, {sink.dropped} dropped{said}",
               file=sys.stderr, flush=True)
     return 0
 
@@ -204,12 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"stepstone-responder: --redis: {exc}", file=sys.stderr)
             return 2
+    banners = None
+    if args.banners is not None:
+        try:
+            banners = Banners(load_banners(args.banners), args.banner_timeout, args.banner_sessions)
+        except BannerError as exc:
+            print(f"stepstone-responder: {exc}", file=sys.stderr)
+            return 2
     if os.geteuid() != 0:
         print("stepstone-responder: needs root (a local route and an nftables table)", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(args.darknet, args.listen_port, args.redis, args.prefix,
-                                 (args.metrics_port, args.metrics_addr)))
+                                 (args.metrics_port, args.metrics_addr), banners=banners))
     except (SteeringError, ListenerError, MetricsError) as exc:
         print(f"stepstone-responder: {exc}", file=sys.stderr)
         return 2

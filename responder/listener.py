@@ -10,7 +10,7 @@ import ipaddress
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from analyzer.handshake import Handshake
 from osfp.checksum import internet_checksum, tcp_checksum
@@ -143,8 +143,12 @@ def accept_pending(listener: socket.socket) -> list[Handshake]:
             conn.close()
 
 
-async def accept_forever(listener: socket.socket) -> AsyncIterator[Handshake]:
-    """Accept, describe, close; one Handshake per connection."""
+async def accept_forever(listener: socket.socket,
+                         take: Callable[[socket.socket, Handshake], bool] | None = None
+                         ) -> AsyncIterator[Handshake]:
+    """Accept, describe, close; one Handshake per connection. `take`, when given, sees each
+    connection first and may keep it (a banner port, responder/banners.py): it returns True, owns
+    the socket from then on and reports that handshake itself, later; the loop goes on at once."""
     loop = asyncio.get_running_loop()
     while True:
         conn, peer = await loop.sock_accept(listener)
@@ -153,8 +157,9 @@ async def accept_forever(listener: socket.socket) -> AsyncIterator[Handshake]:
             handshake: Handshake | None = describe(conn, peer, now)
         except OSError:
             handshake = None  # the client vanished between accept and getsockopt: nothing to report
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+        if handshake is not None and take is not None and take(conn, handshake):
+            continue
+        with contextlib.suppress(OSError):
+            conn.close()
         if handshake is not None:
             yield handshake

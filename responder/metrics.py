@@ -2,7 +2,8 @@
 analyzer and the prober serve theirs (`prober.metrics.serve`, a private registry).
 
 The counts are the sink's own, read when scraped: what the listener completed, what reached Redis
-(or stdout), what a full backlog dropped, and the backlog itself.
+(or stdout), what a full backlog dropped, and the backlog itself. With --banners, the banner
+exchanges' counts too (responder/banners.py).
 """
 
 from __future__ import annotations
@@ -51,8 +52,40 @@ class _SinkCounts(Collector):
         yield backlog
 
 
-def registry_for(sink: Counts) -> CollectorRegistry:
-    """A registry exposing `sink`'s counts."""
+class BannerCounts(Protocol):
+    """What the banner exchanges count (responder.banners.Banners)."""
+
+    sent: int
+    answered: int
+    silent: int
+    early: int
+    dropped: int
+
+    def active(self) -> int: ...
+
+
+class _BannerCounts(Collector):
+    def __init__(self, banners: BannerCounts) -> None:
+        self.banners = banners
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.banners
+        family = CounterMetricFamily(f"{NS}_banners", "Banner exchanges by outcome: sent (banners "
+                                     "written), answered (client data timed), silent (no data before "
+                                     "the timeout or close), early (client spoke first: untimed), "
+                                     "dropped (over --banner-sessions: no banner)", labels=["outcome"])
+        for outcome in ("sent", "answered", "silent", "early", "dropped"):
+            family.add_metric([outcome], getattr(b, outcome))
+        yield family
+        active = GaugeMetricFamily(f"{NS}_banner_sessions", "Banner exchanges open now")
+        active.add_metric([], b.active())
+        yield active
+
+
+def registry_for(sink: Counts, banners: BannerCounts | None = None) -> CollectorRegistry:
+    """A registry exposing `sink`'s counts (and the banner exchanges', when there are any)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_SinkCounts(sink))
+    if banners is not None:
+        registry.register(_BannerCounts(banners))
     return registry
