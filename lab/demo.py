@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,13 +28,18 @@ from lab.netns import PREFIX as NETNS_PREFIX
 from lab.netns import Network, unavailable_reason
 from lab.process import Child, Children, LabError, wait_for
 from lab.redis import RedisServer, RedisServerError
-from lab.scenarios import Scenarios
-from lab.topology import LISTEN_PORTS, PROXY_BASE_PORT, SENSOR_ADDR, Topology
+from lab.scenarios import CLIENT_PORTS, Scenarios
+from lab.topology import LISTEN_PORTS, PROXY_BASE_PORT, SENSOR_ADDR, SOCKS_PORT, Topology
 
 PREFIX = "stepstone:"
 ALLOW = "198.18.0.0/15"
 ZEEK_WS_PORT = 9997
 ZEEK_SCRIPTS = Path(__file__).resolve().parents[1] / "zeek-scripts"
+# The responder's banners on server-first ports, used when a scenario host runs a server-first client.
+BANNERS = Path(__file__).with_name("banners.toml")
+# Programs the proxy scenarios run, and the Debian package of each (apt-installed when missing).
+PROXY_PROGRAMS = {"proxy": ("socat", "socat"), "socat": ("socat", "socat"),
+                  "socks": ("microsocks", "microsocks")}
 # "zeek-cluster": a manager and two workers sharing the interface by AF_PACKET fanout (lab/zeekcluster.py).
 Sensor = Literal["responder", "zeek", "zeek-cluster"]
 
@@ -49,8 +55,7 @@ def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
         raise LabError("needs root: network namespaces, TUN devices and nftables "
                        "(run scripts/demo as root, or through sudo)")
     tools = ["ip", "nft", "redis-server"]
-    if any(h.kind == "proxy" for h in scenarios.hosts):
-        tools.append("socat")
+    _install_missing(sorted({PROXY_PROGRAMS[h.kind] for h in scenarios.hosts if h.kind in PROXY_PROGRAMS}))
     if sensor != "responder":
         tools.append("zeek")
         if not (ZEEK_SCRIPTS / "__load__.zeek").is_file():
@@ -71,6 +76,30 @@ def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
                    "prerouting priority dstnat; policy accept; }\n}\n")
         except Exception as exc:
             raise LabError(f"nftables does not work in a network namespace here: {exc}") from None
+
+
+def _install_missing(programs: list[tuple[str, str]]) -> None:
+    """apt-get install the packages of the proxy programs that are missing (the proxy scenarios are
+    not in scripts/install's list: only the lab needs them); one clear error if that fails."""
+    missing = sorted({pkg for prog, pkg in programs if shutil.which(prog) is None})
+    if not missing:
+        return
+    if shutil.which("apt-get") is not None:
+        env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        for step in ([install], [["apt-get", "update", "-qq"], install]):  # the package lists may be stale
+            if all(subprocess.run(cmd, env=env, check=False, capture_output=True).returncode == 0
+                   for cmd in step):
+                break
+    still = [prog for prog, _ in programs if shutil.which(prog) is None]
+    if still:
+        raise LabError(f"the proxy scenarios need {', '.join(sorted(set(still)))} and apt-get could not "
+                       f"install {' '.join(missing)}: install it, or leave those scenarios out")
+
+
+def uses_banners(scenarios: Scenarios) -> bool:
+    """Whether some host runs a server-first client: then the responder sends banners (lab/banners.toml)."""
+    return any(h.client is not None for h in scenarios.hosts)
 
 
 class Lab:
@@ -171,7 +200,9 @@ class Lab:
         darknet = str(self.scenarios.darknet)
         if name == "responder":
             report = ["--redis", url, "--prefix", PREFIX] if self.sensor == "responder" else []
-            return ["-m", "responder.cli", "run", "--darknet", darknet, *report]
+            # With Zeek as the sensor the responder still sends the banners, and Zeek sees them leave.
+            banners = ["--banners", str(BANNERS)] if uses_banners(self.scenarios) else []
+            return ["-m", "responder.cli", "run", "--darknet", darknet, *report, *banners]
         if name == "analyzer":
             feed = (["--handshakes"] if self.sensor == "responder" else
                     ["--zeek", f"ws://{SENSOR_ADDR}:{ZEEK_WS_PORT}/v1/messages/json"])
@@ -264,12 +295,15 @@ class Lab:
             count = h.host.connections or sc.connections
             spacing = sc.traffic_s / count
             offset = self.rng.uniform(0.2, max(0.3, spacing))
-            targets = self.topology.darknet_targets(count, self.seed * 1000 + h.index)
+            port = CLIENT_PORTS[h.host.client] if h.host.client else None
+            targets = self.topology.darknet_targets(count, self.seed * 1000 + h.index, port)
             listen = ",".join(map(str, LISTEN_PORTS))
             tag = f"traffic{h.index}"
+            client = (h.host.client, h.host.client_think_ms)
             if h.host.kind in ("direct", "scanner"):
                 drivers = [self._driver(tag, h.ns, listen, [f"{a}:{p}" for a, p in targets],
-                                        spacing=spacing, offset=offset, craft=h.host.kind == "scanner")]
+                                        spacing=spacing, offset=offset, craft=h.host.kind == "scanner",
+                                        client=client)]
             elif h.host.kind == "homenat":
                 # Two machines behind one router, taking turns: each every other connection.
                 assert h.attacker is not None and h.second is not None
@@ -281,7 +315,18 @@ class Lab:
             else:
                 assert h.attacker is not None
                 drivers = [self._driver(f"{tag}r", h.ns, listen, [], spacing=spacing, offset=offset)]
+                socks = None
                 if h.host.kind == "nat":
+                    connect = [f"{a}:{p}" for a, p in targets]
+                elif h.host.kind == "socks":
+                    # A SOCKS5 relay (Debian's microsocks) on the attacker side; the attacker asks it
+                    # to CONNECT to each darknet target in turn.
+                    socks = f"{h.relay_inside}:{SOCKS_PORT}"
+                    self.children.start(f"socks{h.index}", ["microsocks", "-i", str(h.relay_inside), "-p",
+                                                            str(SOCKS_PORT)], h.ns)
+                    relay_ns = h.ns
+                    wait_for(lambda ns=relay_ns: SOCKS_PORT in _listening(ns), 10,  # type: ignore[misc]
+                             f"microsocks on {h.host.name}")
                     connect = [f"{a}:{p}" for a, p in targets]
                 else:
                     connect = []
@@ -295,18 +340,23 @@ class Lab:
                     relay_ns = h.ns
                     wait_for(lambda ns=relay_ns, ports=ports: ports <= _listening(ns), 10,  # type: ignore[misc]
                              f"socat listeners on {h.host.name}")
-                drivers.append(self._driver(f"{tag}a", h.attacker, "", connect,
-                                            spacing=spacing, offset=offset))
+                drivers.append(self._driver(f"{tag}a", h.attacker, "", connect, spacing=spacing,
+                                            offset=offset, client=client, socks=socks))
             self.traffic[h.addr] = drivers
         total = sum(h.host.connections or sc.connections for h in self.topology.hosts)
         self.say(f"traffic: {total} connection requests from {len(self.topology.hosts)} hosts over "
                  f"{sc.traffic_s:.0f}s")
 
     def _driver(self, name: str, ns: Any, listen: str, connect: list[str], *, spacing: float,
-                offset: float, craft: bool = False) -> Child:
+                offset: float, craft: bool = False, client: tuple[str | None, float] = (None, 0.0),
+                socks: str | None = None) -> Child:
         args = ["-m", "lab.traffic", "--spacing", f"{spacing:.3f}", "--offset", f"{offset:.3f}"]
         if craft:
             args.append("--craft")
+        if client[0] is not None:
+            args += ["--client", client[0], "--think-ms", f"{client[1]:g}"]
+        if socks is not None:
+            args += ["--socks", socks]
         if listen:
             args += ["--listen", listen]
         for target in connect:

@@ -5,8 +5,11 @@ stronger verdict (`relay_confident`: noise-aware timing, SYN-RTT fallback, hop c
 analyzer/rules.py); `truth_kind` scores the combined verdict `kind` (a relay when forwarding or
 terminating; today the same sources as relay_confident, by definition) and counts how often the
 kind is the one the truth calls for (`KIND_FOR_TRUTH`). `truth_by_rule` breaks all three down per
-truth class (direct, relay, proxy, shared): TP/FP/TN/FN, precision and recall. A positive is a
-relay or a proxy; a home NAT (truth `shared`) is a negative that should be called `shared`.
+truth (direct, relay, proxy, terminating, shared): TP/FP/TN/FN, precision and recall. A positive is
+a relay, a proxy or a terminating relay; a home NAT (truth `shared`) is a negative that should be
+called `shared`. `truth_by_class` does the same per kind of scenario (`CLASSES`: forwarding,
+terminating, direct, scanner, shared, route change), with Zeek's notice.log as a fourth rule where
+Zeek was the sensor.
 
 Works on what the run left behind (the analyzer's handshakes.log and stepstone.log lines, the
 traffic drivers' attempt lines) so it can be checked independently of how the run went.
@@ -24,8 +27,20 @@ from lab.scenarios import Host
 
 RULES = ("paper", "confident", "kind")
 # What the combined verdict should say for each truth.
-KIND_FOR_TRUTH = {"direct": "none", "relay": "forwarding", "proxy": "terminating", "shared": "shared"}
+KIND_FOR_TRUTH = {"direct": "none", "relay": "forwarding", "proxy": "terminating", "shared": "shared",
+                  "terminating": "terminating"}
 RELAY_KINDS = ("forwarding", "terminating")
+POSITIVE = ("relay", "proxy", "terminating")  # truths that are relays
+# The report's classes of scenario, in the order it prints them: the scenario kinds grouped by what
+# the verdict should say, with the route changes apart (direct hosts the hop test must not flag).
+CLASSES = ("forwarding", "terminating", "direct", "scanner", "shared", "route change")
+_CLASS_OF_KIND = {"nat": "forwarding", "proxy": "terminating", "socat": "terminating", "socks": "terminating",
+                  "direct": "direct", "scanner": "scanner", "homenat": "shared"}
+
+
+def scenario_class(host: Host) -> str:
+    """The report's class of a scenario host (CLASSES)."""
+    return "route change" if host.route_change else _CLASS_OF_KIND[host.kind]
 
 
 @dataclass(frozen=True)
@@ -102,11 +117,14 @@ def build(
         lambda: {r: {"tp": 0, "fp": 0, "tn": 0, "fn": 0} for r in RULES})
     counts_kind = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     kind_right: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # truth -> [right, total]
+    rules_here = (*RULES, "notice") if notices is not None else RULES
+    by_class: dict[str, dict[str, dict[str, int]]] = {}
+    class_right: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # class -> [right, total]
     for source in sources:
         h = source.host
         verdict = final.get(source.addr)
         relay = bool(verdict.get("relay")) if verdict else False
-        positive = h.truth in ("relay", "proxy")
+        positive = h.truth in POSITIVE
         outcome = ("tp" if relay else "fn") if positive else ("fp" if relay else "tn")
         counts[outcome] += 1
         strong = bool(verdict.get("relay_confident")) if verdict else False
@@ -124,6 +142,13 @@ def build(
         n_notices = noticed.get(source.addr, 0)
         outcome_notice = ("tp" if n_notices else "fn") if positive else ("fp" if n_notices else "tn")
         counts_notice[outcome_notice] += 1
+        klass = scenario_class(h)
+        into = by_class.setdefault(klass, {r: {"tp": 0, "fp": 0, "tn": 0, "fn": 0} for r in rules_here})
+        results = (outcome, outcome_strong, outcome_kind, outcome_notice)[:len(rules_here)]
+        for rule, result in zip(rules_here, results, strict=True):
+            into[rule][result] += 1
+        class_right[klass][0] += kind == KIND_FOR_TRUTH[h.truth]
+        class_right[klass][1] += 1
         recs = per_src.get(source.addr, [])
         made = attempts.get(source.addr, []) if attempts else []
         hosts.append({
@@ -131,11 +156,14 @@ def build(
             "scenario": h.name,
             "truth": h.truth,
             "kind": h.kind,
+            "class": klass,
+            "client": h.client,
+            "client_think_ms": h.client_think_ms if h.client else None,
             "persona": h.persona,
             "attacker_persona": h.attacker_persona,
             "rtt_ms": h.rtt_ms,
             "jitter_ms": h.jitter_ms,
-            "extra_delay_ms": h.extra_delay_ms if h.kind != "direct" else None,
+            "extra_delay_ms": h.extra_delay_ms if h.behind else None,
             "drop_icmp": h.drop_icmp,
             "relay": relay if verdict else None,
             "outcome": outcome,
@@ -161,6 +189,7 @@ def build(
                 "fa": sorted({str(r.get("fa")) for r in recs}),
                 "syn_dist": [r.get("syn_dist") for r in recs],
                 "fa_dist": [r.get("fa_dist") for r in recs],
+                "tapp_us": [r.get("tapp_us") for r in recs],
             },
         })
     return {
@@ -173,6 +202,9 @@ def build(
         "truth_by_rule": {t: {r: _scores(c) for r, c in rules.items()}
                           for t, rules in sorted(by_rule.items())},
         "kind_right": {t: {"right": n[0], "of": n[1]} for t, n in sorted(kind_right.items())},
+        "truth_by_class": {c: {r: _scores(n) for r, n in by_class[c].items()}
+                           for c in CLASSES if c in by_class},
+        "class_right": {c: {"right": n[0], "of": n[1]} for c, n in class_right.items()},
         "latency_s": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95),
                       "mean": round(statistics.fmean(latencies), 3) if latencies else None,
                       "verdicts": len(latencies)},
@@ -229,9 +261,18 @@ def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
         v = h["evidence"]["verdict"] or {}
         if h["truth"] == "direct" and h.get("outcome_kind") == "fp" and h["relay_strong"] is not None:
             ev = h["evidence"]
+            app = (f"; app margin {_ms(v.get('app_margin'))} over {v.get('app_samples')}, tapp "
+                   f"{_ms_list(ev['tapp_us'])}" if v.get("cond_app") else "")
             out.append(f"{h['scenario']}: FALSE POSITIVE by kind {h.get('verdict_kind')} (evidence "
                        f"{[e.get('test') for e in v.get('evidence') or []]}; SYN hops {ev['syn_dist']}, "
-                       f"SYN+ACK hops {ev['fa_dist']})")
+                       f"SYN+ACK hops {ev['fa_dist']}{app})")
+        elif h["truth"] == "terminating" and h.get("outcome_kind") == "fn" and h["relay"] is not None:
+            ev = h["evidence"]
+            level = "below the goal (extra delay < 20 ms)" if (h["extra_delay_ms"] or 0) < 20 else "MISSED"
+            out.append(f"{h['scenario']}: terminating relay not found, {level} (kind {h.get('verdict_kind')}"
+                       "; "
+                       f"app margin {_ms(v.get('app_margin'))} over {v.get('app_samples')} samples, tapp "
+                       f"{_ms_list(ev['tapp_us'])}, ping max {_ms_list(ev['ping_max_us'])})")
         elif h["truth"] == "relay" and h.get("outcome_kind") == "fn" and h["relay"] is not None:
             ev = h["evidence"]
             out.append(f"{h['scenario']}: missed by the combined verdict (kind {h.get('verdict_kind')}; "
@@ -250,6 +291,11 @@ def _ms(us: Any) -> str:
     return f"{us / 1000:.1f} ms" if isinstance(us, int | float) else "n/a"
 
 
+def _ms_list(values: Sequence[Any]) -> str:
+    """Microsecond samples as one short list in ms ("-" where a record has none)."""
+    return "[" + " ".join(f"{v / 1000:.1f}" if isinstance(v, int | float) else "-" for v in values) + "] ms"
+
+
 def render(report: Mapping[str, Any]) -> str:
     t3 = report["table3"]
     lines = [
@@ -262,7 +308,7 @@ def render(report: Mapping[str, Any]) -> str:
         f"  relays in total              {t3['relays_total']:>6}",
         "",
         "Detection vs truth",
-        f"  {'scenario':<34} {'src':<14} {'truth':<7} {'verdict':<8} {'(1)':<4} {'(2)':<4} "
+        f"  {'scenario':<34} {'src':<14} {'truth':<11} {'verdict':<8} {'(1)':<4} {'(2)':<4} "
         f"{'T^p mean':>9} {'T^a max':>9} {'n':>3}  result  {'conf':<5} {'margin':>9}  conf result"
         + ("  notices" if report.get("truth_notice") else ""),
     ]
@@ -270,7 +316,7 @@ def render(report: Mapping[str, Any]) -> str:
         v = h["evidence"]["verdict"] or {}
         verdict = "-" if h["relay"] is None else ("relay" if h["relay"] else "direct")
         lines.append(
-            f"  {h['scenario'][:34]:<34} {h['src']:<14} {h['truth']:<7} {verdict:<8} "
+            f"  {h['scenario'][:34]:<34} {h['src']:<14} {h['truth']:<11} {verdict:<8} "
             f"{_yn(v.get('cond_os')):<4} {_yn(v.get('cond_timing')):<4} "
             f"{_ms(v.get('tp_mean_us')):>9} {_ms(v.get('ta_max_mean_us')):>9} "
             f"{h['evidence']['records']:>3}  {h['outcome'].upper():<6}  {_yn(h.get('relay_strong')):<5} "
@@ -300,7 +346,9 @@ def render(report: Mapping[str, Any]) -> str:
     lines.append("  per kind (paper's rule):")
     for kind, c in report["truth_by_kind"].items():
         lines.append(f"    {kind:<7} TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
-    if report.get("truth_by_rule"):
+    if report.get("truth_by_class"):
+        lines += ["", class_table(report["truth_by_class"], report.get("class_right") or {})]
+    elif report.get("truth_by_rule"):
         lines += ["", rule_table(report["truth_by_rule"], report.get("kind_right") or {})]
     lat = report["latency_s"]
     lines += ["", f"  SYN -> verdict: median {_num(lat['p50'])} s, p95 {_num(lat['p95'])} s "
@@ -323,6 +371,27 @@ def rule_table(by_rule: Mapping[str, Mapping[str, Mapping[str, Any]]],
             said = (f"{right['right']}/{right['of']} {KIND_FOR_TRUTH[truth]}"
                     if right and rule == "kind" else "")
             lines.append(f"  {truth:<7} {rule:<10} {c['tp']:>3} {c['fp']:>3} {c['tn']:>3} {c['fn']:>3} "
+                         f"{_num(c['precision']):>9} {_num(c['recall']):>6}  {said}")
+    return "\n".join(lines)
+
+
+# What the combined verdict should say for each class.
+KIND_FOR_CLASS = {"forwarding": "forwarding", "terminating": "terminating", "direct": "none",
+                  "scanner": "none", "shared": "shared", "route change": "none"}
+
+
+def class_table(by_class: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                class_right: Mapping[str, Mapping[str, int]]) -> str:
+    """Per class of scenario and rule (paper, confident, kind; notice where Zeek was the sensor):
+    TP/FP/TN/FN, precision, recall; and how often the combined verdict's kind was the right one."""
+    lines = [f"  {'class':<12} {'rule':<10} {'TP':>3} {'FP':>3} {'TN':>3} {'FN':>3} {'precision':>9} "
+             f"{'recall':>6}  kind right"]
+    for klass, rules in by_class.items():
+        right = class_right.get(klass)
+        for rule, c in rules.items():
+            said = (f"{right['right']}/{right['of']} {KIND_FOR_CLASS.get(klass, '?')}"
+                    if right and rule == "kind" else "")
+            lines.append(f"  {klass:<12} {rule:<10} {c['tp']:>3} {c['fp']:>3} {c['tn']:>3} {c['fn']:>3} "
                          f"{_num(c['precision']):>9} {_num(c['recall']):>6}  {said}")
     return "\n".join(lines)
 

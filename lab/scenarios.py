@@ -11,12 +11,18 @@ from typing import Any, Literal
 
 from lab.personas import PERSONAS
 
-Kind = Literal["direct", "nat", "proxy", "scanner", "homenat"]
-Truth = Literal["direct", "relay", "proxy", "shared"]
-KINDS: tuple[str, ...] = ("direct", "nat", "proxy", "scanner", "homenat")
+Kind = Literal["direct", "nat", "proxy", "scanner", "homenat", "socat", "socks"]
+Truth = Literal["direct", "relay", "proxy", "shared", "terminating"]
+KINDS: tuple[str, ...] = ("direct", "nat", "proxy", "scanner", "homenat", "socat", "socks")
 ROUTE_CHANGES = ("add", "remove")
+# "proxy" (the default set's socat relay whose attacker only opens and closes connections) keeps
+# its own truth; "socat" and "socks" are terminating relays with a server-first client behind them.
 TRUTH: dict[str, Truth] = {"direct": "direct", "nat": "relay", "proxy": "proxy", "scanner": "direct",
-                           "homenat": "shared"}
+                           "homenat": "shared", "socat": "terminating", "socks": "terminating"}
+BEHIND = ("nat", "proxy", "homenat", "socat", "socks")  # kinds whose connections start behind the host
+# A server-first client's protocol -> the darknet port it connects to (the responder's banners on
+# these ports: lab/banners.toml).
+CLIENT_PORTS: dict[str, int] = {"ssh": 22, "smtp": 25}
 DEFAULT_FILE = Path(__file__).with_name("scenarios.toml")
 MAX_HOSTS = 40  # one /24 per host link out of 198.19.0.0/16, leaving room for the fixed links
 
@@ -40,6 +46,10 @@ class Host:
     # right after its first SYN, i.e. between its first handshake and that handshake's probe.
     route_change: str | None = None
     second_persona: str | None = None  # homenat: the OS of the second machine behind the router
+    # A server-first client (CLIENT_PORTS): every connection goes to that port, reads the banner,
+    # waits client_think_ms, answers one line and closes. None: connect and close at once.
+    client: str | None = None
+    client_think_ms: float = 0.0
 
     @property
     def truth(self) -> Truth:
@@ -48,7 +58,7 @@ class Host:
     @property
     def behind(self) -> bool:
         """Whether the connections start in namespaces behind this host (a relay or home NAT)."""
-        return self.kind in ("nat", "proxy", "homenat")
+        return self.kind in BEHIND
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,8 @@ def parse(text: str, source: str = "<string>") -> Scenarios:
             raise ScenarioError(f"{source}: [[host]] #{i} must be a table")
         where = f"{source}: [[host]] #{i}"
         known = {"name", "kind", "persona", "rtt_ms", "jitter_ms", "attacker_persona", "extra_delay_ms",
-                 "drop_icmp", "connections", "route_change", "second_persona"}
+                 "drop_icmp", "connections", "route_change", "second_persona", "client",
+                 "client_think_ms"}
         if set(entry) - known:
             raise ScenarioError(f"{where}: unknown keys {sorted(set(entry) - known)}")
         name = _get(entry, "name", str, f"host{i}", where)
@@ -124,12 +135,22 @@ def parse(text: str, source: str = "<string>") -> Scenarios:
             if p is not None and p not in PERSONAS:
                 raise ScenarioError(f"{where}: unknown persona {p!r} (known: {', '.join(PERSONAS)})")
         if alone and ("attacker_persona" in entry or "extra_delay_ms" in entry):
-            raise ScenarioError(f"{where}: attacker_persona / extra_delay_ms only for nat, proxy and homenat")
+            raise ScenarioError(f"{where}: attacker_persona / extra_delay_ms only for nat, proxy and homenat "
+                                "(and the socat and socks proxies)")
         if kind != "homenat" and "second_persona" in entry:
             raise ScenarioError(f"{where}: second_persona only for homenat")
         route_change = _get(entry, "route_change", str, None, where)
         if route_change is not None and (route_change not in ROUTE_CHANGES or not alone):
             raise ScenarioError(f"{where}: route_change must be add or remove, on a direct host or scanner")
+        client = _get(entry, "client", str, None, where)
+        if client is not None and (client not in CLIENT_PORTS or kind in ("scanner", "homenat")):
+            raise ScenarioError(f"{where}: client must be one of {', '.join(CLIENT_PORTS)}, "
+                                "and not on a scanner or home NAT")
+        think = float(_get(entry, "client_think_ms", (int, float), 0, where))
+        if "client_think_ms" in entry and client is None:
+            raise ScenarioError(f"{where}: client_think_ms only with a client")
+        if not 0 <= think <= 10_000:
+            raise ScenarioError(f"{where}: client_think_ms must be within 0..10000")
         host = Host(
             name=name,
             kind=kind,
@@ -142,6 +163,8 @@ def parse(text: str, source: str = "<string>") -> Scenarios:
             connections=_get(entry, "connections", int, None, where),
             route_change=route_change,
             second_persona=second,
+            client=client,
+            client_think_ms=think,
         )
         if min(host.rtt_ms, host.jitter_ms, host.extra_delay_ms) < 0 or host.rtt_ms > 2000:
             raise ScenarioError(f"{where}: delays must be >= 0 and rtt_ms <= 2000")

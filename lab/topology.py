@@ -37,6 +37,7 @@ SENSOR_ADDR = "198.19.250.2"
 PROBER_ADDR = "198.19.251.2"
 LAB_TABLE = "stepstone_lab"
 PROXY_BASE_PORT = 20000  # the proxy relay's socat listeners: one port per target
+SOCKS_PORT = 1080  # the SOCKS relay's microsocks, on its attacker-side address
 LISTEN_PORTS = (22, 80)  # every host/relay accepts here so SYN probes get a SYN+ACK
 ROUTE_TABLE = 100  # a route-change host's detour through its extra router
 ROUTE_MARK = 1
@@ -166,12 +167,13 @@ class Topology:
     def by_addr(self) -> dict[str, LabHost]:
         return {h.addr: h for h in self.hosts}
 
-    def darknet_targets(self, count: int, seed: int) -> list[tuple[str, int]]:
-        """`count` distinct-ish (address, port) pairs in the darknet, reproducible from `seed`."""
+    def darknet_targets(self, count: int, seed: int, port: int | None = None) -> list[tuple[str, int]]:
+        """`count` distinct-ish (address, port) pairs in the darknet, reproducible from `seed`; all
+        on `port` when given (a server-first client's)."""
         rng = random.Random(seed)
         hosts = list(self.scenarios.darknet.hosts()) or [self.scenarios.darknet.network_address]
         ports = (22, 23, 80, 443, 445, 3389, 8080, 5555, 6379, 37215)
-        return [(str(rng.choice(hosts)), rng.choice(ports)) for _ in range(count)]
+        return [(str(rng.choice(hosts)), port or rng.choice(ports)) for _ in range(count)]
 
 
 def _addr(ns: Namespace, ifname: str, cidr: str) -> None:
