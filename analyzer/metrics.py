@@ -31,6 +31,27 @@ class Metrics:
         r = self.registry
         self.handshakes = Counter(f"{NS}_handshakes", "Handshakes received from the feed", registry=r)
         self.answered = Counter(f"{NS}_answered", "Handshakes the client answered (ACK or RST)", registry=r)
+        self.sampled = Counter(
+            f"{NS}_handshakes_sampled",
+            "Handshakes measured fully (fingerprinted, stored, probed, judged): the first "
+            "--sample-per-source of each source per probe period",
+            registry=r,
+        )
+        self.counted = Counter(
+            f"{NS}_handshakes_counted",
+            "Handshakes only counted (per source, cnt:<src> and the verdict's handshakes_seen), not "
+            "measured: beyond --sample-per-source in their source's probe period",
+            registry=r,
+        )
+        self.changes = Counter(
+            f"{NS}_verdict_lines",
+            "Verdicts emitted (stepstone.log, the verdicts stream, Zeek), by why: first (a new "
+            "source), changed, refresh (--refresh seconds since the last one)",
+            ["change"],
+            registry=r,
+        )
+        for change in ("first", "changed", "refresh"):
+            self.changes.labels(change)
         self.ignored = Counter(
             f"{NS}_ignored", "Handshakes outside --darknet, skipped", registry=r
         )
@@ -42,7 +63,7 @@ class Metrics:
         )
         self.results = Counter(f"{NS}_results", "Probe results received", registry=r)
         self.dead = Counter(f"{NS}_dead_jobs", "Jobs the prober gave up on (stream dead)", registry=r)
-        self.verdicts = Counter(f"{NS}_verdicts", "Records written with a verdict", registry=r)
+        self.verdicts = Counter(f"{NS}_verdicts", "Records written with a verdict (records.log)", registry=r)
         self.relays = Counter(f"{NS}_relays", "Verdicts that said relay", registry=r)
         self.verdict_kinds = Counter(
             f"{NS}_verdicts_by_kind",

@@ -43,7 +43,8 @@ from analyzer.state import Outcome, State, StateError, Stored
 from analyzer.verdicts import JsonLog, entry_fields, from_entry
 from osfp import FingerprintError
 from prober import streams
-from prober.job import JobError, Result, short
+from prober.job import JobError, Result, epoch_seconds, short
+from prober.job import address as canonical_address
 from prober.options import DAY, YEAR, check_ranges
 from prober.queue import MAX_DEADLINE, MAX_DEDUP_WINDOW
 
@@ -55,6 +56,7 @@ JOB_SCAN = 2000  # newest jobs searched for an address whose job id was never re
 MAX_DELIVERIES = 5  # an entry that fails this often is logged and acknowledged, not retried forever
 ENQUEUE_CONCURRENCY = 32  # enqueues of one batch in flight at once (one Redis connection each)
 RECORD_FIELDS = tuple(Record.__dataclass_fields__)
+CACHE_MAX = 1 << 20  # addresses remembered by the cheap path's checks before the cache starts over
 Entry = tuple[str, dict[str, str]]
 # Handles a batch of entries: None = acknowledge them all, or the ids to acknowledge (the rest stay
 # pending).
@@ -74,7 +76,14 @@ RANGES: dict[str, tuple[float, float]] = {
     "deadline": (0.001, MAX_DEADLINE),
     "claim_after": (0.001, DAY),
     "max_records": (1, 1_000_000),
+    "sample_per_source": (0, 1_000_000),
+    "refresh": (1, YEAR),
 }
+HANDSHAKES_LOG = ("all", "sampled", "off")
+SAMPLE_PER_SOURCE = 100  # default --sample-per-source (bench/SCALE.md, "Plan for item 2")
+REFRESH = 3600.0  # default --refresh: one probe period (the dedup window's default)
+HS_COUNT = 500  # handshakes read per batch: the per-batch Redis work is shared by more of them
+STATS_EVERY = 60.0  # seconds between the log lines that say what was measured and what counted
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
 
 EPILOG = """\
@@ -126,6 +135,9 @@ class Config:
     claim_after: float = 30.0
     max_records: int = 1000
     zeek_group: str = ZEEK_GROUP
+    sample_per_source: int = SAMPLE_PER_SOURCE
+    refresh: float = REFRESH
+    handshakes_log: str = "sampled"
 
 
 def register(sub: Any) -> None:
@@ -179,6 +191,18 @@ def register(sub: Any) -> None:
                    help="take over entries another analyzer left unacknowledged this long (default 30)")
     p.add_argument("--max-records", type=int, default=1000, metavar="N",
                    help="judge a source on at most its N newest records in the window (default 1000)")
+    p.add_argument("--sample-per-source", type=int, default=SAMPLE_PER_SOURCE, metavar="K",
+                   help="measure fully (fingerprint, store, probe, judge) only the first K handshakes of "
+                   "a source per probe period (--dedup-window); the rest are counted (cnt:<src>, the "
+                   "verdict's handshakes_seen, /metrics). 0 = measure every one (default "
+                   f"{SAMPLE_PER_SOURCE})")
+    p.add_argument("--refresh", type=float, default=REFRESH, metavar="S",
+                   help="a source's verdict goes to stepstone.log, the verdicts stream and Zeek when it "
+                   "changes, and again when it is judged S seconds or more after its last one "
+                   f"(default {REFRESH:.0f}: once per probe period)")
+    p.add_argument("--handshakes-log", choices=HANDSHAKES_LOG, default="sampled",
+                   help="handshakes.log gets a line for every handshake (all: the whole stream is "
+                   "decoded), for the measured ones (sampled, the default), or none (off)")
     p.set_defaults(func=run_command)
 
 
@@ -210,11 +234,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             darknets.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
             raise InputError(f"--darknet: not a network: {text!r}") from None
-    for name in ("window", "dedup_window", "deadline", "claim_after"):
+    for name in ("window", "dedup_window", "deadline", "claim_after", "refresh"):
         if not getattr(args, name) > 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
     if args.max_records < 1:
         raise InputError("--max-records must be at least 1")
+    if args.sample_per_source < 0:
+        raise InputError("--sample-per-source must be 0 (measure all) or more")
     if not 0 <= args.metrics_port < 65536:
         raise InputError(f"--metrics-port: not a port: {args.metrics_port}")
     if not args.consumer or not args.prefix or not args.zeek_group:
@@ -229,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         window=args.window, os_level=args.os_level, p0f_db=args.p0f_db, consumer=args.consumer,
         ports=ports, darknets=tuple(darknets), dedup_window=args.dedup_window, deadline=args.deadline,
         claim_after=args.claim_after, max_records=args.max_records, zeek_group=args.zeek_group,
+        sample_per_source=args.sample_per_source, refresh=args.refresh, handshakes_log=args.handshakes_log,
     )
 
 
@@ -266,9 +293,15 @@ class Service:
         self.metrics = Metrics()
         self.state = State(redis, prefix=config.prefix, window=config.window,
                            dedup_window=config.dedup_window, max_records=config.max_records)
-        self.stepstone_log = JsonLog(config.log_dir / "stepstone.log", "stepstone", self.state,
-                                     ttl_after=self.state.closed_ttl)
+        # records.log: one line per measured handshake (its record and its source's verdict);
+        # stepstone.log: one line per verdict change or refresh of a source.
+        self.records_log = JsonLog(config.log_dir / "records.log", "records", self.state,
+                                   ttl_after=self.state.closed_ttl)
+        self.stepstone_log = JsonLog(config.log_dir / "stepstone.log", "stepstone", self.state)
         self.handshakes_log = JsonLog(config.log_dir / "handshakes.log", "handshakes", self.state)
+        self._srcs: dict[str, bool] = {}  # source text -> canonical address (the cheap path's check)
+        self._dsts: dict[str, bool] = {}  # destination text -> inside --darknet
+        self._stats = {"seen": 0, "sampled": 0, "counted": 0, "first": 0, "changed": 0, "refresh": 0}
         self.zeek: Any = None
         self._stop_metrics: Callable[[], None] | None = None
 
@@ -279,6 +312,7 @@ class Service:
                                   on_reject=self._reject)
 
         self.hs_stream = consumer("handshakes")
+        self.hs_stream.count = HS_COUNT
         self.results_stream = consumer("results")
         self.dead_stream = consumer("dead")
         # Read only with --zeek: every analyzer's verdicts, for this analyzer's sensor.
@@ -310,12 +344,14 @@ class Service:
         service = cls(config, client, queue, fingerprinter)
         try:
             config.log_dir.mkdir(parents=True, exist_ok=True)
+            service.records_log.open()
             service.stepstone_log.open()
             service.handshakes_log.open()
         except OSError as exc:
             await service.close()
             raise InputError(f"--log-dir: cannot write logs in {config.log_dir}: {exc}") from None
-        recovered = await service.stepstone_log.recover() + await service.handshakes_log.recover()
+        recovered = (await service.records_log.recover() + await service.stepstone_log.recover()
+                     + await service.handshakes_log.recover())
         log.info("log tails read back: %d lines already written", recovered)
         if config.metrics_port:
             try:
@@ -336,6 +372,7 @@ class Service:
                 await self.zeek.close()
         if self._stop_metrics is not None:
             self._stop_metrics()
+        self.records_log.close()
         self.stepstone_log.close()
         self.handshakes_log.close()
         await self.redis.aclose()
@@ -435,9 +472,23 @@ class Service:
         self.metrics.errors.labels("malformed").inc()
         self.metrics.rejected.labels(stream.removeprefix(self.config.prefix)).inc()
 
+    def _log_stats(self) -> None:
+        """What was measured and what only counted since the last such line (never silent)."""
+        st = self._stats
+        if st["seen"] or st["first"] or st["changed"] or st["refresh"]:
+            log.info("handshakes: %d received, %d measured, %d counted only (--sample-per-source %d); "
+                     "verdict lines: %d first, %d changed, %d refresh", st["seen"], st["sampled"],
+                     st["counted"], self.config.sample_per_source, st["first"], st["changed"], st["refresh"])
+        for name in st:
+            st[name] = 0
+
     async def _watch_lag(self, stop: asyncio.Event) -> None:
         trim_refused: set[str] = set()
+        next_stats = time.monotonic() + STATS_EVERY
         while not stop.is_set():
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_EVERY
+                self._log_stats()
             consumers = [self.hs_stream, self.results_stream, self.dead_stream]
             if self.zeek is not None:
                 consumers.append(self.verdicts_stream)
@@ -548,23 +599,99 @@ class Service:
     def _in_darknet(self, dst: str) -> bool:
         if not self.config.darknets:
             return True
-        address = ipaddress.ip_address(dst)
-        return any(address in net for net in self.config.darknets)
+        inside = self._dsts.get(dst)
+        if inside is None:
+            if len(self._dsts) > CACHE_MAX:
+                self._dsts.clear()
+            address = ipaddress.ip_address(dst)
+            inside = self._dsts[dst] = any(address in net for net in self.config.darknets)
+        return inside
+
+    def _cheap(self, fields: dict[str, str]) -> tuple[str, bool]:
+        """The counted path's check: only what a counted handshake uses (its source, time and
+        reply); (src, answered). The SYN and the rest are checked (`Handshake.from_fields`) only
+        for a handshake that is measured."""
+        src = fields.get("src", "")
+        ok = self._srcs.get(src)
+        if ok is None:
+            try:
+                ok = canonical_address(src) == src
+            except ValueError:
+                ok = False
+            if len(self._srcs) > CACHE_MAX:
+                self._srcs.clear()
+            self._srcs[src] = ok
+        if not ok:
+            raise HandshakeError(f"src is not an IP address: {short(src)}")
+        if epoch_seconds(fields.get("t", "")) is None:
+            raise HandshakeError(f"t is not epoch seconds: {short(fields.get('t'))}")
+        reply = fields.get("reply", "")
+        if reply not in ("ack", "rst", ""):
+            raise HandshakeError(f"reply must be ack, rst or empty, not {short(reply)}")
+        if self.config.darknets:
+            dst = fields.get("dst", "")
+            try:
+                inside = self._in_darknet(dst)
+            except ValueError:
+                raise HandshakeError(f"dst is not an IP address: {short(dst)}") from None
+            if not inside:
+                return "", False
+        return src, reply != ""
 
     async def handle_handshakes(self, batch: list[Entry]) -> None:
-        """Store, log and enqueue a batch of handshakes (a few round trips for the whole batch)."""
-        items: list[tuple[str, Handshake, str | None, Record | None]] = []
+        """Count every handshake of a batch per source; measure the first --sample-per-source of
+        each source's probe period: store, log, enqueue (a few round trips for the whole batch)."""
+        config = self.config
+        by_src: dict[str, list[tuple[str, dict[str, str], bool]]] = {}
         for hid, fields in batch:
             try:
-                h = Handshake.from_fields(fields)
+                src, answered = self._cheap(fields)
             except HandshakeError as exc:
                 self._reject(self.hs_stream.stream, hid, exc)
                 continue
-            if not self._in_darknet(h.dst):
+            if not src:
                 self.metrics.ignored.inc()
                 continue
-            fp, syn_dist = self._fingerprint(h)
-            items.append((hid, h, fp, passive_record(h, fp, syn_dist) if h.answered else None))
+            by_src.setdefault(src, []).append((hid, fields, answered))
+        if not by_src:
+            return
+        grants = await self.state.sample([(src, len(v), sum(a for *_, a in v)) for src, v in by_src.items()],
+                                         now=time.time(), period=config.dedup_window,
+                                         cap=config.sample_per_source)
+        every = config.handshakes_log == "all"
+        items: list[tuple[str, Handshake, str | None, Record | None]] = []
+        logged_only: list[tuple[str, Handshake]] = []
+        answered_n = counted = 0
+        for entries, grant in zip(by_src.values(), grants, strict=True):
+            for i, (hid, fields, answered) in enumerate(entries):
+                if i >= grant and not every:
+                    counted += 1
+                    answered_n += answered
+                    continue
+                try:
+                    h = Handshake.from_fields(fields)
+                except HandshakeError as exc:
+                    self._reject(self.hs_stream.stream, hid, exc)
+                    continue
+                if i >= grant:
+                    counted += 1
+                    answered_n += answered
+                    logged_only.append((hid, h))
+                    continue
+                fp, syn_dist = self._fingerprint(h)
+                items.append((hid, h, fp, passive_record(h, fp, syn_dist) if h.answered else None))
+        seen = counted + len(items)
+        answered_n += sum(1 for _, h, _, _ in items if h.answered)
+        self.metrics.handshakes.inc(seen)
+        self.metrics.answered.inc(answered_n)
+        self.metrics.sampled.inc(len(items))
+        self.metrics.counted.inc(counted)
+        self._stats["seen"] += seen
+        self._stats["sampled"] += len(items)
+        self._stats["counted"] += counted
+        if logged_only:
+            await self.handshakes_log.write_many(
+                [(hid, _handshake_line(h, None, None, False)) for hid, h in logged_only])
         if not items:
             return
         # A previous delivery (before a crash) may have enqueued already: its job is reused.
@@ -577,16 +704,12 @@ class Service:
         own = await self._enqueue(fresh, jobs)
         deduped = {hid for hid, _ in fresh} - own
 
-        written = await self.handshakes_log.write_many(
-            [(hid, _handshake_line(h, fp, jobs[hid], hid in deduped))
-             for (hid, h, fp, _), (_, logged) in zip(items, prior, strict=True) if not logged],
-            checked=True,
-        )
-        for hid, h, _, _ in items:
-            if hid in written:
-                self.metrics.handshakes.inc()
-                if h.answered:
-                    self.metrics.answered.inc()
+        if config.handshakes_log != "off":
+            await self.handshakes_log.write_many(
+                [(hid, _handshake_line(h, fp, jobs[hid], hid in deduped))
+                 for (hid, h, fp, _), (_, logged) in zip(items, prior, strict=True) if not logged],
+                checked=True,
+            )
 
         waiting = [(hid, job, h.src, hid in own) for hid, h, _, record in items
                    if record is not None and (job := jobs[hid]) is not None]
@@ -601,54 +724,57 @@ class Service:
         await self.close_many(closing)
 
     async def _enqueue(self, todo: list[tuple[str, Handshake]], jobs: dict[str, str | None]) -> set[str]:
-        """Enqueue a probe per handshake (the queue dedups by address); fills `jobs` with the job
-        each handshake waits for; returns the handshakes whose enqueue created their job."""
+        """One enqueue per source of the batch, all in one round trip (the queue dedups by
+        address); fills `jobs` with the job each handshake waits for; returns the handshakes whose
+        enqueue created their job (a source's first in the batch)."""
         by_src: dict[str, list[tuple[str, Handshake]]] = {}
         for hid, h in todo:
             by_src.setdefault(h.src, []).append((hid, h))
         own: set[str] = set()
-        gate = asyncio.Semaphore(ENQUEUE_CONCURRENCY)
-
-        async def one_source(entries: list[tuple[str, Handshake]]) -> None:
-            # In order within an address, so its first handshake is the one that gets the job.
-            batch_job: str | None = None
-            for hid, h in entries:
-                async with gate:
-                    job = await self.queue.enqueue(h.src, h.t, ports=self.config.ports)
-                if job is not None:
-                    own.add(hid)
-                    batch_job = job
-                    self.metrics.enqueued.inc()
-                else:
-                    self.metrics.deduped.inc()
-                jobs[hid] = job or batch_job
-
-        await asyncio.gather(*(one_source(v) for v in by_src.values()))
-        unknown = [(hid, h.src) for hid, h in todo if jobs[hid] is None]
-        for (hid, src), job in zip(unknown, await self.state.last_probes([s for _, s in unknown]),
-                                   strict=True):
-            jobs[hid] = job if job is not None else await self._earlier_probe(src)
+        firsts = [entries[0] for entries in by_src.values()]
+        replies = await self.queue.enqueue_many([(h.src, h.t) for _, h in firsts], ports=self.config.ports)
+        for ((first, _), entries), (created, named) in zip(zip(firsts, by_src.values(), strict=True), replies,
+                                                           strict=True):
+            # A dedup mark of an older version holds a time, not the job.
+            job = named if named is not None and JOB_ID.fullmatch(named) else None
+            if created:
+                own.add(first)
+                self.metrics.enqueued.inc()
+                self.metrics.deduped.inc(len(entries) - 1)
+            else:
+                self.metrics.deduped.inc(len(entries))
+            for hid, _ in entries:
+                jobs[hid] = job
+        unknown = [src for src, entries in by_src.items() if jobs[entries[0][0]] is None]
+        if unknown:
+            found = await self._earlier_probes(unknown)
+            for src in unknown:
+                for hid, _ in by_src[src]:
+                    jobs[hid] = found.get(src)
         return own
 
-    async def _earlier_probe(self, src: str) -> str | None:
-        # Another analyzer may have enqueued this address a moment ago and not yet said which job
-        # it is: give it a moment (a condition polled briefly, not a fixed wait).
-        for _ in range(10):
-            (job,) = await self.state.last_probes([src])
-            if job is not None:
-                return job
-            await asyncio.sleep(0.02)
-        # Or an analyzer died between enqueueing and recording the job: the job is on the stream.
+    async def _earlier_probes(self, srcs: list[str]) -> dict[str, str]:
+        """The jobs of addresses whose dedup mark names none (set by an older version, or by
+        `stepstone-prober`): their `probe:<src>`, else the newest jobs on the stream, read once for
+        the whole batch. Never polled: `enqueue_many` names the job atomically with the mark, so
+        there is no moment to wait out (the two-analyzer stall of bench/SCALE.md)."""
+        found = {src: job for src, job in zip(srcs, await self.state.last_probes(srcs), strict=True)
+                 if job is not None}
+        missing = {src.encode(): src for src in srcs if src not in found}
+        if not missing:
+            return found
         # Undecoded: anyone may write to `jobs`; an entry that is not UTF-8 is not ours, skip it.
         entries = await streams.newest(self.redis, self.config.prefix + "jobs", count=JOB_SCAN)
         oldest_ms = (time.time() - self.config.dedup_window) * 1000
-        want = src.encode()
         for job_id, fields in entries:
             if int(job_id.split("-")[0]) < oldest_ms:
                 break  # older than the dedup window: its outcome may be gone, never wait on it
-            if fields and fields.get(b"src") == want:
-                return job_id
-        return None
+            src = missing.pop(fields.get(b"src", b""), None) if fields else None
+            if src is not None:
+                found[src] = job_id
+            if not missing:
+                break
+        return found
 
     async def handle_results(self, batch: list[Entry]) -> None:
         settling: list[tuple[str, Outcome]] = []
@@ -689,11 +815,12 @@ class Service:
                                for hid in hids])
 
     async def close_many(self, closing: list[Closing]) -> None:
-        """Record + verdict per handshake: one entry on the `verdicts` stream and one line in
-        stepstone.log, each once."""
+        """Record per handshake (one records.log line each, once), judged once per source per
+        batch over its window; a source whose verdict changed (or is due a refresh) gets one entry
+        on the `verdicts` stream and one line in stepstone.log."""
         if not closing:
             return
-        loaded = await self.state.load([hid for hid, *_ in closing], unless_logged="stepstone")
+        loaded = await self.state.load([hid for hid, *_ in closing], unless_logged="records")
         ready: list[tuple[str, str | None, Stored, Record, Result | None, str | None]] = []
         for (hid, job, outcome, why), stored in zip(closing, loaded, strict=True):
             reason = why
@@ -718,17 +845,22 @@ class Service:
             elif outcome is not None:
                 reason = f"probe gave up: {outcome.dead}"
             ready.append((hid, job, stored, record, result, reason))
+        if not ready:
+            return
         windows = await self.state.add_records([(hid, record) for hid, _, _, record, _, _ in ready])
-        lines: list[tuple[str, dict[str, Any]]] = []
-        for (hid, job, stored, record, result, reason), window in zip(ready, windows, strict=True):
+        verdicts: dict[str, Any] = {}
+        for src, window in windows.items():
             for why in window.dropped:
-                log.warning("a record in the window of %s dropped: %s", record.src, why)
+                log.warning("a record in the window of %s dropped: %s", src, why)
                 self.metrics.errors.labels("bad_record").inc()
                 self.metrics.dropped_records.inc()
-            verdict = self._judge(record, window.records)
+            newest = max((r for _, _, _, r, _, _ in ready if r.src == src), key=lambda r: r.t)
+            verdicts[src] = self._judge(newest, window.records).to_dict()
+        lines: list[tuple[str, dict[str, Any]]] = []
+        for hid, job, stored, record, result, reason in ready:
             lines.append((hid, {
                 **record.to_dict(),
-                "verdict": verdict.to_dict(),
+                "verdict": verdicts[record.src],
                 "job": job,
                 "sport": stored.sport,
                 "dport": stored.dport,
@@ -739,13 +871,7 @@ class Service:
                 "reason": reason,
                 "verdict_at": time.time(),
             }))
-        # The stream entry first, guarded in Redis (once per handshake, atomically), then the log
-        # line: a crash between the two redoes the line, never the entry; a line once written
-        # always has its entry.
-        await self.state.append_verdicts(
-            [(hid, entry_fields(hid, line["verdict"], {name: line[name] for name in RECORD_FIELDS}))
-             for hid, line in lines])
-        written = await self.stepstone_log.write_many(lines, checked=True)
+        written = await self.records_log.write_many(lines, checked=True)
         for hid, line in lines:
             if hid not in written:
                 continue
@@ -754,7 +880,29 @@ class Service:
                 self.metrics.relays.inc()
             self.metrics.verdict_kinds.labels(verdict_kind(line["verdict"])).inc()
             self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
-
+        # Per source, its newest record of the batch stands for it on the stream and in the log.
+        latest: dict[str, tuple[str, dict[str, Any]]] = {}
+        for hid, line in lines:
+            if hid in written and (line["src"] not in latest or line["t"] >= latest[line["src"]][1]["t"]):
+                latest[line["src"]] = (hid, line)
+        # The stream entry first, decided in Redis (atomically, so one change is emitted once
+        # whichever analyzer sees it), then the log line.
+        todo = list(latest.values())
+        emitted = await self.state.emit(
+            [(line["src"], _signature(line["verdict"]),
+              entry_fields(hid, line["verdict"], {name: line[name] for name in RECORD_FIELDS}))
+             for hid, line in todo],
+            now=time.time(), refresh=self.config.refresh)
+        changes: list[tuple[str, dict[str, Any]]] = []
+        for (hid, line), done in zip(todo, emitted, strict=True):
+            if done is None:
+                continue
+            self.metrics.changes.labels(done.change).inc()
+            self._stats[done.change] = self._stats.get(done.change, 0) + 1
+            changes.append((hid, {**line, "change": done.change, "verdict_entry": done.entry,
+                                  "handshakes_seen": done.seen, "handshakes_answered": done.answered,
+                                  "handshakes_sampled": done.sampled}))
+        await self.stepstone_log.write_many(changes, checked=True)
 
     def _judge(self, record: Record, window: list[Record]) -> Any:
         """The rules over the window. Every record in it passed the same checks, so this cannot
@@ -780,6 +928,16 @@ class Service:
             return judge(kept, window=config.window, os_level=config.os_level)
         except (ArithmeticError, ValueError):
             return judge([record], window=config.window, os_level=config.os_level)
+
+
+def _signature(verdict: dict[str, Any]) -> str:
+    """What makes a verdict a change for its source: the kind, the paper's conditions and relay,
+    relay_confident, and which tests gave evidence (not their margins, which move with every
+    sample)."""
+    tests = ",".join(sorted(str(e.get("test")) for e in verdict.get("evidence") or ()))
+    flags = "".join("1" if verdict.get(k) else "0"
+                    for k in ("relay", "relay_confident", "cond_os", "cond_timing"))
+    return f"{verdict.get('kind')}|{flags}|{tests}"
 
 
 def _handshake_line(h: Handshake, fp: str | None, job: str | None, deduped: bool) -> dict[str, Any]:

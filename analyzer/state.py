@@ -14,9 +14,16 @@ loses nothing and several analyzers can share the work. Keys (all under the pref
 - `probe:<src>`  string: the latest job probing `<src>` (deduped handshakes attach to it).
 - `src:<src>`    sorted set (score = SYN time): the source's closed records, for the rules' window
                  (at most `max_records`, the newest).
-- `verdicts`     stream: one entry per verdict decided, by any analyzer (`analyzer.verdicts`
-                 encodes it); the `--zeek` analyzers read it with their own groups and hand each
-                 entry to their sensor. Trimmed to about `VERDICTS_MAXLEN` entries.
+- `cnt:<src>`    hash: what the analyzers know of a source beyond its records: `seen`, `answered`,
+                 `sampled` (handshakes received, answered, measured fully; totals while the key
+                 lives), `p_start` / `p_sampled` (the current probe period's start and how many of
+                 its handshakes were measured: at most `--sample-per-source`), and `sig` /
+                 `emitted_at` (the last verdict emitted for it, and when). Kept as long as the
+                 source's window.
+- `verdicts`     stream: one entry per verdict change or refresh, by any analyzer
+                 (`analyzer.verdicts` encodes it); the `--zeek` analyzers read it with their own
+                 groups and hand each entry to their sensor. Trimmed to about `VERDICTS_MAXLEN`
+                 entries.
 
 Unanswered handshakes are logged but not stored: nothing waits for them, and a darknet sees many.
 
@@ -95,6 +102,57 @@ end
 return id
 """
 
+# KEYS: cnt:<src> ...; ARGV: now, period seconds, cap (0 = none), ttl seconds, then per key: seen,
+# answered. Counts every handshake of the batch (one HINCRBY per source, not per handshake) and
+# grants each source the handshakes it may still measure fully in its current probe period: the
+# first `cap` of the period, whichever analyzer received them. Returns the grants, in key order.
+_SAMPLE = """
+local now, period, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local seen, answered = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local p = redis.call('HMGET', key, 'p_start', 'p_sampled')
+  local used = tonumber(p[2]) or 0
+  if not p[1] or now - tonumber(p[1]) >= period or now < tonumber(p[1]) - period then
+    redis.call('HSET', key, 'p_start', ARGV[1])
+    used = 0
+  end
+  local take = seen
+  if cap > 0 then
+    take = math.max(0, math.min(seen, cap - used))
+  end
+  redis.call('HSET', key, 'p_sampled', used + take)
+  redis.call('HINCRBY', key, 'seen', seen)
+  redis.call('HINCRBY', key, 'answered', answered)
+  redis.call('HINCRBY', key, 'sampled', take)
+  redis.call('EXPIRE', key, ttl)
+  out[i] = take
+end
+return out
+"""
+
+# KEYS: cnt:<src>, the verdicts stream; ARGV: signature, now, refresh seconds, maxlen, field,
+# value, ... Appends the source's verdict when it differs from the last one emitted (`sig`), or
+# when `refresh` seconds have passed since; atomically, so two analyzers judging one source emit
+# one change. Returns {change, entry id, seen, answered, sampled} or false (nothing to emit).
+_EMIT = """
+local last = redis.call('HMGET', KEYS[1], 'sig', 'emitted_at')
+local change
+if not last[1] then
+  change = 'first'
+elseif last[1] ~= ARGV[1] then
+  change = 'changed'
+elseif tonumber(ARGV[2]) - (tonumber(last[2]) or 0) >= tonumber(ARGV[3]) then
+  change = 'refresh'
+else
+  return false
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'sig', ARGV[1], 'emitted_at', ARGV[2])
+local n = redis.call('HMGET', KEYS[1], 'seen', 'answered', 'sampled')
+return {change, id, n[1] or '0', n[2] or '0', n[3] or '0'}
+"""
+
 # The verdicts stream is a delivery buffer (for the Zeek sensors' analyzers), not an archive
 # (stepstone.log is): about this many newest entries are kept, a day or more of a busy darknet.
 VERDICTS_MAXLEN = 100_000
@@ -145,6 +203,23 @@ class Window:
     dropped: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """A verdict that went onto the `verdicts` stream: why (`first`, `changed`, `refresh`), its
+    entry, and the source's handshake counts at that moment (`cnt:<src>`)."""
+
+    change: str
+    entry: str
+    seen: int
+    answered: int
+    sampled: int
+
+
+def _count(text: str) -> int:
+    # Counts written by our own HINCRBY; anything else (a hand edit) reads as 0, not a crash.
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0
+
+
 def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -190,8 +265,9 @@ class State:
         self.window = window
         self.max_records = max_records
         # After its verdict a handshake is only looked at again by a redelivered entry (a crash
-        # before the acknowledgement, a claim after --claim-after): an hour covers that.
-        self.closed_ttl = 3600
+        # before the acknowledgement, a claim after --claim-after, 30 s by default): ten minutes
+        # cover that, and keep Redis's memory to the handshakes in flight (issue 11).
+        self.closed_ttl = 600
         # A deduped handshake may attach to a probe up to one dedup window old: keep outcomes and
         # job sets at least that long, plus slack for a prober that is behind.
         self.outcome_ttl = int(max(2 * dedup_window, 3600))
@@ -201,6 +277,9 @@ class State:
         self._settle = redis.register_script(_SETTLE)
         self._mark = redis.register_script(_MARK)
         self._append = redis.register_script(_APPEND)
+        self._sample = redis.register_script(_SAMPLE)
+        self._emit = redis.register_script(_EMIT)
+        self.src_ttl = int(2 * window) + 3600  # a source's window and counts live this long
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -274,40 +353,84 @@ class State:
             replies = await pipe.execute()
         return [(Outcome.from_fields(_pairs(flat)), sorted(members)) for members, flat in replies]
 
-    async def add_records(self, batch: Sequence[tuple[str, Record]]) -> list[Window]:
-        """Add closed records (hid, record) to their sources' windows; per record, its source's
-        records in Redis right after it was added (the rules apply the window themselves; much
-        older ones are trimmed here). A stored record that does not read back is removed from
-        its window (and named in `Window.dropped`): one bad record must not block its source."""
+    async def add_records(self, batch: Sequence[tuple[str, Record]]) -> dict[str, Window]:
+        """Add closed records (hid, record) to their sources' windows; per source, its records in
+        Redis right after the batch's were added (the rules apply the window themselves; much
+        older ones are trimmed here). One ZRANGE per source per batch, however many of its
+        records the batch closes. A stored record that does not read back is removed from its
+        window (and named in `Window.dropped`): one bad record must not block its source."""
+        by_src: dict[str, list[tuple[str, Record]]] = {}
+        for hid, record in batch:
+            by_src.setdefault(record.src, []).append((hid, record))
+        if not by_src:
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
-            for hid, record in batch:
-                key = self.key("src", record.src)
+            for src, items in by_src.items():
+                key = self.key("src", src)
                 # The member is deterministic for a handshake, so closing it twice adds nothing.
-                member = json.dumps({"hid": hid, "record": record.to_dict()}, sort_keys=True)
-                pipe.zadd(key, {member: record.t})
+                pipe.zadd(key, {json.dumps({"hid": hid, "record": record.to_dict()}, sort_keys=True): record.t
+                                for hid, record in items})
                 # Keep one extra window of slack: records may arrive out of order.
-                pipe.zremrangebyscore(key, "-inf", f"({record.t - 2 * self.window}")
+                newest = max(record.t for _, record in items)
+                pipe.zremrangebyscore(key, "-inf", f"({newest - 2 * self.window}")
                 # A source that floods the darknet is judged on its newest records only.
                 pipe.zremrangebyrank(key, 0, -self.max_records - 1)
-                pipe.expire(key, int(2 * self.window) + 3600)
+                pipe.expire(key, self.src_ttl)
                 pipe.execute_command("ZRANGE", key, 0, -1, **{NEVER_DECODE: []})  # each decoded alone
             replies = await pipe.execute()
-        out: list[Window] = []
+        out: dict[str, Window] = {}
         bad: dict[str, set[bytes]] = {}
-        for (_hid, record), (*_, members) in zip(batch, _chunks(replies, 5), strict=True):
+        for src, (*_, members) in zip(by_src, _chunks(replies, 5), strict=True):
             window = Window([])
             for raw in members:
                 try:
                     window.records.append(read_member(raw))
                 except (ValueError, KeyError, TypeError, RecordError, RecursionError) as exc:
                     window.dropped.append(f"{shown(raw)}: {exc}")
-                    bad.setdefault(self.key("src", record.src), set()).add(raw)
-            out.append(window)
+                    bad.setdefault(self.key("src", src), set()).add(raw)
+            out[src] = window
         if bad:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key, members in bad.items():
                     pipe.zrem(key, *members)
                 await pipe.execute()
+        return out
+
+    async def sample(self, counts: Sequence[tuple[str, int, int]], *, now: float, period: float,
+                     cap: int) -> list[int]:
+        """Count a batch's handshakes per source (src, seen, answered) and grant each source how
+        many of them it may still measure fully in its probe period of `period` seconds (the
+        first `cap` of the period; 0 = no cap). One round trip for the whole batch."""
+        if not counts:
+            return []
+        args: list[Any] = [repr(now), repr(period), cap, self.src_ttl]
+        for _, seen, answered in counts:
+            args += [seen, answered]
+        grants = await self._sample(keys=[self.key("cnt", src) for src, _, _ in counts], args=args)
+        return [int(x) for x in grants]
+
+    async def emit(self, batch: Sequence[tuple[str, str, dict[str, str]]], *, now: float, refresh: float,
+                   maxlen: int = VERDICTS_MAXLEN) -> list[Emitted | None]:
+        """For each (src, verdict signature, entry fields): append the entry to the `verdicts`
+        stream if the source's verdict changed since the last one emitted (by any analyzer), or
+        `refresh` seconds have passed since; per source, what was emitted, or None."""
+        if not batch:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for src, sig, fields in batch:
+                args: list[Any] = [sig, repr(now), repr(refresh), maxlen]
+                for name, value in fields.items():
+                    args += [name, value]
+                await self._emit(keys=[self.key("cnt", src), self.key("verdicts")], args=args, client=pipe)
+            replies = await pipe.execute()
+        out: list[Emitted | None] = []
+        for reply in replies:
+            if not reply:
+                out.append(None)
+                continue
+            change, entry, seen, answered, sampled = (str(x) for x in reply)
+            out.append(Emitted(change=change, entry=entry, seen=_count(seen), answered=_count(answered),
+                               sampled=_count(sampled)))
         return out
 
     async def logged(self, log: str, hids: Sequence[str]) -> list[bool]:

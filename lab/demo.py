@@ -399,7 +399,9 @@ class Lab:
         return int(self.client.xlen(PREFIX + name))  # type: ignore[arg-type]
 
     def records(self) -> list[dict[str, Any]]:
-        return _json_lines(self.logdir / "stepstone.log")
+        """The analyzer's records.log: one line per measured handshake, with its source's verdict
+        (stepstone.log has one line per verdict change or refresh of a source)."""
+        return _json_lines(self.logdir / "records.log")
 
     def all_seen(self) -> bool:
         """Every connection a driver completed has reached the analyzer: the client is done a
@@ -413,7 +415,7 @@ class Lab:
                                   for addr, tries in made.items())
 
     def pending_verdicts(self) -> set[str]:
-        """Answered handshakes that have no stepstone.log line yet."""
+        """Answered handshakes that have no records.log line yet."""
         done = {r.get("hid") for r in self.records()}
         return {h["hid"] for h in self.handshakes() if h.get("answered")} - done
 
@@ -428,7 +430,7 @@ class Lab:
 
     def wait_verdicts(self, timeout: float, *, every: float = 2.0,
                       on_tick: Callable[[], None] | None = None) -> bool:
-        """Until the traffic is over and every handshake has its stepstone.log line; False on timeout."""
+        """Until the traffic is over and every handshake has its records.log line; False on timeout."""
         deadline = time.monotonic() + timeout
         last = 0.0
         while True:

@@ -146,6 +146,20 @@ return false
 """
 
 
+# The same per address, and the job id kept as the mark's value: a deduped enqueue learns at once
+# which job it waits for (no second key to read, nothing to poll while another analyzer records
+# it). KEYS: seen:<src>, jobs; ARGV: window ms, field, value, ... Returns {1, id} for a new job,
+# {0, value of the mark} for a deduped one (an older mark's value is a time, not a job id).
+_ENQUEUE_ID = """
+if redis.call('SET', KEYS[1], '-', 'NX', 'PX', ARGV[1]) then
+  local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  redis.call('SET', KEYS[1], id, 'KEEPTTL')
+  return {1, id}
+end
+return {0, redis.call('GET', KEYS[1])}
+"""
+
+
 class ProbeQueue:
     """Client side of the queue, for the analyzer: enqueue probe jobs, read and ack results."""
 
@@ -157,6 +171,7 @@ class ProbeQueue:
         self.dedup_window = dedup_window
         self.deadline = deadline
         self._enqueue = redis.register_script(_ENQUEUE)
+        self._enqueue_id = redis.register_script(_ENQUEUE_ID)
         self._lost_ack = False
 
     @staticmethod
@@ -183,6 +198,37 @@ class ProbeQueue:
         job_id = await self._enqueue(keys=[self.keys.seen(job.src), self.keys.jobs],
                                      args=[window_ms, repr(now), *flat])
         return None if job_id is None else str(job_id)
+
+    async def enqueue_many(self, items: Sequence[tuple[str, float]], *, ports: Sequence[int] | None = None
+                           ) -> list[tuple[bool, str | None]]:
+        """`enqueue` for many (src, t) in one round trip. Per item: (True, job) if it enqueued a
+        new job, else (False, the job the address's dedup mark names, or None if the mark does
+        not name one: set by an older version)."""
+        if not items:
+            return []
+        now = time.time()
+        window_ms = max(1, int(self.dedup_window * 1000))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for src, t in items:
+                job = Job(id="", src=src, t=t, deadline=t + self.deadline, enqueued=now,
+                          ports=tuple(ports) if ports else DEFAULT_PORTS)
+                fields = job.fields()
+                Job.from_fields("", fields)  # validate before it crosses into Redis
+                if self.dedup_window == 0:
+                    pipe.xadd(self.keys.jobs, fields)  # type: ignore[arg-type]
+                    continue
+                flat = [item for pair in fields.items() for item in pair]
+                await self._enqueue_id(keys=[self.keys.seen(src), self.keys.jobs], args=[window_ms, *flat],
+                                       client=pipe)
+            replies = await pipe.execute()
+        out: list[tuple[bool, str | None]] = []
+        for reply in replies:
+            if isinstance(reply, list):
+                created, value = reply
+                out.append((bool(created), None if value is None else str(value)))
+            else:
+                out.append((True, str(reply)))
+        return out
 
     async def ensure_group(self, group: str = ANALYZERS) -> None:
         await ensure_group(self.redis, self.keys.results, group)

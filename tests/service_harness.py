@@ -101,11 +101,12 @@ class Harness:
         await self.r.xadd(P + "results", res.fields())  # type: ignore[arg-type]
 
     async def verdicts(self, n: int) -> list[dict[str, Any]]:
+        """The first `n` records.log lines: one per measured handshake, with its source's verdict."""
         async def enough() -> Any:
-            got = lines(self.log_dir / "stepstone.log")
+            got = lines(self.log_dir / "records.log")
             return got if len(got) >= n else None
 
-        return list(await until(enough, what=f"{n} lines in stepstone.log"))
+        return list(await until(enough, what=f"{n} lines in records.log"))
 
 
 @contextlib.asynccontextmanager

@@ -194,4 +194,4 @@ def test_prober_and_analyzer_killed_mid_run_lose_nothing() -> None:
     assert_nothing_left(lab)
     assert len(attempts) == 16
     assert len(handshakes) == sum(1 for a in attempts if a["ok"]) >= 14, attempts
-    assert Counter(hids) == Counter(h["hid"] for h in handshakes), "one stepstone.log line per handshake"
+    assert Counter(hids) == Counter(h["hid"] for h in handshakes), "one records.log line per handshake"

@@ -265,7 +265,7 @@ async def test_killed_service_loses_nothing_and_duplicates_nothing(harness: Harn
         await harness.verdicts(1)
         proc.kill()  # mid-run: results are still being worked through
         proc.wait(10)
-        written = len(lines(harness.log_dir / "stepstone.log"))
+        written = len(lines(harness.log_dir / "records.log"))
         assert written < n, "the kill came too late to test anything"
         # Two more handshakes while it is down.
         late = [handshake(f"198.18.99.{i}", "198.19.0.2", t=time.time(), tp_us=5_000) for i in (1, 2)]
@@ -281,7 +281,7 @@ async def test_killed_service_loses_nothing_and_duplicates_nothing(harness: Harn
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err.decode()
-    out = lines(harness.log_dir / "stepstone.log")
+    out = lines(harness.log_dir / "records.log")
     hids = [x["hid"] for x in out]
     assert len(hids) == len(set(hids)) == n + 2, f"{written} lines before the kill"
     assert {x["src"] for x in out} == {*srcs, *(h.src for h in late)}
@@ -380,13 +380,13 @@ async def test_two_analyzers_share_the_work_without_duplicates(harness: Harness,
             await harness.answer(result(job_id, f["src"], t, ping_max=20_000, fa=None))
 
         async def all_closed() -> Any:
-            got = lines(harness.log_dir / "stepstone.log") + lines(second.log_dir / "stepstone.log")
+            got = lines(harness.log_dir / "records.log") + lines(second.log_dir / "records.log")
             return got if len(got) >= 3 * len(srcs) else None
 
         out = await until(all_closed, what="60 lines across both logs")
         await until(lambda: _group_drained(harness.r, P + "results"), what="results drained")
     # Both took part (results are read in batches, so neither gets everything in practice).
-    assert lines(harness.log_dir / "stepstone.log") and lines(second.log_dir / "stepstone.log")
+    assert lines(harness.log_dir / "records.log") and lines(second.log_dir / "records.log")
     assert await harness.r.xlen(P + "jobs") == len(srcs)
     hids = [x["hid"] for x in out]
     assert len(hids) == len(set(hids)) == 3 * len(srcs)
@@ -581,3 +581,75 @@ async def test_refused_trimming_is_reported_once_and_work_goes_on(
     warnings = [r.getMessage() for r in caplog.records if "cannot trim" in r.getMessage()]
     assert sorted(w.split(":", 2)[1] for w in warnings) == ["dead", "handshakes", "results"]
     assert all("no permissions" in w for w in warnings), warnings
+
+
+async def test_only_the_first_k_handshakes_of_a_source_are_measured(harness: Harness) -> None:
+    """--sample-per-source 3: a scanner's 10 handshakes in one probe period make 3 records and 1
+    probe; the other 7 are counted (the verdict line, cnt:<src>, /metrics), never silently lost."""
+    port = free_port()
+    t = time.time()
+    src = "198.18.70.1"
+    async with service(harness, sample_per_source=3, metrics_port=port):
+        ids = [await harness.send(handshake(src, f"198.19.2.{i}", t=t + i * 0.01, sport=41000 + i,
+                                            tp_us=30_000)) for i in range(10)]
+        await harness.send(handshake("198.18.70.2", "198.19.2.99", t=t, answered=False))
+        await until(lambda: _group_drained(harness.r, P + "handshakes"), what="handshakes drained")
+        (job_id, _), = await harness.jobs(1)
+        await harness.answer(result(job_id, src, t, ping_max=40_000, fa=None))
+        out = await harness.verdicts(3)
+        await until(lambda: _group_drained(harness.r, P + "results"), what="results drained")
+        metrics = await asyncio.to_thread(scrape, port)
+        counts = await harness.r.hgetall(P + f"cnt:{src}")
+    assert sorted(x["hid"] for x in out) == sorted(ids[:3])  # the first three, in stream order
+    assert len(lines(harness.log_dir / "records.log")) == 3
+    hs = lines(harness.log_dir / "handshakes.log")
+    assert sorted(x["hid"] for x in hs if x["src"] == src) == sorted(ids[:3])
+    (change,) = lines(harness.log_dir / "stepstone.log")
+    assert change["src"] == src and change["change"] == "first"
+    counted = (change["handshakes_seen"], change["handshakes_answered"], change["handshakes_sampled"])
+    assert counted == (10, 10, 3)
+    assert change["verdict"]["records"] == 3
+    assert (counts["seen"], counts["answered"], counts["sampled"]) == ("10", "10", "3")
+    assert metrics["stepstone_analyzer_handshakes_total"] == 11
+    assert metrics["stepstone_analyzer_answered_total"] == 10
+    assert metrics["stepstone_analyzer_handshakes_sampled_total"] == 4  # the silent one is sampled too
+    assert metrics["stepstone_analyzer_handshakes_counted_total"] == 7
+    assert metrics['stepstone_analyzer_verdict_lines_total{change="first"}'] == 1
+    assert await harness.r.xlen(P + "jobs") == 1
+
+
+async def test_a_verdict_is_emitted_when_it_changes_or_is_due_a_refresh(harness: Harness) -> None:
+    """stepstone.log and the verdicts stream (-> Zeek) get a source's verdict once per change and
+    once per --refresh, not once per handshake; records.log keeps every measured handshake."""
+    t = time.time()
+    src = "198.18.71.1"
+
+    async def closed(n: int) -> list[dict[str, Any]]:
+        await harness.verdicts(n)
+        await until(lambda: _group_drained(harness.r, P + "handshakes"), what="handshakes drained")
+        await until(lambda: _group_drained(harness.r, P + "results"), what="results drained")
+        return lines(harness.log_dir / "stepstone.log")
+
+    async with service(harness, refresh=1.0):
+        await harness.send(handshake(src, "198.19.3.1", t=t, tp_us=20_000))
+        (job_id, _), = await harness.jobs(1)
+        await harness.answer(result(job_id, src, t, ping_max=25_000, fa=None))
+        assert [x["change"] for x in await closed(1)] == ["first"]
+        # The same again, at once: the verdict is unchanged, nothing is emitted.
+        await harness.send(handshake(src, "198.19.3.2", t=t + 0.1, tp_us=21_000, sport=40001))
+        assert [x["change"] for x in await closed(2)] == ["first"]
+        # A slow handshake: mean T^p now beats the ping (condition 2), the verdict changes.
+        await harness.send(handshake(src, "198.19.3.3", t=t + 0.2, tp_us=200_000, sport=40002))
+        changes = await closed(3)
+        assert [x["change"] for x in changes] == ["first", "changed"]
+        assert changes[1]["verdict"]["relay"] is True and changes[0]["verdict"]["relay"] is False
+        # Unchanged, but a refresh is due once --refresh has passed since the last line.
+        last = changes[1]["verdict_at"]
+        await until(lambda: asyncio.sleep(0, time.time() > last + 1.0), what="the refresh interval to pass")
+        await harness.send(handshake(src, "198.19.3.4", t=t + 0.3, tp_us=200_000, sport=40003))
+        changes = await closed(4)
+    assert [x["change"] for x in changes] == ["first", "changed", "refresh"]
+    entries = await harness.r.xrange(P + "verdicts")
+    assert [e["hid"] for _, e in entries] == [x["hid"] for x in changes]
+    assert [x["verdict_entry"] for x in changes] == [entry_id for entry_id, _ in entries]
+    assert changes[2]["handshakes_seen"] == 4
