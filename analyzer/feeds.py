@@ -197,3 +197,29 @@ async def zeek_to_stream(
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 await on_error(exc)
+
+
+class ShardSink(Protocol):
+    """Where a sharded feed puts its handshakes (`prober.shards.Appender`)."""
+
+    def put(self, item: Handshake) -> None: ...
+
+
+async def zeek_to_shards(
+    source: HandshakeSource, sink: ShardSink,
+    *, on_reject: Callable[[Handshake, HandshakeError], None] | None = None,
+) -> None:
+    """`zeek_to_stream` for sharded Redis state (prober.shards): every handshake Zeek sends goes to
+    its source's shard's `handshakes` stream through `sink`, which holds it (a bounded queue per
+    shard) until that shard's Redis takes it, so a shard that is down never holds up the others.
+    A handshake outside the contract is refused here, as there."""
+    async for handshake in source.handshakes():
+        try:
+            checked = handshake.check()
+        except HandshakeError as exc:
+            if on_reject is None:
+                log.warning("a Zeek handshake rejected: %s", exc)
+            else:
+                on_reject(handshake, exc)
+            continue
+        sink.put(checked)

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from prober import streams
+from prober.shards import server_time
 
 DEAD_KEEP_S = 86400.0
 # XTRIM with `~` removes at most 100 internal nodes per call (10,000 entries by default), so that
@@ -65,7 +66,7 @@ async def trim_consumed(redis: aioredis.Redis, stream: str, *, keep_seconds: flo
     if floor is None:
         return 0
     if keep_seconds > 0:
-        sec, usec = await redis.time()
+        sec, usec = await server_time(redis, stream)  # the stream's own node on a cluster
         floor = min(floor, (sec * 1000 + usec // 1000 - int(keep_seconds * 1000), 0))
     total = 0
     for _ in range(MAX_ROUNDS):

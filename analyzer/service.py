@@ -47,6 +47,15 @@ from prober.job import JobError, Result, epoch_seconds, short
 from prober.job import address as canonical_address
 from prober.options import DAY, YEAR, check_ranges
 from prober.queue import MAX_DEADLINE, MAX_DEDUP_WINDOW
+from prober.shards import (
+    CLUSTER_SCHEMES,
+    CLUSTER_TRANSIENT,
+    MAX_SHARDS,
+    ShardError,
+    parse_cluster_url,
+    parse_shard_list,
+)
+from prober.shards import client as redis_client
 
 log = logging.getLogger("stepstone.analyzer")
 
@@ -84,7 +93,8 @@ SAMPLE_PER_SOURCE = 100  # default --sample-per-source (bench/SCALE.md, "Plan fo
 REFRESH = 3600.0  # default --refresh: one probe period (the dedup window's default)
 HS_COUNT = 500  # handshakes read per batch: the per-batch Redis work is shared by more of them
 STATS_EVERY = 60.0  # seconds between the log lines that say what was measured and what counted
-TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError,
+             *CLUSTER_TRANSIENT)
 
 EPILOG = """\
 what it does:
@@ -138,6 +148,8 @@ class Config:
     sample_per_source: int = SAMPLE_PER_SOURCE
     refresh: float = REFRESH
     handshakes_log: str = "sampled"
+    shards: int = 1  # prober.shards: N > 1 (or a cluster URL) puts shard i under <prefix>{i}:
+    shard_ids: tuple[int, ...] = ()  # the shards this process serves (empty: all)
 
 
 def register(sub: Any) -> None:
@@ -203,6 +215,13 @@ def register(sub: Any) -> None:
     p.add_argument("--handshakes-log", choices=HANDSHAKES_LOG, default="sampled",
                    help="handshakes.log gets a line for every handshake (all: the whole stream is "
                    "decoded), for the measured ones (sampled, the default), or none (off)")
+    shard = p.add_argument_group("shards (docs/cluster.md)")
+    shard.add_argument("--shards", type=int, default=1, metavar="N",
+                       help="the sources are split into N shards by address, shard i's keys under "
+                       "<prefix>{i}: (the same N for every producer, analyzer and prober; default 1)")
+    shard.add_argument("--shard", metavar="LIST",
+                       help="the shards this analyzer serves, e.g. 0,3-5 (default all); logs in "
+                       "LOG_DIR/shard-<i>/ when sharded")
     p.set_defaults(func=run_command)
 
 
@@ -210,8 +229,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not args.handshakes and not args.zeek:
         raise InputError("run: give a feed: --handshakes (Redis stream) and/or --zeek URL")
     url = urlsplit(args.redis)
-    if url.scheme not in ("redis", "rediss", "unix"):
-        raise InputError(f"--redis: not a Redis URL (redis://, rediss://, unix://): {url.scheme}://...")
+    if url.scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
+        raise InputError(f"--redis: not a Redis URL (redis://, rediss://, unix://, redis+cluster://): "
+                         f"{url.scheme}://...")
+    if not 1 <= args.shards <= MAX_SHARDS:
+        raise InputError(f"--shards: 1 to {MAX_SHARDS}, not {args.shards}")
+    try:
+        shard_ids = parse_shard_list(args.shard, args.shards)
+        if url.scheme in CLUSTER_SCHEMES:
+            parse_cluster_url(args.redis)
+    except ShardError as exc:
+        raise InputError(str(exc) if str(exc).startswith("--") else f"--redis: {exc}") from None
     if args.zeek is not None:
         zurl = urlsplit(args.zeek)
         try:
@@ -256,6 +284,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ports=ports, darknets=tuple(darknets), dedup_window=args.dedup_window, deadline=args.deadline,
         claim_after=args.claim_after, max_records=args.max_records, zeek_group=args.zeek_group,
         sample_per_source=args.sample_per_source, refresh=args.refresh, handshakes_log=args.handshakes_log,
+        shards=args.shards, shard_ids=shard_ids,
     )
 
 
@@ -273,6 +302,15 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
+    if config.shards > 1 or urlsplit(config.redis_url).scheme in CLUSTER_SCHEMES:
+        from analyzer.sharded import serve_shards  # it imports this module
+
+        try:
+            return await serve_shards(config, stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
     service = await Service.start(config)
     try:
         code = await service.run(stop)
@@ -330,8 +368,7 @@ class Service:
             db = config.p0f_db or "the default database"
             raise InputError(f"--p0f-db: cannot load {db}: {exc}") from None
         try:
-            client = aioredis.from_url(config.redis_url, decode_responses=True,
-                                       socket_connect_timeout=5, health_check_interval=30)
+            client = redis_client(config.redis_url)  # prober.shards: also redis+cluster://
         except ValueError as exc:
             raise InputError(f"--redis: {exc}") from None
         try:

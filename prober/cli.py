@@ -13,11 +13,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from prober import shards
 from prober.audit import AuditLog, default_path
 from prober.job import DEFAULT_PORTS, EPOCH_MAX, Job, JobError
 from prober.metrics import ProberMetrics, serve
@@ -68,10 +70,21 @@ def _ports(text: str) -> tuple[int, ...]:
 
 def _add_redis(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", default=DEFAULT_REDIS, metavar="URL",
-                   help="redis://[user:password@]host:port/db, rediss://... (TLS) or "
-                   "unix://[user:password@]/path/redis.sock (default: $STEPSTONE_REDIS or %(default)s)")
+                   help="redis://[user:password@]host:port/db, rediss://... (TLS), "
+                   "unix://[user:password@]/path/redis.sock or redis+cluster://host:port[,host:port...] "
+                   "(default: $STEPSTONE_REDIS or %(default)s)")
     p.add_argument("--prefix", default=DEFAULT_PREFIX,
                    help="key prefix of the streams and counters (default %(default)s)")
+
+
+def _add_shards(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("shards (docs/cluster.md)")
+    g.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="the sources are split into N shards, shard i's keys under <prefix>{i}: (the "
+                   "analyzers' --shards; default 1)")
+    g.add_argument("--shard", metavar="LIST",
+                   help="the shards this worker serves, e.g. 0,3-5 (default all); --rate is split "
+                   "evenly over all N shards, --concurrency over the shards served")
 
 
 def _add_safety(p: argparse.ArgumentParser) -> None:
@@ -139,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on http://ADDR:N/metrics (default 0 = off)")
     run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                      help="address the metrics endpoint binds (default %(default)s)")
+    _add_shards(run)
     _add_safety(run)
     _add_probe(run)
     run.set_defaults(func=cmd_run)
@@ -233,7 +247,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (0 <= args.rate < math.inf and 0 <= args.target_interval < math.inf):
         raise UsageError("--rate and --target-interval must be finite numbers >= 0")
     _ranges(args)
+    try:
+        layout = shards.layout(args.prefix, args.shards, args.redis)
+        served = shards.parse_shard_list(args.shard, args.shards)
+        if shards.is_cluster(args.redis):
+            shards.parse_cluster_url(args.redis)
+    except shards.ShardError as exc:
+        raise UsageError(str(exc)) from None
     audit = _audit(args, name)
+    if layout.tagged:
+        return asyncio.run(_run_shards(args, layout, served, settings=settings, policy=policy,
+                                       probe_settings=probe_settings, audit=audit))
 
     async def main() -> int:
         conn = await _connect(args.redis)
@@ -275,6 +299,73 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+async def _run_shards(args: argparse.Namespace, layout: shards.Layout, served: Sequence[int], *,
+                      settings: WorkerSettings, policy: TargetPolicy, probe_settings: ProbeSettings,
+                      audit: AuditLog) -> int:
+    """One worker per shard served, each with its own client and keys (`<prefix>{i}:`), sharing
+    the probe sockets, the audit log and one /metrics endpoint (samples labelled `shard`). The
+    global rate is split evenly over the N shards (each shard's workers, in any process, share its
+    part), so N shards together never exceed --rate; a dead shard's workers retry, the others go on."""
+    clients = shards.clients(args.redis, served)
+    rate = settings.rate / layout.count
+    concurrency = max(1, -(-settings.concurrency // len(served)))
+    prober = Prober(probe_settings, db_path=args.db)
+    try:
+        _open(prober)
+    except UsageError:
+        for conn in clients.values():
+            await conn.aclose()
+        raise
+    workers = {i: Worker(clients[i], prober, policy=policy, audit=audit,
+                         settings=replace(settings, prefix=layout.prefix_of(i), rate=rate,
+                                          concurrency=concurrency))
+               for i in served}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stop_metrics, lags = None, []
+    if args.metrics_port:
+        registries = {}
+        for i, worker in workers.items():
+            metrics = ProberMetrics(worker.stats)
+            worker.probe = metrics.timed(worker.probe)
+            registries[i] = metrics.registry
+            lags.append(asyncio.create_task(metrics.watch_lag(clients[i], worker.keys.jobs, stop)))
+        try:
+            stop_metrics = serve(shards.merge(registries), args.metrics_port, args.metrics_addr)
+        except OSError as exc:
+            stop.set()
+            await asyncio.gather(*lags, return_exceptions=True)
+            prober.close()
+            audit.close()
+            for conn in clients.values():
+                await conn.aclose()
+            raise UsageError(f"--metrics-port: cannot serve on {args.metrics_addr}:{args.metrics_port}: "
+                             f"{exc}") from None
+    print(f"stepstone-prober: worker {settings.name} ready for shards {','.join(map(str, served))} of "
+          f"{layout.count} (audit log {audit.path})", file=sys.stderr, flush=True)
+    try:
+        runs = [asyncio.create_task(w.run(stop), name=f"shard {i}") for i, w in workers.items()]
+        await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
+        stop.set()  # a worker that failed (a refused command) stops the others, as unsharded
+        for outcome in await asyncio.gather(*runs, return_exceptions=True):
+            if isinstance(outcome, ResponseError):
+                raise UsageError(f"Redis refused a command: {outcome}") from None
+            if isinstance(outcome, BaseException):
+                raise outcome
+    finally:
+        stop.set()
+        await asyncio.gather(*lags, return_exceptions=True)
+        if stop_metrics is not None:
+            stop_metrics()
+        prober.close()
+        audit.close()
+        for conn in clients.values():
+            await conn.aclose()
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

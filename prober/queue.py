@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober import streams
 from prober.job import DEFAULT_PORTS, Job, JobError, Result
+from prober.shards import CLUSTER_TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ ANALYZERS = "analyzers"
 MAX_DEDUP_WINDOW = 365 * 86400.0
 MAX_DEADLINE = 86400.0
 
-# Errors after which a client should reconnect and retry rather than give up.
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+# Errors after which a client should reconnect and retry rather than give up (on a cluster, also
+# a shard's slots not served for now: prober.shards).
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, *CLUSTER_TRANSIENT)
 
 
 class QueueConfigError(ValueError):

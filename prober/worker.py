@@ -93,6 +93,7 @@ class Worker:
         keeper = asyncio.create_task(self._keep_alive(stop, keeper_done))
         backoff = 0.1
         resume = True  # (re)read our own pending entries first: after start and after reconnect
+        outage = False  # said once per outage, not once per retry
         try:
             while not stop.is_set():
                 try:
@@ -115,6 +116,17 @@ class Worker:
                                     block_ms=s.block_ms):
                                 self._spawn(entry_id, fields, 1)
                         backoff = 0.1
+                        if outage:
+                            log.warning("Redis available again")
+                            outage = False
+                except TRANSIENT as exc:  # first: a cluster's CLUSTERDOWN is a ResponseError too
+                    (log.debug if outage else log.warning)("Redis unavailable (%s); retrying", exc)
+                    outage = True
+                    self.stats["redis_errors"] += 1
+                    resume = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)  # reconnect back-off
+                    backoff = min(backoff * 2, 5.0)
                 except ResponseError as exc:
                     if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                         raise
@@ -122,13 +134,6 @@ class Worker:
                     # persistence): create them again and carry on.
                     log.warning("consumer group missing (%s); recreating it", exc)
                     resume = True
-                except TRANSIENT as exc:
-                    log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                    self.stats["redis_errors"] += 1
-                    resume = True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), backoff)  # reconnect back-off
-                    backoff = min(backoff * 2, 5.0)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:

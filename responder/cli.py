@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from analyzer.cancellation import cancel_and_wait
 from analyzer.handshake import Handshake
+from prober import shards
 from prober.job import short
 from prober.metrics import serve as serve_metrics
 from responder.banners import (
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--redis", metavar="URL",
                      help="Redis URL (redis://host:port/0, unix:///path); without it, JSON lines on stdout")
     run.add_argument("--prefix", default="stepstone:", help="Redis key prefix (default %(default)s)")
+    run.add_argument("--shards", type=int, default=1, metavar="N",
+                     help="with --redis: each handshake goes to its source's shard, "
+                     "<prefix>{i}:handshakes (the analyzers' --shards; docs/cluster.md; default 1)")
     run.add_argument("--listen-port", type=_port, default=4, metavar="N",
                      help="the single listener's port (default %(default)s)")
     # As stepstone-analyzer run and stepstone-prober run: the same two options, the same endpoint.
@@ -205,15 +209,25 @@ class Sink:
             await self.client.aclose()
 
 
+def _sink(redis_url: str | None, prefix: str, shard_count: int) -> Sink | shards.Appender:
+    """The one stream of old, or (several shards, or a cluster) one per shard (prober.shards)."""
+    if redis_url is None or not (layout := shards.layout(prefix, shard_count, redis_url)).tagged:
+        return Sink(redis_url, f"{prefix}handshakes")
+    replicas, wait_ms = shards.wait_replicas(redis_url)
+    return shards.Appender(shards.clients(redis_url, range(shard_count)), layout, backlog=BACKLOG,
+                           maxlen=STREAM_MAXLEN, replicas=replicas, timeout_ms=wait_ms)
+
+
 async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, prefix: str,
-                metrics: tuple[int, str] = (0, "127.0.0.1"), *, banners: Banners | None = None) -> int:
+                metrics: tuple[int, str] = (0, "127.0.0.1"), *, banners: Banners | None = None,
+                shard_count: int = 1) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     families = sorted({socket.AF_INET if n.version == 4 else socket.AF_INET6 for n in darknets})
     listeners = [open_listener(family, port) for family in families]
-    sink = Sink(redis_url, f"{prefix}handshakes")
+    sink = _sink(redis_url, prefix, shard_count)
     tasks: list[asyncio.Task[None]] = []
     stop_metrics = None
     try:
@@ -277,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.redis is not None:
         try:
-            aioredis.from_url(args.redis)
+            shards.layout(args.prefix, args.shards, args.redis)
+            shards.client(args.redis)  # also redis+cluster://; no I/O yet
         except ValueError as exc:
             print(f"stepstone-responder: --redis: {exc}", file=sys.stderr)
             return 2
@@ -293,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(serve(args.darknet, args.listen_port, args.redis, args.prefix,
-                                 (args.metrics_port, args.metrics_addr), banners=banners))
+                                 (args.metrics_port, args.metrics_addr), banners=banners,
+                                 shard_count=args.shards))
     except (SteeringError, ListenerError, MetricsError) as exc:
         print(f"stepstone-responder: {exc}", file=sys.stderr)
         return 2
