@@ -310,7 +310,7 @@ def render(report: Mapping[str, Any]) -> str:
         "Detection vs truth",
         f"  {'scenario':<34} {'src':<14} {'truth':<11} {'verdict':<8} {'(1)':<4} {'(2)':<4} "
         f"{'T^p mean':>9} {'T^a max':>9} {'n':>3}  result  {'conf':<5} {'margin':>9}  conf result"
-        + ("  notices" if report.get("truth_notice") else ""),
+        + ("  notices" if report.get("truth_notice") else "") + f"  {'kind':<11} {'app':>9}",
     ]
     for h in report["hosts"]:
         v = h["evidence"]["verdict"] or {}
@@ -321,7 +321,9 @@ def render(report: Mapping[str, Any]) -> str:
             f"{_ms(v.get('tp_mean_us')):>9} {_ms(v.get('ta_max_mean_us')):>9} "
             f"{h['evidence']['records']:>3}  {h['outcome'].upper():<6}  {_yn(h.get('relay_strong')):<5} "
             f"{_ms(v.get('timing_margin_us')):>9}  {str(h.get('outcome_strong', '-')).upper():<11}"
-            + (f"  {h['notices']}" if h.get("notices") is not None else "")
+            + (f"  {h['notices']:<7}" if h.get("notices") is not None else "")
+            # The combined verdict's kind and the application-RTT margin (median tapp - T^a) behind it.
+            + f"  {h.get('verdict_kind') or '-'!s:<11} {_ms(v.get('app_margin')):>9}"
         )
     tr = report["truth"]
     lines += [
