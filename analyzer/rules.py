@@ -82,6 +82,38 @@ What would break the assumption, and how each is handled:
   it (`hops_offset`) and `estimate_hop_offset` learns it as the median h of the sources judged
   direct (no timing and no OS evidence), which `judge` reports (`stepstone-analyzer judge`).
 
+Application-layer timing (`cond_app`)
+-------------------------------------
+A proxy that terminates TCP (socat, SOCKS, `ssh -D`) completes the handshake itself: T^p, the SYN,
+ping and hops are all its own, and none of the tests above can see the attacker behind it. On a
+port where the server speaks first (SSH, FTP, SMTP, Telnet), the sensor sends a banner and times
+the client's first data: `Record.tapp_us` (the responder's `--banners`, or Zeek's
+`StepStone::server_first_ports`). A direct client answers one path RTT after the banner, plus its
+own processing; through a proxy the banner crosses the onward leg to the real client and the answer
+comes back the same way, so T^app grows by twice that leg. Per record, a = tapp_us - T^a, with T^a
+the same active reference as the strong timing test (the probe's maximum ping RTT, else
+`syn_rtt_us`), paired per record. `cond_app` is the strong timing test (`timing_test`: the median,
+the same noise model, TIMING_FLOOR_US and TIMING_K) run on a - `app_allowance_us`:
+
+- `app_margin_us` = median(a); `cond_app`: app_margin_us - allowance > max(TIMING_FLOOR_US,
+  TIMING_K * noise), i.e. the evidence's threshold is allowance + max(floor, K * noise).
+- APP_ALLOWANCE_US = 10 ms: the client's own time to answer a banner, which a direct client adds
+  and a network leg cannot be told from. Automated clients (bots, scanners, scripted ssh/smtp
+  clients) answer a banner in well under a millisecond of processing; 10 ms covers that on a busy
+  host (scheduler and interpreter delays) with room to spare, and with the 5 ms floor keeps the
+  smallest claimed onward leg at ~7.5 ms one way; the +20 ms proxies (a ~ 40 ms) pass as long as
+  3 standard errors of the noise stay under 30 ms. [LAB NUMBERS FOR DIRECT CLIENTS: TO BE FILLED]
+  A client that waits on purpose before answering (a human typing, a bot's fixed sleep, the
+  lab's 150 ms "slow" client) is indistinguishable from a proxy leg of half that time: timing of
+  one answer cannot separate the two. `judge(app_allowance_us=...)` raises the allowance where
+  such clients are common, at the price of the proxies with shorter legs.
+- APP_MIN_SAMPLES = 3 records with a T^app and a reference, unlike the strong timing test (1): an
+  application answer carries the client's scheduling, which the kernel's T^p does not, and a
+  median of 3 ignores one answer delayed by a busy client.
+- A missing answer (the client sent nothing before the timeout, closed, or spoke before our
+  banner: tapp_us null) is no sample. A client that sends its own banner at once (OpenSSH sends
+  its identification without waiting) gives T^app ~ 0 or none: never terminating.
+
 The verdict's kind
 ------------------
 Every verdict says what it found (`kind`) and which evidence held (`evidence`: test, margin,
@@ -90,8 +122,9 @@ threshold, samples, unit, in the order forwarding evidence first):
 - `forwarding`: the strong timing test holds (an attacker leg beyond the address), or cond_hops
   holds with at most one client OS among the window's SYNs (one machine behind a forwarding box),
   with or without condition (1).
-- `terminating`: reserved for application-layer timing (a proxy that completes the handshake
-  itself, issue 10 item 2); nothing sets it yet.
+- `terminating`: `cond_app` holds (the answer to our banner is late by more than the path and
+  the client's processing) and no forwarding evidence does: a proxy that completes the handshake
+  itself. Forwarding evidence wins: a NAT relay shows the attacker leg in T^app too.
 - `shared`: condition (1) alone, or hops with two or more client OSes among the SYNs
   (`os_clients`), and no timing evidence: several machines behind one address, a home NAT or
   CGN. Reported, not called a relay by default.
@@ -107,11 +140,12 @@ many records showed a mismatch so a single one can be told from a consistent one
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, TypeGuard
 
@@ -128,6 +162,8 @@ HOPS_MIN_SAMPLES = 3  # usable (syn_dist, fa_dist) pairs before cond_hops may ho
 HOPS_SPREAD_MAX = 1.0  # MAD of the per-record hop differences, hops
 HOPS_DIST_MAX = 35  # p0f's MAX_DIST: a larger distance is p0f's "+?", not trusted
 HOPS_DIFF_MAX = 16  # |syn_dist - fa_dist| beyond: a rounding-edge misread, set aside
+APP_ALLOWANCE_US = 10_000.0  # a direct client's own time to answer a banner (docstring, cond_app)
+APP_MIN_SAMPLES = 3  # records with T^app and a reference before cond_app may hold
 # What a verdict says it found; new kinds are added at the end, never renamed.
 Kind = Literal["forwarding", "terminating", "shared", "none"]
 KINDS: tuple[Kind, ...] = ("forwarding", "terminating", "shared", "none")
@@ -167,6 +203,10 @@ class Verdict:
     os_clients: int = 0  # distinct client OSes (chosen level) among the window's SYN labels
     kind: Kind = "none"
     evidence: tuple[Evidence, ...] = ()
+    # Application-layer timing (module docstring, cond_app), added at the end.
+    cond_app: bool = False
+    app_margin: float | None = None  # median of tapp_us - T^a over the samples, µs
+    app_samples: int = 0  # records with a T^app and an active reference
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -180,8 +220,8 @@ class Evidence:
     """One test that held: how far past its threshold, on how many samples. New tests (e.g. an
     application-layer timing test for `terminating`) add entries; the fields stay."""
 
-    test: str  # "timing", "hops", "os", "clients"
-    margin: float  # the test's statistic (timing: µs; hops: hops; os, clients: counts)
+    test: str  # "timing", "hops", "app", "os", "clients"
+    margin: float  # the test's statistic (timing, app: µs; hops: hops; os, clients: counts)
     threshold: float  # what it had to pass (timing, hops: strictly above / at least; see `test`)
     samples: int  # the samples the statistic is over
     unit: str  # "us", "hops", "records", "oses"
@@ -222,6 +262,7 @@ def judge(
     os_level: OsLevel = "name",
     now: float | None = None,
     hops_offset: float = 0.0,
+    app_allowance_us: float = APP_ALLOWANCE_US,
 ) -> Verdict:
     """The verdict for ONE source from its records (all must share one `src`)."""
     if not records:
@@ -262,11 +303,12 @@ def judge(
     cond_os = os_pair is not None
     strong = strong_timing(in_window)
     hops = hop_test(in_window, offset=hops_offset)
+    app = app_timing(in_window, allowance_us=app_allowance_us)
     clients = {os_part(r.fp, os_level) for r in in_window if names_an_os(r.fp)}
     known = sum(1 for r in in_window if names_an_os(r.fp) and names_an_os(r.fa))
     labelled = sum(1 for r in in_window if names_an_os(r.fp))
     evidence, kind = findings(strong, hops, os_mismatches=os_mismatches, os_known=known,
-                              clients=len(clients), labelled=labelled)
+                              clients=len(clients), labelled=labelled, app=app)
     return Verdict(
         src=src,
         cond_os=cond_os,
@@ -297,14 +339,18 @@ def judge(
         os_clients=len(clients),
         kind=kind,
         evidence=tuple(evidence),
+        cond_app=app.holds,
+        app_margin=app.margin_us,
+        app_samples=app.samples,
     )
 
 
 def findings(strong: StrongTiming, hops: HopTest, *, os_mismatches: int, os_known: int, clients: int,
-             labelled: int) -> tuple[list[Evidence], Kind]:
+             labelled: int, app: StrongTiming | None = None) -> tuple[list[Evidence], Kind]:
     """The evidence that held and the kind it makes, from the tests' results: `os_mismatches` of
     `os_known` records with both labels known, `clients` distinct client OSes over `labelled`
-    SYN labels. One place for `judge` and for reports that aggregate as they stream."""
+    SYN labels, `app` the application-layer test (`app_timing`; None: not measured). One place
+    for `judge` and for reports that aggregate as they stream."""
     evidence: list[Evidence] = []
     if strong.holds:
         assert strong.margin_us is not None and strong.threshold_us is not None
@@ -312,17 +358,22 @@ def findings(strong: StrongTiming, hops: HopTest, *, os_mismatches: int, os_know
     if hops.holds:
         assert hops.margin is not None
         evidence.append(Evidence("hops", hops.margin, 1.0, hops.samples, "hops"))
+    app_holds = app is not None and app.holds
+    if app is not None and app_holds:
+        assert app.margin_us is not None and app.threshold_us is not None
+        evidence.append(Evidence("app", app.margin_us, app.threshold_us, app.samples, "us"))
     if os_mismatches:
         evidence.append(Evidence("os", float(os_mismatches), 1.0, os_known, "records"))
     if clients > 1:
         evidence.append(Evidence("clients", float(clients), 2.0, labelled, "oses"))
-    kind = verdict_kind(timing=strong.holds, hops=hops.holds, os=os_mismatches > 0, clients=clients)
+    kind = verdict_kind(timing=strong.holds, hops=hops.holds, os=os_mismatches > 0, clients=clients,
+                        app=app_holds)
     return evidence, kind
 
 
 def verdict_kind(*, timing: bool, hops: bool, os: bool, clients: int, app: bool = False) -> Kind:
-    """What the evidence says (module docstring, "The verdict's kind"). `app`: application-layer
-    timing, for `terminating` (not measured yet)."""
+    """What the evidence says (module docstring, "The verdict's kind"). `app`: cond_app, the
+    application-layer timing test, which makes `terminating` when nothing forwarding holds."""
     if timing or (hops and clients <= 1):
         return "forwarding"
     if app:
@@ -418,24 +469,55 @@ class StrongTiming:
 
 def strong_timing(records: Iterable[Record]) -> StrongTiming:
     """The noise-aware timing test over `records` (already limited to the window)."""
+    diffs, mean_var, ref = against_reference(records, lambda r: r.tp_us)
+    if ref is None:
+        return StrongTiming()
+    return timing_test(diffs, samples=len(diffs), mean_ping_var=mean_var, ref=ref)
+
+
+def against_reference(records: Iterable[Record], measured: Callable[[Record], int | None]
+                      ) -> tuple[list[float], float, TimingRef | None]:
+    """Per record with a `measured` time and an active reference T^a (the probe's maximum ping
+    RTT, else syn_rtt_us): measured - T^a; with the mean ping variance and which reference."""
     diffs: list[float] = []
     ping_vars: list[float] = []
     refs: set[str] = set()
     for r in records:
-        if r.tp_us is None:
+        value = measured(r)
+        if value is None:
             continue
         if r.has_ping and r.ping_max_us is not None:
-            diffs.append(float(r.tp_us - r.ping_max_us))
+            diffs.append(float(value - r.ping_max_us))
             ping_vars.append(r.ping_var_us2 or 0.0)
             refs.add("ping")
         elif r.syn_rtt_us is not None:
-            diffs.append(float(r.tp_us - r.syn_rtt_us))
+            diffs.append(float(value - r.syn_rtt_us))
             refs.add("syn")
     if not diffs:
-        return StrongTiming()
+        return diffs, 0.0, None
     ref: TimingRef = "ping+syn" if len(refs) == 2 else ("ping" if "ping" in refs else "syn")
-    mean_var = statistics.fmean(ping_vars) if ping_vars else 0.0
-    return timing_test(diffs, samples=len(diffs), mean_ping_var=mean_var, ref=ref)
+    return diffs, statistics.fmean(ping_vars) if ping_vars else 0.0, ref
+
+
+def app_timing(records: Iterable[Record], *, allowance_us: float = APP_ALLOWANCE_US) -> StrongTiming:
+    """`cond_app` over `records` (already limited to the window): the margin is the median of
+    tapp_us - T^a, the threshold allowance + the strong timing test's (module docstring)."""
+    diffs, mean_var, ref = against_reference(records, lambda r: r.tapp_us)
+    if ref is None:
+        return StrongTiming()
+    return app_test(diffs, samples=len(diffs), mean_ping_var=mean_var, ref=ref, allowance_us=allowance_us)
+
+
+def app_test(diffs: Sequence[float], *, samples: int, mean_ping_var: float, ref: TimingRef,
+             allowance_us: float = APP_ALLOWANCE_US) -> StrongTiming:
+    """cond_app from the differences tapp_us - T^a (as `timing_test` takes its own): the strong
+    timing test on the differences less the client's allowance, reported back in T^app terms."""
+    shifted = timing_test([d - allowance_us for d in diffs], samples=samples, mean_ping_var=mean_ping_var,
+                          ref=ref)
+    assert shifted.margin_us is not None and shifted.threshold_us is not None
+    return dataclasses.replace(
+        shifted, holds=shifted.holds and samples >= APP_MIN_SAMPLES,
+        margin_us=shifted.margin_us + allowance_us, threshold_us=shifted.threshold_us + allowance_us)
 
 
 def timing_test(diffs: Sequence[float], *, samples: int, mean_ping_var: float, ref: TimingRef
@@ -459,13 +541,15 @@ def judge_all(
     os_level: OsLevel = "name",
     now: float | None = None,
     hops_offset: float = 0.0,
+    app_allowance_us: float = APP_ALLOWANCE_US,
 ) -> list[Verdict]:
     """One verdict per source address, sorted by address (IPv4 before IPv6, numerically)."""
     by_src: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_src[r.src].append(r)
     return [
-        judge(by_src[src], window=window, os_level=os_level, now=now, hops_offset=hops_offset)
+        judge(by_src[src], window=window, os_level=os_level, now=now, hops_offset=hops_offset,
+              app_allowance_us=app_allowance_us)
         for src in sorted(by_src, key=_address_order)
     ]
 
