@@ -21,8 +21,13 @@ wait for it ends. The record travels as a positional vector; fields in order:
     reply_epoch  interval, optional   the reply's time since the epoch
     tp           interval, optional   T^p = reply - SYN+ACK; unset when unanswered or when more
                                       than one SYN+ACK preceded the reply (Karn's rule)
+    tapp         interval, optional   on StepStone::server_first_ports: the client's first data
+                                      minus the darknet's banner (-> Handshake.tapp_us)
+    app_data     string, optional     base64 of the first <= 64 bytes of that data, set exactly
+                                      when tapp is (-> Handshake.app_data)
 
-Trailing fields a newer script may add are ignored. `handshake_from_event` turns the event into
+tapp and app_data may be missing altogether (a script from before them): None. Trailing fields a
+newer script may add are ignored. `handshake_from_event` turns the event into
 the same `Handshake` the pcap path makes (IP header found with `analyzer.packet.ip_from_frame`).
 It is the boundary for Zeek's handshakes: types, and bounds on every number (an interval within
 an hour, at most `MAX_SYNACKS` SYN+ACK times), then the `Handshake`'s own checks; anything else is
@@ -90,7 +95,7 @@ from analyzer.broker import (
     subscription_frame,
     to_milliseconds,
 )
-from analyzer.handshake import MAX_SYNACKS, Handshake, HandshakeError
+from analyzer.handshake import MAX_APP_DATA, MAX_SYNACKS, Handshake, HandshakeError
 from analyzer.record import Record, RecordError
 from analyzer.rules import KINDS, Evidence, TimingRef
 from analyzer.verdicts import VERDICT_NUMBER_MAX
@@ -144,7 +149,13 @@ HANDSHAKE_FIELDS = (
     "reply",
     "reply_epoch",
     "tp",
+    "tapp",
+    "app_data",
 )
+# Fields every script sends; those after them are optional (a script from before them: None).
+HANDSHAKE_REQUIRED = HANDSHAKE_FIELDS.index("tp") + 1
+# app_data: at most MAX_APP_DATA bytes, so at most this many base64 characters.
+MAX_APP_DATA_B64 = 4 * -(-MAX_APP_DATA // 3)
 
 
 # --- handshake events ---------------------------------------------------------------------------
@@ -157,12 +168,12 @@ def handshake_from_event(event: Event) -> Handshake:
     if len(event.args) != 1 or not isinstance(event.args[0], tuple):
         raise HandshakeError("handshake event must carry one StepStone::HandshakeInfo record")
     values = event.args[0]
-    if len(values) < len(HANDSHAKE_FIELDS):
-        raise HandshakeError(f"HandshakeInfo has {len(values)} fields, expected {len(HANDSHAKE_FIELDS)}")
+    if len(values) < HANDSHAKE_REQUIRED:
+        raise HandshakeError(f"HandshakeInfo has {len(values)} fields, not at least {HANDSHAKE_REQUIRED}")
     h = dict(zip(HANDSHAKE_FIELDS, values, strict=False))
 
     def need(name: str, kind: Any, optional: bool = False) -> Any:
-        value = h[name]
+        value = h.get(name)  # absent: an optional field a script from before it does not send
         if value is None and optional:
             return None
         # bool is an int and a Count is an int; Broker tells boolean, count and integer apart.
@@ -233,6 +244,8 @@ def handshake_from_event(event: Event) -> Handshake:
         raise HandshakeError(f"HandshakeInfo.tp {tp!r} without a reply, negative, or ambiguous")
     if tp is not None and tp.seconds > MAX_SPAN_S:
         raise HandshakeError(f"HandshakeInfo.tp is {tp.seconds:.0f} s (at most {MAX_SPAN_S:.0f} s)")
+    tapp, app_data = _app_timing(need("tapp", Timespan, optional=True), need("app_data", str, optional=True),
+                                 reply)
     syn = _syn_packet(uid, need("syn", str), link_type, encap)
     try:
         # Handshake.check: what every feed must hold to (times within 0..2^32, ports, T^p within
@@ -249,9 +262,33 @@ def handshake_from_event(event: Event) -> Handshake:
             reply_time=reply_time,
             tp_us=None if tp is None else tp.us,
             feed="zeek",
+            tapp_us=None if tapp is None else tapp.us,
+            app_data=app_data,
         ).check()
     except (ValueError, TypeError, ArithmeticError) as exc:  # HandshakeError is a ValueError
         raise HandshakeError(f"HandshakeInfo refused: {exc}") from None
+
+
+def _app_timing(tapp: Timespan | None, b64: str | None, reply: str) -> tuple[Timespan | None, bytes | None]:
+    """tapp and the client's bytes (app.zeek): both or neither, after an ACK, within the bounds."""
+    if tapp is None and b64 is None:
+        return None, None
+    if tapp is None or b64 is None:
+        raise HandshakeError("HandshakeInfo.tapp and app_data must be set together")
+    if reply != "ack":
+        raise HandshakeError("HandshakeInfo.tapp without an ACK reply")
+    if tapp.ns < 0 or tapp.seconds > MAX_SPAN_S:
+        raise HandshakeError(f"HandshakeInfo.tapp {tapp!r} is negative or over {MAX_SPAN_S:.0f} s")
+    # Length first: the client chose these bytes; nothing past the bound is decoded.
+    if not 0 < len(b64) <= MAX_APP_DATA_B64 or not b64.isascii():
+        raise HandshakeError(f"HandshakeInfo.app_data is not the base64 of 1..{MAX_APP_DATA} bytes")
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except ValueError:  # binascii.Error
+        raise HandshakeError("HandshakeInfo.app_data is not base64") from None
+    if not 0 < len(data) <= MAX_APP_DATA:
+        raise HandshakeError(f"HandshakeInfo.app_data is not the base64 of 1..{MAX_APP_DATA} bytes")
+    return tapp, data
 
 
 def _syn_packet(uid: str, b64: str, link_type: int, encap: Enum) -> bytes | None:

@@ -81,8 +81,11 @@ def handshake_info(
     link_type: int = 1,
     encap: str = "LINK_ETHERNET",
     tp_override: Any = "auto",
+    tapp: Any = None,
+    app_data: Any = None,
 ) -> tuple[Any, ...]:
-    """The HandshakeInfo record (positional) for one mkpcap case, computed like handshake.zeek."""
+    """The HandshakeInfo record (positional) for one mkpcap case, computed like handshake.zeek;
+    `tapp` and `app_data` as app.zeek sends them on a server-first port (unset elsewhere)."""
     syn = segments[0]
     synacks = [s for s in segments if s.flags == "SA"]
     replies = [s for s in segments[1:] if s.flags in ("A", "PA", "R")]
@@ -114,6 +117,8 @@ def handshake_info(
         kind,
         None if reply is None else Timespan.from_seconds(reply.t),
         tp,
+        tapp,
+        app_data,
     )
 
 
@@ -432,6 +437,75 @@ def test_invalid_handshake_events_are_refused(info: tuple[Any, ...]) -> None:
 def test_trailing_fields_of_a_newer_script_are_ignored() -> None:
     info = (*handshake_info(case("direct").segments), "future field")
     assert handshake_from_event(Event(HANDSHAKE_EVENT, (info,))).tp_us == 20_000
+
+
+SSH_ANSWER = b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n"
+TELNET_ANSWER = bytes.fromhex("fffc18fffc20fffc23fffc27")  # IAC WONT ...: not UTF-8
+
+
+TAPP = Timespan(37_500_000)
+SSH_ANSWER_B64 = base64.b64encode(SSH_ANSWER).decode()
+
+
+def _app(tapp: Any = TAPP, data: Any = SSH_ANSWER_B64, name: str = "direct") -> tuple[Any, ...]:
+    return handshake_info(case(name).segments, tapp=tapp, app_data=data)
+
+
+@pytest.mark.parametrize(
+    ("tapp", "data", "tapp_us"),
+    [
+        (Timespan(37_500_000), SSH_ANSWER, 37_500),
+        (Timespan(12_250_400), TELNET_ANSWER, 12_250),  # ns rounded to the nearest microsecond
+        (Timespan(0), b"x", 0),  # the answer in the banner's microsecond
+        (Timespan(3600 * 10**9), b"\0" * 64, 3_600_000_000),  # the bounds: an hour, 64 bytes
+    ],
+)
+def test_tapp_and_app_data_become_the_handshakes_fields(tapp: Timespan, data: bytes, tapp_us: int) -> None:
+    h = handshake_from_event(Event(HANDSHAKE_EVENT, (_app(tapp, base64.b64encode(data).decode()),)))
+    assert (h.tapp_us, h.app_data) == (tapp_us, data)
+    assert h.tp_us == 20_000 and h.reply == "ack"
+    assert Handshake.from_fields(h.to_fields()) == h  # and onto the handshakes stream unchanged
+
+
+def test_a_script_from_before_tapp_sends_none_and_is_read() -> None:
+    info = handshake_info(case("direct").segments)
+    assert len(info) == len(HANDSHAKE_FIELDS) == 21 and info[-2:] == (None, None)
+    h = handshake_from_event(Event(HANDSHAKE_EVENT, (info[:19],)))
+    assert h.tp_us == 20_000 and h.tapp_us is None and h.app_data is None
+    assert handshake_from_event(Event(HANDSHAKE_EVENT, (info,))) == h
+
+
+HOSTILE_APP = {
+    "negative": _app(Timespan(-1)),
+    "over-an-hour": _app(Timespan(3600 * 10**9 + 1000)),
+    "huge": _app(Timespan(2**63 - 1)),
+    "tapp-alone": _app(data=None),
+    "data-alone": _app(tapp=None),
+    "empty-data": _app(data=""),
+    "65-bytes": _app(data=base64.b64encode(b"a" * 65).decode()),
+    "long-text": _app(data="A" * 10_000),  # refused by its length, never decoded
+    "not-base64": _app(data="SSH-2.0-x\r\n"),
+    "not-ascii": _app(data="AAAA\u00fc"),
+    "raw-bytes-as-text": _app(data=SSH_ANSWER.decode()),  # a script that forgot encode_base64
+    "tapp-a-count": _app(tapp=Count(37_500)),
+    "data-a-count": _app(data=Count(1)),
+    "after-a-rst": _app(name="rst"),
+    "unanswered": _app(name="unanswered"),
+}
+
+
+@pytest.mark.parametrize("info", HOSTILE_APP.values(), ids=HOSTILE_APP.keys())
+def test_hostile_app_fields_are_refused(info: tuple[Any, ...]) -> None:
+    with pytest.raises((HandshakeError, broker.BrokerError)):
+        handshake_from_event(Event(HANDSHAKE_EVENT, (info,)))
+
+
+async def test_hostile_app_fields_drop_the_event_not_the_connection(
+    zeek: FakeZeek, client_for: Callable[..., ZeekClient]
+) -> None:
+    client = client_for(zeek.url)
+    got = await _survives(zeek, client, [hs_frame(info) for info in HOSTILE_APP.values()])
+    assert [h.tp_us for h in got] == [20_000] * len(HOSTILE_APP)
 
 
 # --- verdict events -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 @load ./main
 @load ./handshake
+@load ./app
 @load ./verdict
 @load ./transport
 @load ./site

@@ -38,6 +38,11 @@ export {
 	## Publishes *h* (cluster-aware); see transport.zeek.
 	global publish_handshake: function(h: HandshakeInfo);
 
+	## Takes a handshake answered by an ACK on a *server_first_ports*
+	## connection, to publish it after the banner exchange; F for other
+	## ports. See app.zeek.
+	global hold_for_app: function(h: HandshakeInfo): bool;
+
 	## A darknet connection waiting for the client's reply.
 	type Track: record {
 		info: HandshakeInfo;
@@ -147,6 +152,9 @@ function finish(t: Track, reply: string)
 
 	if ( t?$frame )
 		t$info$syn = encode_base64(t$frame);
+
+	if ( reply == "ack" && hold_for_app(t$info) )
+		return;
 
 	publish_handshake(t$info);
 	}

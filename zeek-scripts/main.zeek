@@ -56,6 +56,32 @@ export {
 	## counted).
 	const max_synacks = 16 &redef;
 
+	## Ports where the server speaks first (SSH, FTP, SMTP, Telnet). On these
+	## the package times the darknet's first data (its banner) as the sensor
+	## sees it leave, and the client's first data after it (*tapp* in
+	## *HandshakeInfo*): a terminating proxy adds its onward leg to that time.
+	## Zeek reassembles and delivers these ports' payload (tcp_contents) for
+	## this; other ports cost nothing more. A change reaches connections that
+	## start after it.
+	option server_first_ports: set[port] = {
+		21/tcp,
+		22/tcp,
+		23/tcp,
+		25/tcp,
+	};
+
+	## On a *server_first_ports* connection whose client answered the SYN+ACK
+	## with an ACK, how long after that ACK the handshake waits for the
+	## banner and the client's answer before it is published without *tapp*.
+	## It is published earlier when the exchange is over: the client's data,
+	## its FIN, the darknet's FIN before any banner, a RST, or the end of the
+	## connection.
+	const app_wait = 5sec &redef;
+
+	## Bytes of the client's first data kept in *app_data* (the analyzer
+	## takes no more).
+	const max_app_data = 64;
+
 	## One darknet connection request, as published to the analyzer. Keep
 	## the field order: records travel as positional vectors (Broker JSON),
 	## and analyzer/zeek.py reads them by position. New fields go at the end.
@@ -98,10 +124,20 @@ export {
 		## and when more than one SYN+ACK preceded the reply (Karn's rule:
 		## which copy the reply answers is unknown).
 		tp: interval &optional;
+		## On *server_first_ports*: the client's first data minus the
+		## darknet's first data (its banner), as the sensor saw them. Unset
+		## on other ports, without a banner, when the client spoke before
+		## the banner, or sent nothing within *app_wait*.
+		tapp: interval &optional;
+		## The first *max_app_data* bytes of that data, base64-encoded (as
+		## *syn*). Set exactly when *tapp* is.
+		app_data: string &optional;
 	};
 
 	## Published once per darknet connection, when the reply arrives or
-	## *reply_wait* ends. Also raised locally on the publishing node.
+	## *reply_wait* ends; on *server_first_ports*, a reply that is an ACK is
+	## published when the banner exchange is over or *app_wait* ends. Also
+	## raised locally on the publishing node.
 	global handshake: event(h: HandshakeInfo);
 
 	## The analyzer's verdict on a source, with the measurement that led to

@@ -23,6 +23,10 @@ redef StepStone::darknet_subnets = {
 };
 redef StepStone::websocket_port = 0/tcp;
 redef StepStone::reply_wait = 2sec;
+# Every handshake published at its reply, in the order the cases above
+# assume: app.zeek would hold those to ports 22 and 23 for app_wait
+# (tests/app-timing.zeek is about that).
+redef StepStone::server_first_ports = set();
 
 global seen: table[addr] of count &default=0;
 

@@ -217,15 +217,19 @@ def packets() -> list[tuple[float, bytes]]:
     return sorted(out, key=lambda p: p[0])
 
 
-def write(path: str) -> int:
+def write_frames(path: str, frames: list[tuple[float, bytes]]) -> int:
+    """A pcap (Ethernet, microsecond times) of (time, frame) pairs in the order given."""
     with open(path, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, DLT_EN10MB))
-        frames = packets()
         for t, frame in frames:
             us = round(t * 1_000_000)
             f.write(struct.pack("<IIII", us // 1_000_000, us % 1_000_000, len(frame), len(frame)))
             f.write(frame)
     return len(frames)
+
+
+def write(path: str) -> int:
+    return write_frames(path, packets())
 
 
 if __name__ == "__main__":

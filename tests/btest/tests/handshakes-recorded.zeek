@@ -1,6 +1,7 @@
 # Every field of StepStone::handshake for the six cases of the recording in
 # Traces/README.md (direct, Karn, RST, unanswered, IPv6, first ACK with data),
-# with the uid tied to conn.log. Checked on Zeek 8.0.10 and 7.0.11.
+# with the uid tied to conn.log. Checked on Zeek 8.0.10 and 7.0.11. The
+# direct case (port 23) comes out app_wait (5 s) after its ACK (app.zeek).
 #
 # @TEST-EXEC: zeek -b -r $TRACES/handshakes.pcap $PACKAGE base/protocols/conn %INPUT > output
 # @TEST-EXEC: btest-diff output

@@ -2,7 +2,9 @@
 # the reply kind and the raw SYN frame (Scripts/mkpcap.py lists the cases).
 # Written by reasoning, then checked on Zeek 8.0.10 and 7.0.11: what they
 # print is what was reasoned. Traces/handshakes.pcap is the recorded trace
-# (handshakes-recorded.zeek); this one adds the cases it lacks.
+# (handshakes-recorded.zeek); this one adds the cases it lacks. A handshake
+# to a server-first port (22, 23) answered by an ACK waits app_wait (5 s)
+# for a banner exchange that never comes (app.zeek), hence the order.
 #
 # @TEST-EXEC: python3 $SCRIPTS/mkpcap.py handshakes.pcap
 # @TEST-EXEC: zeek -b -r handshakes.pcap $PACKAGE %INPUT > output

@@ -4,7 +4,8 @@
 # recorded trace, and its own event on stepstone/verdict reaches Zeek.
 # Zeek holds the trace until the client has subscribed (suspend_processing),
 # so nothing depends on timing; a client that fails stops Zeek too. Run on
-# Zeek 8.0.10 and 7.0.11.
+# Zeek 8.0.10 and 7.0.11. The direct case (port 23) comes out app_wait (5 s)
+# after its ACK, within the trace (app.zeek).
 #
 # @TEST-PORT: WS_PORT
 # @TEST-EXEC: btest-bg-run zeek "zeek -b -r $TRACES/handshakes.pcap $PACKAGE %INPUT"
