@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -36,14 +37,16 @@ EXPECTED = {
 }
 
 
-async def test_the_analyzers_client_gets_every_handshake_from_the_real_zeek(tmp_path: Path) -> None:
+async def _handshakes_from_the_real_zeek(trace: Path, n: int, tmp_path: Path) -> list[Handshake]:
+    """The n handshakes the analyzer's client receives from the real zeek reading `trace` with the
+    package's WebSocket listener (btest websocket-listener.zeek); Zeek must then exit cleanly."""
     zeek = shutil.which("zeek")
     if zeek is None:
         pytest.skip("no zeek binary on PATH")
     port = free_port()
     env = os.environ | {"WS_PORT": f"{port}/tcp", "ZEEK_SEED_FILE": str(BTEST / "Files" / "random.seed")}
     proc = await asyncio.create_subprocess_exec(
-        zeek, "-b", "-r", str(BTEST / "Traces" / "handshakes.pcap"), str(ROOT / "zeek-scripts"),
+        zeek, "-b", "-r", str(trace), str(ROOT / "zeek-scripts"),
         str(BTEST / "tests" / "websocket-listener.zeek"),
         cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -57,7 +60,7 @@ async def test_the_analyzers_client_gets_every_handshake_from_the_real_zeek(tmp_
             async def collect() -> None:
                 async for h in client.handshakes():
                     got.append(h)
-                    if len(got) == len(EXPECTED):
+                    if len(got) == n:
                         return
 
             await asyncio.wait_for(collect(), 60)
@@ -69,10 +72,43 @@ async def test_the_analyzers_client_gets_every_handshake_from_the_real_zeek(tmp_
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err.decode()
-    assert b"the client received 6 handshakes" in out
+    assert f"the client received {n} handshakes".encode() in out
+    return got
+
+
+async def test_the_analyzers_client_gets_every_handshake_from_the_real_zeek(tmp_path: Path) -> None:
+    got = await _handshakes_from_the_real_zeek(BTEST / "Traces" / "handshakes.pcap", len(EXPECTED), tmp_path)
     assert {(h.src, h.sport): (h.reply, h.tp_us, len(h.synack_times)) for h in got} == EXPECTED
     for h in got:
         assert h.feed == "zeek" and h.syn is not None and h.dst in ("198.18.0.5", "2001:db8:ffff::5")
+        assert h.tapp_us is None and h.app_data is None  # no banner in this trace
+
+
+async def test_banner_timing_arrives_from_the_real_zeek(tmp_path: Path) -> None:
+    """tapp and the client's bytes (app.zeek) as the analyzer gets them, on the capture the btest
+    app-timing.zeek reads (Scripts/mkapp.py): microseconds exact on every Zeek version (an
+    interval crosses the WebSocket in nanoseconds), binary bytes intact, 64 at most."""
+    trace = tmp_path / "app.pcap"
+    mkapp = BTEST / "Scripts" / "mkapp.py"
+    writer = await asyncio.create_subprocess_exec(sys.executable, str(mkapp), str(trace),
+                                                  stdout=asyncio.subprocess.DEVNULL)
+    assert await writer.wait() == 0
+    got = await _handshakes_from_the_real_zeek(trace, 10, tmp_path)
+    by_port = {h.sport: (h.dport, h.reply, h.tapp_us, h.app_data) for h in got}
+    ssh = b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n"
+    assert by_port == {
+        41001: (22, "ack", 37_500, ssh),
+        41002: (22, "ack", 12_250, ssh),
+        41003: (25, "ack", 80_000, b"EHLO " + b"x" * 59),
+        41004: (23, "ack", 5_000, bytes.fromhex("fffc18fffc20fffc23fffc27")),
+        41005: (80, "ack", None, None),  # not a server-first port
+        41006: (22, "ack", None, None),  # silent client
+        41007: (22, "ack", None, None),  # spoke before the banner
+        41008: (23, "ack", None, None),  # FIN, no banner
+        41009: (22, "ack", None, None),  # RST after the banner
+        41010: (22, "rst", None, None),
+    }
+    assert all(h.tp_us == (30_000 if h.reply == "rst" else 20_000) for h in got)
 
 
 async def test_the_real_zeek_confirms_each_verdict_after_logging_it(tmp_path: Path) -> None:
