@@ -1,0 +1,68 @@
+"""Application-layer timing through the live analyzer: handshakes with tapp_us on the stream
+(as the responder's --banners writes them) give records carrying it and a `terminating` verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from service_harness import Harness, handshake, open_harness, result
+
+from analyzer.service import Config, serve
+from lab.redis import RedisServer
+
+
+@pytest.fixture
+async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with open_harness(redis_server, tmp_path / "logs") as h:
+        yield h
+
+
+@contextlib.asynccontextmanager
+async def service(h: Harness) -> AsyncIterator[None]:
+    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, consumer="a1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 20) == 0
+
+
+async def test_a_proxy_seen_by_banner_timing_is_terminating(harness: Harness) -> None:
+    """Three SSH handshakes whose answers to the banner come 40 ms after the ping RTT (a proxy's
+    +20 ms onward leg); T^p equals the ping (the proxy's own handshake). A direct client next to
+    it answers within a millisecond."""
+    t = time.time()
+    ping = 30_000
+
+    def hs(src: str, i: int, extra_us: int) -> Any:
+        base = handshake(src, "198.19.0.22", t=t + i * 0.01, tp_us=ping, sport=41000 + i)
+        return dataclasses.replace(base, tapp_us=ping + extra_us, app_data=b"SSH-2.0-OpenSSH_9.2p1\r\n")
+
+    proxy = [hs("198.18.70.1", i, 40_000 + 300 * i) for i in range(3)]
+    direct = [hs("198.18.70.2", 3 + i, 400 + 100 * i) for i in range(3)]
+    async with service(harness):
+        for h in [*proxy, *direct]:
+            await harness.send(h)
+        jobs = await harness.jobs(2)
+        for job, fields in jobs:
+            await harness.answer(result(job, fields["src"], t, ping_max=ping, fa=None, ping_min=ping))
+        out = await harness.verdicts(6)
+    # Each source's fullest verdict (lines of one source may be written in any order).
+    last = {src: max((x for x in out if x["src"] == src), key=lambda x: x["verdict"]["app_samples"])
+            for src in ("198.18.70.1", "198.18.70.2")}
+    assert sorted(x["tapp_us"] for x in out if x["src"] == "198.18.70.1") == [70_000, 70_300, 70_600]
+    v = last["198.18.70.1"]["verdict"]
+    assert v["kind"] == "terminating" and v["cond_app"] and v["app_samples"] == 3
+    assert v["app_margin"] == 40_300 and v["relay_confident"] and not v["relay"]
+    assert [e["test"] for e in v["evidence"]] == ["app"]
+    d = last["198.18.70.2"]["verdict"]
+    assert d["kind"] == "none" and not d["cond_app"] and d["app_samples"] == 3
