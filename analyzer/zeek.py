@@ -378,6 +378,9 @@ def _confident_reason(verdict: Mapping[str, Any]) -> str:
             hops = verdict.get("hops_margin")
             shown = f"{hops:+g}" if isinstance(hops, int | float) and not isinstance(hops, bool) else "?"
             timing = f"hops {shown} over {verdict.get('hops_samples')} pairs; {timing}"
+        elif verdict.get("cond_app"):  # the answer to our banner was late (rules.py cond_app)
+            app = _us(verdict.get("app_margin"), "app_margin")
+            timing = f"application RTT margin {_ms(app)} over {verdict.get('app_samples')} answers; {timing}"
         elif verdict.get("cond_os"):  # an analyzer from before issue 10 (OS mismatch was enough)
             timing = f"OS mismatch; {timing}"
     return f"confident: {'relay' if confident else 'not a relay'} ({timing})"

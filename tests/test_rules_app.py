@@ -182,3 +182,10 @@ def test_passive_record_carries_tapp() -> None:
                   synack_times=(1000.0,), reply="ack", reply_time=1000.04, tp_us=40_000, feed="responder",
                   tapp_us=81_000, app_data=b"SSH-2.0-x\r\n")
     assert passive_record(h, None).tapp_us == 81_000
+
+
+def test_the_zeek_reasons_say_what_found_a_proxy() -> None:
+    from analyzer.zeek import verdict_reasons
+
+    text = verdict_reasons(judge(answers(*[40_300] * 3)).to_dict())
+    assert "confident: relay (application RTT margin 40.300 ms over 3 answers;" in text
