@@ -39,7 +39,7 @@ from analyzer.metrics import Metrics, verdict_kind
 from analyzer.record import Record
 from analyzer.retention import DEAD_KEEP_S, trim_consumed
 from analyzer.rules import OsLevel, judge
-from analyzer.state import Outcome, State, StateError, Stored
+from analyzer.state import Outcome, State, StateError, Stored, record_dict
 from analyzer.verdicts import JsonLog, entry_fields, from_entry
 from osfp import FingerprintError
 from prober import streams
@@ -896,7 +896,7 @@ class Service:
         lines: list[tuple[str, dict[str, Any]]] = []
         for hid, job, stored, record, result, reason in ready:
             lines.append((hid, {
-                **record.to_dict(),
+                **record_dict(record),
                 "verdict": verdicts[record.src],
                 "job": job,
                 "sport": stored.sport,

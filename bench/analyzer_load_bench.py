@@ -4,10 +4,12 @@ A private redis-server per point; the real analyzer as a subprocess (its RSS and
 read from /proc); the instant prober of bench/service_bench.py (answers every job at once, no
 network); bench/darknet_load.py writes the heavy-tailed mix. Every point prints:
 
-  handshakes/s   handshakes.log lines per second of the run (the feed is held to --backlog
-                 entries ahead of the analyzer, so at --rate 0 this is the analyzer's capacity)
+  handshakes/s   handshakes the analyzers' group acknowledged per second of the run (the feed is
+                 held to --backlog entries ahead of the analyzer, so at --rate 0 this is the
+                 analyzer's capacity); measured fully or only counted (--sample-per-source)
   hs/cpu-s       handshakes per second of the analyzer's own CPU time (robust on a shared machine)
-  verdicts/s     stepstone.log lines per second (answered handshakes only)
+  rec/s          records.log lines per second (the measured handshakes: answered, sampled)
+  verdicts/s     stepstone.log lines per second (one per source's verdict change or refresh)
   trips/hs       Redis read events (INFO stats total_reads_processed: about one per round trip)
                  per handshake, the load's and the prober's own subtracted
   cmds/hs        commands Redis executed (INFO commandstats, commands inside Lua included) per
@@ -15,10 +17,11 @@ network); bench/darknet_load.py writes the heavy-tailed mix. Every point prints:
   bytes/hs       total_net_input_bytes + total_net_output_bytes per handshake (everything; the
                  load's own XADD bytes are printed apart)
   mem/src, mem/hs  used_memory split by key family (SCAN + MEMORY USAGE samples): the families
-                 kept per source (src:, probe:, job:, outcome:) per source seen, and hs: per
-                 handshake (each answered handshake is kept an hour after its verdict)
+                 kept per source (src:, probe:, job:, outcome:, cnt:, seen:) per source seen, and hs: per
+                 measured handshake (each is kept ten minutes after its verdict)
   RSS            the analyzer's peak resident memory (VmHWM)
-  p50/p95        SYN-to-verdict (verdict_at - t, stepstone.log), under the backlog bound
+  p50/p95        SYN-to-verdict of the measured handshakes (verdict_at - t, records.log), under
+                 the backlog bound
 
 Curves: against the number of sources (heavy-tailed mix) and against handshakes per source (every
 source sends exactly N). Each point stops after --seconds of feeding or --max-handshakes, then
@@ -73,11 +76,16 @@ class Counting:
         self.r = r
         self.trips = 0
         self.commands = 0
+        self.results = 0
+        self.start = "0"
+        self.jobs_before = 0
 
-    async def xread(self, *args: Any, **kwargs: Any) -> Any:
+    async def xread(self, streams: dict[str, str], *args: Any, **kwargs: Any) -> Any:
         self.trips += 1
         self.commands += 1
-        return await self.r.xread(*args, **kwargs)
+        # After a warm-up: jobs from `start` on (the warm-up's own prober answered the rest).
+        return await self.r.xread({k: self.start if v == "0" else v for k, v in streams.items()}, *args,
+                                  **kwargs)
 
     def pipeline(self, **kwargs: Any) -> _CountingPipe:
         return _CountingPipe(self, self.r.pipeline(**kwargs))
@@ -97,6 +105,7 @@ class _CountingPipe:
 
     def xadd(self, *args: Any, **kwargs: Any) -> None:
         self.owner.commands += 1
+        self.owner.results += 1
         self.pipe.xadd(*args, **kwargs)
 
     async def execute(self) -> Any:
@@ -184,7 +193,7 @@ def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
 
 
 def read_latencies(path: Path) -> list[float]:
-    """SYN-to-verdict of every line of stepstone.log, sorted."""
+    """SYN-to-verdict of every line of records.log, sorted."""
     out = []
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
@@ -248,8 +257,15 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
     darknet = ipaddress.ip_network(args.darknet, strict=False)
     load = DarknetLoad(darknet, sources, mix_from_args(args), seed=args.seed, per_source=per_source)
     setup = time.monotonic() - setup
+
+    async def warm_room(n: int) -> None:
+        groups = {g["name"]: g for g in await r.xinfo_groups(P + "handshakes")}
+        g = groups.get("analyzers") or {}
+        while int(g.get("lag") or 0) + int(g.get("pending") or 0) + n > args.backlog:
+            await asyncio.sleep(0.005)
+            groups = {g["name"]: g for g in await r.xinfo_groups(P + "handshakes")}
+            g = groups.get("analyzers") or {}
     count = args.max_handshakes if per_source is None else min(args.max_handshakes, sources * per_source)
-    answered_of = {s.addr: s.kind != "silent" for s in load.pool}
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="stepstone-load-") as tmp:
         dirs = [Path(tmp) / f"logs{i}" for i in range(args.analyzers)]
         r = aioredis.from_url(server.url, decode_responses=True)
@@ -270,6 +286,26 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
 
             for p in procs:
                 await wait_for(ready, 60, "the analyzer's consumer group", p)
+            if args.warmup:
+                # The same load for --warmup seconds first, not measured: the busy sources have
+                # had their first --sample-per-source handshakes measured, as later in a probe
+                # period; the point then measures the steady state, not the start.
+                warm_prober = asyncio.create_task(prober(aioredis.from_url(server.url, decode_responses=True),
+                                                         stop))  # type: ignore[arg-type]
+                warm = await write(r, P + "handshakes", load, count=None, duration=args.warmup,
+                                   rate=args.rate, batch=args.batch, room=warm_room)
+                warm_sent = int(warm["handshakes"])
+
+                async def warm_drained() -> bool:
+                    groups = {g["name"]: g for g in await r.xinfo_groups(P + "handshakes")}
+                    g = groups["analyzers"]
+                    return int(g.get("lag") or 0) + int(g.get("pending") or 0) == 0
+
+                await wait_for(warm_drained, 120, "the analyzer to finish the warm-up", proc)
+                stop.set()
+                await warm_prober
+                stop.clear()
+                print(f"  warm-up: {warm_sent:,} handshakes in {args.warmup:.0f}s", file=sys.stderr)
             if args.profile:
                 name = f"sources{sources}" if per_source is None else f"per{per_source}"
                 spy = start_spy(proc.pid, Path(args.profile) / f"{name}.txt")
@@ -277,12 +313,25 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
             cpu0 = sum(proc_cpu(p.pid) for p in procs)
             assert server.proc is not None
             redis_cpu0, own_cpu0 = proc_cpu(server.proc.pid), time.process_time()
-            hs_lines = [LineCounter(d / "handshakes.log") for d in dirs]
+            rec_lines = [LineCounter(d / "records.log") for d in dirs]
             v_lines = [LineCounter(d / "stepstone.log") for d in dirs]
 
+            base = (sum(c.count() for c in rec_lines), sum(c.count() for c in v_lines))  # the warm-up's
+
             def logged() -> tuple[int, int]:
-                return sum(c.count() for c in hs_lines), sum(c.count() for c in v_lines)
+                return (sum(c.count() for c in rec_lines) - base[0],
+                        sum(c.count() for c in v_lines) - base[1])
+
+            async def backlog(stream: str) -> int:
+                """Entries of `stream` the analyzers' group has not acknowledged yet."""
+                groups = await r.xinfo_groups(P + stream)
+                group = next((g for g in groups if g["name"] == "analyzers"), None)
+                return 0 if group is None else int(group.get("lag") or 0) + int(group.get("pending") or 0)
             counting = Counting(aioredis.from_url(server.url, decode_responses=True))
+            if args.warmup:
+                newest = await r.xrevrange(P + "jobs", count=1)
+                counting.start = newest[0][0] if newest else "0"
+                counting.jobs_before = await r.xlen(P + "jobs")
             prober_task = asyncio.create_task(prober(counting, stop))  # type: ignore[arg-type]
             own = {"trips": 0, "commands": 0}
             handshakes_of: list[str] = []
@@ -314,11 +363,14 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                               rate=args.rate, batch=args.batch, room=room)
             fed_at = time.monotonic() - start
             sent = int(fed["handshakes"])
-            answered = sum(1 for src in handshakes_of if answered_of[src])
 
             async def drained() -> bool:
-                done = logged()
-                return done[0] >= sent and done[1] >= answered
+                # Every handshake acknowledged, every job answered, every result acknowledged.
+                if await backlog("handshakes"):
+                    return False
+                if counting.results < await r.xlen(P + "jobs") - counting.jobs_before:
+                    return False
+                return not await backlog("results")
 
             with contextlib.suppress(RuntimeError):
                 await wait_for(drained, args.seconds, "the analyzer to finish the feed", proc)
@@ -326,12 +378,13 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
             cpu = sum(proc_cpu(p.pid) for p in procs) - cpu0
             redis_cpu, own_cpu = proc_cpu(server.proc.pid) - redis_cpu0, time.process_time() - own_cpu0
             mem = {"VmHWM": max(proc_mem(p.pid).get("VmHWM", 0) for p in procs)}
+            done_hs = sent - await backlog("handshakes")
             stop.set()
             await prober_task
             prober_task = None
             after = await redis_info(r)
             keys = await census(r)
-            done_hs, done_v = logged()
+            done_rec, done_v = logged()
         finally:
             stop.set()
             if prober_task is not None:
@@ -346,22 +399,23 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 # A point that did not finish: say what the analyzers said (their stderr).
                 print_stderr_tails(Path(tmp))
             await r.aclose()
-        latencies = sorted(x for d in dirs for x in read_latencies(d / "stepstone.log"))
+        latencies = sorted(x for d in dirs for x in read_latencies(d / "records.log"))
     cmds = {k: after["commands"].get(k, 0) - before["commands"].get(k, 0) for k in after["commands"]}
     # Subtract what this benchmark sent itself: the load's XADDs, its XINFOs, the prober's work,
     # the INFO calls (and the census after `after`, not counted).
     theirs = fed["handshakes"] + own["commands"] + counting.commands + 1
     trips = after["reads"] - before["reads"] - fed["round_trips"] - own["trips"] - counting.trips - 1
     seen = Counter(handshakes_of[:done_hs])
-    src_families = ("src", "probe", "job", "outcome")
+    src_families = ("src", "probe", "job", "outcome", "cnt", "seen")
     per_src_bytes = sum(keys.get(f, {}).get("bytes", 0.0) for f in src_families)
     n = max(1, done_hs)
     return {
         "sources": sources, "per_source": per_source, "analyzers": args.analyzers, "setup_s": round(setup, 1),
-        "fed": sent, "fed_s": round(fed_at, 2), "done": done_hs, "verdicts": done_v,
+        "fed": sent, "fed_s": round(fed_at, 2), "done": done_hs, "verdicts": done_v, "records": done_rec,
         "elapsed_s": round(elapsed, 2), "sources_seen": len(seen),
         "busiest": max(seen.values()) if seen else 0,
         "hs_per_s": done_hs / elapsed, "verdicts_per_s": done_v / elapsed,
+        "records_per_s": done_rec / elapsed,
         "hs_per_cpu_s": done_hs / cpu if cpu else 0.0, "analyzer_cpu_s": cpu,
         # Redis's and this benchmark's (load + prober) CPU, per handshake: who else uses the cores.
         "redis_cpu_us_per_hs": redis_cpu / n * 1e6, "bench_cpu_us_per_hs": own_cpu / n * 1e6,
@@ -370,8 +424,10 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
         "bytes_per_hs": (after["bytes"] - before["bytes"]) / n,
         "load_bytes_per_hs": fed["bytes"] / max(1, sent),
         "mem_delta": after["memory"] - before["memory"],
-        "mem_per_src": per_src_bytes / max(1, len(seen)),
-        "mem_per_hs": keys.get("hs", {}).get("bytes", 0.0) / max(1, done_v),
+        # Per source Redis holds anything for (every source seen has its cnt: key).
+        "mem_per_src": per_src_bytes / max(1, int(keys.get("cnt", {}).get("keys", 0)) or len(seen)),
+        "mem_per_hs": keys.get("hs", {}).get("bytes", 0.0) / max(1, done_rec),
+        "mem_total": sum(v["bytes"] for v in keys.values()),
         "keys": {f: int(v["keys"]) for f, v in keys.items()},
         "src_keys_per_source": keys.get("src", {}).get("keys", 0) / max(1, len(seen)),
         "rss": mem.get("VmHWM", 0),
@@ -384,7 +440,8 @@ def show(x: dict[str, Any]) -> str:
     lat = "-" if x["p50"] is None else f"{x['p50']:.2f}/{x['p95']:.2f}"
     return (f"{x['sources']:>8} {x['per_source'] or '-':>7} {x['done']:>7}/{x['fed']:<7} "
             f"{x['sources_seen']:>7} "
-            f"{x['hs_per_s']:>7,.0f} {x['hs_per_cpu_s']:>7,.0f} {x['verdicts_per_s']:>7,.0f} "
+            f"{x['hs_per_s']:>7,.0f} {x['hs_per_cpu_s']:>7,.0f} {x['records_per_s']:>6,.0f} "
+            f"{x['verdicts_per_s']:>6,.0f} "
             f"{x['trips_per_hs']:>6.2f} {x['cmds_per_hs']:>6.1f} {x['bytes_per_hs']:>7,.0f} "
             f"{x['mem_per_src']:>9,.0f} {x['mem_per_hs']:>6,.0f} {x['rss'] / 2**20:>6.0f} {lat:>11} "
             f"{x['redis_cpu_us_per_hs']:>8.0f}")
@@ -393,7 +450,8 @@ def show(x: dict[str, Any]) -> str:
 # net B/hs: Redis traffic per handshake; mem B/src, B/hs: Redis memory kept per source, per handshake;
 # redis us: redis-server CPU microseconds per handshake.
 HEADER = (f"{'sources':>8} {'hs/src':>7} {'done/fed':>15} {'seen':>7} {'hs/s':>7} {'hs/cpu':>7} "
-          f"{'vrd/s':>7} {'trip/hs':>6} {'cmd/hs':>6} {'net B/hs':>7} {'mem B/src':>7} {'B/hs':>6} "
+          f"{'rec/s':>6} {'vrd/s':>6} {'trip/hs':>6} {'cmd/hs':>6} {'net B/hs':>7} {'mem B/src':>7} "
+          f"{'B/hs':>6} "
           f"{'RSS MB':>6} {'p50/p95 s':>11} {'redis us':>8}")
 
 
@@ -412,6 +470,9 @@ async def main() -> int:
     ap.add_argument("--backlog", type=int, default=2000, help="entries the feed may run ahead (default 2000)")
     ap.add_argument("--batch", type=int, default=200, help="XADDs per pipeline of the load (default 200)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per point (default 1)")
+    ap.add_argument("--warmup", type=float, default=0.0, metavar="S",
+                    help="feed the same load S seconds before measuring (default 0: measure from the "
+                    "start of a probe period, when every source is new)")
     ap.add_argument("--analyzers", type=int, default=1, help="analyzer processes sharing the work "
                     "(consumers of one group; hs/cpu is per CPU second of all of them; RSS the largest)")
     ap.add_argument("--analyzer-args", default="", metavar="ARGS",
