@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -183,7 +183,9 @@ class EvalScript:
             raise RedisClusterException("a script on a cluster needs at least one key")
         target = self.registered_client if client is None else client
         reply = target.execute_command("EVAL", self.script, len(keys), *keys, *(args or ()))
-        return await reply  # a reply; or, queued on a pipeline, the pipeline itself
+        if isinstance(target, ClusterPipeline):
+            return reply  # queued; never awaited: awaiting a cluster pipeline empties its queue
+        return await reply
 
 
 class Cluster(RedisCluster):
@@ -230,6 +232,7 @@ def wait_replicas(url: str) -> tuple[int, int]:
 async def server_time(redis: Any, key: str) -> tuple[int, int]:
     """TIME of the server that holds `key` (on a cluster, its node: another node may be down)."""
     if isinstance(redis, RedisCluster):
+        await redis.initialize()  # the slot map (a no-op once read)
         reply = await redis.execute_command("TIME", target_nodes=redis.get_node_from_key(key))
     else:
         reply = await redis.time()
@@ -284,6 +287,7 @@ async def append_many(redis: Any, stream: str, entries: Sequence[Mapping[str, st
             # so it waits for these very writes.
             target = {}
             if isinstance(redis, RedisCluster):
+                await redis.initialize()  # the slot map (a no-op once read)
                 target["target_nodes"] = redis.get_node_from_key(stream)
             pipe.execute_command("WAIT", replicas, timeout_ms, **target)
         replies = await pipe.execute()
@@ -324,9 +328,11 @@ class Appender:
         self.redis_errors = 0
         self.unreplicated = 0
         self.misrouted = 0  # an item of a shard this producer has no client for (never: all shards)
+        self._writing: dict[int, int] = dict.fromkeys(self.queues, 0)  # per shard: the batch in hand
 
     def backlog(self) -> int:
-        return sum(q.qsize() for q in self.queues.values())
+        """Items held in memory: queued, or in a write not yet acknowledged."""
+        return sum(q.qsize() for q in self.queues.values()) + sum(self._writing.values())
 
     def put(self, item: Item) -> None:
         self.received += 1
@@ -353,6 +359,7 @@ class Appender:
             while len(batch) < self.batch and not queue.empty():
                 batch.append(queue.get_nowait())
             entries = [item.to_fields() for item in batch]
+            self._writing[shard] = len(batch)
             delay = 0.1
             while True:
                 try:
@@ -380,6 +387,7 @@ class Appender:
             elif short:
                 short = False
             self.sent += len(batch)
+            self._writing[shard] = 0
             for _ in batch:
                 queue.task_done()
 
