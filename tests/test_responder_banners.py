@@ -246,3 +246,59 @@ def test_help_teaches_the_example_file() -> None:
     assert parse_banners(shown) == load_banners(EXAMPLE)
     assert set(load_banners(EXAMPLE)) == {21, 22, 23, 25}
     assert load_banners(EXAMPLE)[23].startswith(b"\xff\xfd")  # Telnet option negotiation: IAC DO
+
+
+MANY = """
+import json, selectors, socket, sys, time
+n = int(sys.argv[1])
+socks = [socket.create_connection((f"198.18.0.{1 + i % 200}", 22), 10) for i in range(n)]
+banners = sum(1 for s in socks if s.recv(100).startswith(b"SSH-2.0-"))
+print(json.dumps({"banners": banners}), flush=True)
+sel = selectors.DefaultSelector()
+for s in socks:
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+open_ = n
+deadline = time.monotonic() + 60
+while open_ and time.monotonic() < deadline:
+    for key, _ in sel.select(1):
+        if key.fileobj.recv(100) == b"":
+            sel.unregister(key.fileobj)
+            open_ -= 1
+print(json.dumps({"closed": n - open_}), flush=True)
+"""
+
+
+@pytest.mark.netns
+def test_many_silent_clients_at_once_block_nobody(pair: tuple[Namespace, Namespace], tmp_path: Path,
+                                                  redis_server: RedisServer) -> None:
+    """300 clients hold their banner exchange open at once; port 80 handshakes made meanwhile are
+    reported before any of the 300 times out, and then all 300 are, untimed."""
+    sensor, client = pair
+    n, timeout = 300, 6.0
+    banners = _banners(tmp_path, '[banners]\n22 = "SSH-2.0-OpenSSH_9.2p1\\r\\n"\n')
+    proc = _start(sensor, redis_server.url,
+                  extra=("--banners", str(banners), "--banner-timeout", str(timeout)))
+    r = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
+    many = client.python("-c", MANY, str(n), stdout=subprocess.PIPE)
+    try:
+        assert many.stdout is not None
+        assert json.loads(many.stdout.readline()) == {"banners": n}
+        held_since = time.monotonic()
+        for i in range(5):
+            _result(_client(client, f"198.18.0.{210 + i}", 80))
+        wait_for(lambda: r.xlen("stepstone:handshakes") >= 5, 10, "the port 80 handshakes")
+        assert time.monotonic() - held_since < timeout  # while all 300 exchanges are still open
+        assert {h.dport for h in _handshakes(r)} == {80}
+        assert json.loads(many.stdout.readline()) == {"closed": n}
+        many.wait(30)
+        wait_for(lambda: r.xlen("stepstone:handshakes") >= n + 5, 20, "every handshake")
+    finally:
+        if many.poll() is None:
+            many.kill()
+            many.wait()
+        code, err = _stop(proc)
+    assert code == 0, err
+    got = [h for h in _handshakes(r) if h.dport == 22]
+    assert len(got) == n and all(h.tapp_us is None for h in got)
+    assert f"banners: {n} sent, 0 answered, {n} silent, 0 spoke first, 0 dropped" in err, err
