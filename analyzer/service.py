@@ -102,9 +102,13 @@ what it does:
   probe job on <prefix>jobs (an address probed within --dedup-window is not probed again: the
   handshake waits for that earlier probe instead). For every result on <prefix>results (and every
   job the prober gave up on, <prefix>dead): the record with the active fields, the paper's rules
-  over the source's last --window seconds, one entry on <prefix>verdicts and one JSON line in
-  LOG_DIR/stepstone.log. LOG_DIR/handshakes.log gets one line per handshake received, answered
-  or not. With --zeek: every analyzer's verdicts (read from <prefix>verdicts with group
+  over the source's last --window seconds (once per source per batch), one JSON line per
+  handshake in LOG_DIR/records.log, and, when the source's verdict changed (or --refresh seconds
+  passed since its last one), one entry on <prefix>verdicts and one line in LOG_DIR/stepstone.log.
+  Only the first --sample-per-source handshakes of a source per --dedup-window are measured so;
+  the rest are counted per source (cnt:<addr>, handshakes_seen in stepstone.log, /metrics).
+  LOG_DIR/handshakes.log gets one line per measured handshake (--handshakes-log).
+  With --zeek: every analyzer's verdicts (read from <prefix>verdicts with group
   --zeek-group) go to that Zeek; an entry is acknowledged once Zeek confirms it has logged it.
 
 examples:
@@ -116,7 +120,8 @@ state (plain redis-cli can read it; keys under --prefix):
   streams handshakes, jobs, results, dead, verdicts; group 'analyzers' on handshakes, results
   and dead; group --zeek-group (default 'zeek') of the --zeek analyzer on verdicts.
   hs:<id> stored handshake, job:<job> handshakes waiting for a job, outcome:<job> how it ended,
-  probe:<addr> latest job of an address, src:<addr> the source's records (the rules' window).
+  probe:<addr> latest job of an address, src:<addr> the source's records (the rules' window),
+  cnt:<addr> its handshake counts and last verdict emitted.
   Several analyzers with different --consumer names share the work; a restarted one takes its
   own unfinished entries first, and entries of a dead one after --claim-after seconds.
   Entries of handshakes, results, jobs and dead that every group has acknowledged are trimmed
@@ -158,8 +163,9 @@ def register(sub: Any) -> None:
         "run",
         help="the live service: handshakes in, probes out, verdicts to stepstone.log (and Zeek)",
         description="Live stepping-stone detection. Takes handshakes from Redis (--handshakes) "
-        "and/or Zeek (--zeek), has the probers measure each source, and writes one measurement "
-        "record with the source's verdict per answered handshake.",
+        "and/or Zeek (--zeek), has the probers measure each source, writes one measurement "
+        "record with the source's verdict per measured handshake (records.log), and one verdict "
+        "line per change of a source's verdict (stepstone.log, Zeek).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -112,6 +112,11 @@ async def test_relayed_and_direct_sources_get_the_right_verdicts(harness: Harnes
     assert list(readme_stepstone) == list(r) and list(readme_stepstone["verdict"]) == list(r["verdict"])
     assert list(readme_stepstone["probe"]) == list(r["probe"])
     assert list(readme_handshake) == list(hs_lines[0])
+    # ... and the stepstone.log line of a verdict change: the record's fields, then the change's.
+    readme_change = next(x for x in examples if "change" in x)
+    changes = {x["src"]: x for x in lines(harness.log_dir / "stepstone.log")}
+    assert list(readme_change) == list(changes[relay.src])
+    assert changes[relay.src]["change"] == "first" and changes[relay.src]["verdict"] == r["verdict"]
 
 
 async def test_dedup_attaches_handshakes_to_the_earlier_probe(harness: Harness) -> None:
