@@ -151,7 +151,7 @@ def main() -> int:
     print(f"flagged as relay, per scenario ({heading}; then the combined verdict's kind per run):")
     for name, count in flagged.items():
         notice = f"  {noticed[name]}/{args.runs}" if sensor == "zeek" else ""
-        print(f"  {count}/{args.runs}  {flagged_strong[name]}/{args.runs}{notice}  {truth[name]:<6}  "
+        print(f"  {count}/{args.runs}  {flagged_strong[name]}/{args.runs}{notice}  {truth[name]:<11}  "
               f"{name:<36}  {','.join(kinds_seen[name])}")
     return 0
 
