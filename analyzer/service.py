@@ -741,8 +741,11 @@ class Service:
         answered = [Stored(hid=hid, record=record, sport=h.sport, dport=h.dport, feed=h.feed, job=None)
                     for hid, h, _, record in items if record is not None]
         saved = dict(zip((x.hid for x in answered), await self.state.save(answered), strict=True))
-        prior = [saved.get(hid, (None, False)) for hid, *_ in items]
-        jobs = {hid: job for (hid, *_), (job, _) in zip(items, prior, strict=True)}
+        prior = [saved.get(hid, (None, False, False)) for hid, *_ in items]
+        jobs = {hid: job for (hid, *_), (job, _, _) in zip(items, prior, strict=True)}
+        # Closed in this batch: no need to read back what was just stored (one that has its
+        # records.log line already is a redelivery: `load` says so, as for any other).
+        known = {x.hid: x for x in answered if not saved[x.hid][2]}
         fresh = [(hid, h) for hid, h, _, record in items if record is not None and jobs[hid] is None]
         own = await self._enqueue(fresh, jobs)
         deduped = {hid for hid, _ in fresh} - own
@@ -750,7 +753,7 @@ class Service:
         if config.handshakes_log != "off":
             await self.handshakes_log.write_many(
                 [(hid, _handshake_line(h, fp, jobs[hid], hid in deduped))
-                 for (hid, h, fp, _), (_, logged) in zip(items, prior, strict=True) if not logged],
+                 for (hid, h, fp, _), (_, logged, _) in zip(items, prior, strict=True) if not logged],
                 checked=True,
             )
 
@@ -764,7 +767,7 @@ class Service:
         # state expired): still a record and a verdict, on the passive half only.
         closing += [(hid, None, None, "deduped: no earlier probe of this address is known")
                     for hid, _, _, record in items if record is not None and jobs[hid] is None]
-        await self.close_many(closing)
+        await self.close_many(closing, known=known)
 
     async def _enqueue(self, todo: list[tuple[str, Handshake]], jobs: dict[str, str | None]) -> set[str]:
         """One enqueue per source of the batch, all in one round trip (the queue dedups by
@@ -857,13 +860,19 @@ class Service:
                                for (job, _), (outcome, hids) in zip(settling, settled, strict=True)
                                for hid in hids])
 
-    async def close_many(self, closing: list[Closing]) -> None:
+    async def close_many(self, closing: list[Closing], *, known: dict[str, Stored] | None = None) -> None:
         """Record per handshake (one records.log line each, once), judged once per source per
         batch over its window; a source whose verdict changed (or is due a refresh) gets one entry
         on the `verdicts` stream and one line in stepstone.log."""
         if not closing:
             return
-        loaded = await self.state.load([hid for hid, *_ in closing], unless_logged="records")
+        known = known or {}
+        stored_of: dict[str, Stored | StateError | None] = {
+            hid: known[hid] for hid, *_ in closing if hid in known}
+        rest = [hid for hid, *_ in closing if hid not in stored_of]
+        if rest:
+            stored_of.update(zip(rest, await self.state.load(rest, unless_logged="records"), strict=True))
+        loaded = [stored_of[hid] for hid, *_ in closing]
         ready: list[tuple[str, str | None, Stored, Record, Result | None, str | None]] = []
         for (hid, job, outcome, why), stored in zip(closing, loaded, strict=True):
             reason = why

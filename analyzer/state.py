@@ -299,13 +299,14 @@ class State:
 
     # Every operation takes a batch and costs one round trip (a pipeline), whatever its size.
 
-    async def save(self, batch: Sequence[Stored]) -> list[tuple[str | None, bool]]:
+    async def save(self, batch: Sequence[Stored]) -> list[tuple[str | None, bool, bool]]:
         """Store answered handshakes (again: a redelivery keeps the job it got before); per
-        handshake, that earlier job, if any, and whether its handshakes.log line was written."""
+        handshake, that earlier job, if any, and whether its handshakes.log and records.log lines
+        were written."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for stored in batch:
                 key = self.key("hs", stored.hid)
-                pipe.hmget(key, ["job", "logged_handshakes"])
+                pipe.hmget(key, ["job", "logged_handshakes", "logged_records"])
                 pipe.hset(key, mapping={
                     "record": "" if stored.record is None else json.dumps(record_dict(stored.record)),
                     "sport": str(stored.sport),
@@ -314,7 +315,8 @@ class State:
                 })
                 pipe.expire(key, self.hs_ttl)
             replies = await pipe.execute()
-        return [(job or None, bool(logged)) for (job, logged), _, _ in _chunks(replies, 3)]
+        return [(job or None, bool(logged), bool(recorded))
+                for (job, logged, recorded), _, _ in _chunks(replies, 3)]
 
     async def load(self, hids: Sequence[str], *, unless_logged: str) -> list[Stored | StateError | None]:
         """The stored handshakes; None for one that is gone or whose line `unless_logged` (a log
