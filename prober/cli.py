@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -21,11 +22,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober import shards
 from prober.audit import AuditLog, default_path
-from prober.job import DEFAULT_PORTS, EPOCH_MAX, Job, JobError
+from prober.job import DEFAULT_PORTS, EPOCH_MAX, Job, JobError, short
 from prober.metrics import ProberMetrics, serve
 from prober.options import DAY, YEAR, check_ranges
 from prober.probe import Prober, ProbeSettings
-from prober.queue import DEFAULT_PREFIX, MAX_DEADLINE, MAX_DEDUP_WINDOW, ProbeQueue, QueueConfigError, connect
+from prober.queue import (
+    DEFAULT_PREFIX,
+    MAX_DEADLINE,
+    MAX_DEDUP_WINDOW,
+    ProbeQueue,
+    QueueConfigError,
+    connect,
+    redact,
+)
 from prober.safety import TargetPolicy, parse_networks
 from prober.worker import Worker, WorkerSettings, default_name
 
@@ -77,14 +86,24 @@ def _add_redis(p: argparse.ArgumentParser) -> None:
                    help="key prefix of the streams and counters (default %(default)s)")
 
 
-def _add_shards(p: argparse.ArgumentParser) -> None:
+def _add_shards(p: argparse.ArgumentParser, which: str | None) -> None:
     g = p.add_argument_group("shards (docs/cluster.md)")
     g.add_argument("--shards", type=int, default=1, metavar="N",
                    help="the sources are split into N shards, shard i's keys under <prefix>{i}: (the "
                    "analyzers' --shards; default 1)")
-    g.add_argument("--shard", metavar="LIST",
-                   help="the shards this worker serves, e.g. 0,3-5 (default all); --rate is split "
-                   "evenly over all N shards, --concurrency over the shards served")
+    if which is not None:
+        g.add_argument("--shard", metavar="LIST", help=which)
+
+
+def _layout(args: argparse.Namespace) -> tuple[shards.Layout, tuple[int, ...]]:
+    try:
+        layout = shards.layout(args.prefix, args.shards, args.redis)
+        served = shards.parse_shard_list(getattr(args, "shard", None), args.shards)
+        if shards.is_cluster(args.redis):
+            shards.parse_cluster_url(args.redis)
+    except shards.ShardError as exc:
+        raise UsageError(str(exc)) from None
+    return layout, served
 
 
 def _add_safety(p: argparse.ArgumentParser) -> None:
@@ -152,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on http://ADDR:N/metrics (default 0 = off)")
     run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                      help="address the metrics endpoint binds (default %(default)s)")
-    _add_shards(run)
+    _add_shards(run, "the shards this worker serves, e.g. 0,3-5 (default all); --rate is split evenly "
+                "over all N shards, --concurrency over the shards served")
     _add_safety(run)
     _add_probe(run)
     run.set_defaults(func=cmd_run)
@@ -162,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream lengths, pending entries per consumer, oldest pending age, workers alive "
         "(heartbeat), dead-letter count, probes/s over the last minute, counters.")
     _add_redis(status)
+    _add_shards(status, "the shards to show, e.g. 0,3-5 (default all)")
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
     status.set_defaults(func=cmd_status)
 
@@ -180,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "enqueue", help="queue a probe job by hand (as the analyzer does)",
         description="Add a job for ADDR to <prefix>jobs, unless ADDR was queued within the dedup window.")
     _add_redis(enqueue)
+    _add_shards(enqueue, None)
     enqueue.add_argument("address", metavar="ADDR")
     enqueue.add_argument("--t", type=float, default=None, help="SYN time, epoch seconds (default now)")
     enqueue.add_argument("--deadline", type=float, default=60.0,
@@ -226,6 +248,14 @@ def _audit(args: argparse.Namespace, name: str) -> AuditLog:
 
 
 async def _connect(url: str):  # type: ignore[no-untyped-def]
+    if shards.is_cluster(url):
+        conn = shards.client(url)
+        try:
+            await conn.ping()
+        except Exception as exc:
+            await conn.aclose()
+            raise UsageError(f"cannot use the Redis Cluster at {redact(url)}: {exc}") from None
+        return conn
     try:
         return await connect(url)
     except QueueConfigError as exc:
@@ -247,13 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (0 <= args.rate < math.inf and 0 <= args.target_interval < math.inf):
         raise UsageError("--rate and --target-interval must be finite numbers >= 0")
     _ranges(args)
-    try:
-        layout = shards.layout(args.prefix, args.shards, args.redis)
-        served = shards.parse_shard_list(args.shard, args.shards)
-        if shards.is_cluster(args.redis):
-            shards.parse_cluster_url(args.redis)
-    except shards.ShardError as exc:
-        raise UsageError(str(exc)) from None
+    layout, served = _layout(args)
     audit = _audit(args, name)
     if layout.tagged:
         return asyncio.run(_run_shards(args, layout, served, settings=settings, policy=policy,
@@ -371,13 +395,29 @@ async def _run_shards(args: argparse.Namespace, layout: shards.Layout, served: S
 def cmd_status(args: argparse.Namespace) -> int:
     from prober import status
 
+    layout, served = _layout(args)
+
     async def main() -> int:
         conn = await _connect(args.redis)
         try:
-            info = await status.gather(conn, args.prefix)
+            if not layout.tagged:
+                info = await status.gather(conn, args.prefix)
+                _output(json.dumps(info, indent=2) if args.json else status.render(info))
+                return 0
+            # Sharded: each shard on its own; one whose node is down says so, the others show.
+            per: dict[str, Any] = {}
+            for i in served:
+                try:
+                    per[str(i)] = await status.gather(conn, layout.prefix_of(i))
+                except (RedisConnectionError, RedisTimeoutError, OSError, *shards.CLUSTER_TRANSIENT) as exc:
+                    per[str(i)] = {"error": f"unreachable: {exc}"}
         finally:
             await conn.aclose()
-        _output(json.dumps(info, indent=2) if args.json else status.render(info))
+        if args.json:
+            _output(json.dumps({"shards": per}, indent=2))
+        else:
+            _output("\n\n".join(f"shard {i}: {info['error']}" if "error" in info else
+                                 f"shard {i}:\n{status.render(info)}" for i, info in per.items()))
         return 0
 
     return asyncio.run(main())
@@ -420,10 +460,16 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     _ranges(args)
 
+    layout, _ = _layout(args)
+    try:
+        prefix = layout.prefix_for(args.address)  # the address's shard: where its analyzer looks
+    except ValueError:
+        raise UsageError(f"not an IP address: {short(args.address)}") from None
+
     async def main() -> int:
         conn = await _connect(args.redis)
         try:
-            queue = ProbeQueue(conn, prefix=args.prefix, dedup_window=args.dedup_window,
+            queue = ProbeQueue(conn, prefix=prefix, dedup_window=args.dedup_window,
                                deadline=args.deadline)
             job_id = await queue.enqueue(args.address, time.time() if args.t is None else args.t,
                                          ports=args.ports)

@@ -229,14 +229,18 @@ def wait_replicas(url: str) -> tuple[int, int]:
     return spec.wait_replicas, spec.wait_timeout_ms
 
 
+async def on_node(redis: Any, key: str) -> dict[str, Any]:
+    """The keyword that sends a keyless command (TIME, SCAN, WAIT) to the node holding `key` on a
+    cluster (any other node may be down, and holds none of that shard's keys); {} for one Redis."""
+    if not isinstance(redis, RedisCluster):
+        return {}
+    await redis.initialize()  # the slot map (a no-op once read)
+    return {"target_nodes": redis.get_node_from_key(key)}
+
+
 async def server_time(redis: Any, key: str) -> tuple[int, int]:
-    """TIME of the server that holds `key` (on a cluster, its node: another node may be down)."""
-    if isinstance(redis, RedisCluster):
-        await redis.initialize()  # the slot map (a no-op once read)
-        reply = await redis.execute_command("TIME", target_nodes=redis.get_node_from_key(key))
-    else:
-        reply = await redis.time()
-    sec, usec = reply
+    """TIME of the server that holds `key`."""
+    sec, usec = await redis.execute_command("TIME", **await on_node(redis, key))
     return int(sec), int(usec)
 
 
@@ -285,11 +289,7 @@ async def append_many(redis: Any, stream: str, entries: Sequence[Mapping[str, st
         if replicas:
             # WAIT has no key: sent to the stream's node, in the same pipeline (one connection),
             # so it waits for these very writes.
-            target = {}
-            if isinstance(redis, RedisCluster):
-                await redis.initialize()  # the slot map (a no-op once read)
-                target["target_nodes"] = redis.get_node_from_key(stream)
-            pipe.execute_command("WAIT", replicas, timeout_ms, **target)
+            pipe.execute_command("WAIT", replicas, timeout_ms, **await on_node(redis, stream))
         replies = await pipe.execute()
     return int(replies[-1]) if replicas else None
 

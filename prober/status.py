@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 
 from prober import streams
 from prober.queue import ANALYZERS, PROBERS, Keys
+from prober.shards import on_node, server_time
 
 
 def _id_ms(entry_id: str | None) -> int | None:
@@ -33,7 +34,7 @@ def _count(raw: bytes | None) -> int | None:
 
 async def gather(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
     keys = Keys(prefix)
-    sec, usec = await redis.time()
+    sec, usec = await server_time(redis, keys.jobs)
     now_ms = sec * 1000 + usec // 1000
     out: dict[str, Any] = {"prefix": prefix, "now": now_ms / 1000}
     out["streams"] = {name: await redis.xlen(key) for name, key in
@@ -63,9 +64,13 @@ async def gather(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
     workers = []
     prefix = keys.worker("").encode()
     cursor: int | bytes = 0
+    node = await on_node(redis, keys.jobs)  # on a cluster, SCAN the node of this prefix's shard
     while True:
-        cursor, found_keys = await redis.execute_command(
-            "SCAN", cursor, "MATCH", keys.worker_pattern, "COUNT", 500, **{NEVER_DECODE: []})
+        reply = await redis.execute_command(
+            "SCAN", cursor, "MATCH", keys.worker_pattern, "COUNT", 500, **node, **{NEVER_DECODE: []})
+        cursor, found_keys = reply
+        if isinstance(cursor, dict):  # a cluster client: a cursor per node (here, the one node)
+            (cursor,) = cursor.values()
         for key in found_keys:
             raw = await redis.execute_command("GET", key, **{NEVER_DECODE: []})
             if raw is None:
