@@ -111,13 +111,6 @@ async def serve_shards(config: Config, stop: asyncio.Event) -> int:
         return await service.run(stop)
 
     try:
-        if config.metrics_port:
-            try:
-                stop_metrics = serve_metrics(shards.merge(registries), config.metrics_port,
-                                             config.metrics_addr)
-            except OSError as exc:
-                raise InputError(f"--metrics-port: cannot serve on {config.metrics_addr}:"
-                                 f"{config.metrics_port}: {exc}") from None
         if config.zeek_url:
             from analyzer.zeek import ZeekClient
 
@@ -133,6 +126,14 @@ async def serve_shards(config: Config, stop: asyncio.Event) -> int:
             side = [asyncio.create_task(zeek_to_shards(zeek, appender, on_reject=rejected),
                                         name="the sharded Zeek feed"),
                     asyncio.create_task(appender.run(), name="the shard writers")]
+        if config.metrics_port:
+            extra = [shards.AppenderMetrics(appender, "stepstone_analyzer_zeek_feed")] if appender else []
+            try:
+                stop_metrics = serve_metrics(shards.merge(registries, *extra), config.metrics_port,
+                                             config.metrics_addr)
+            except OSError as exc:
+                raise InputError(f"--metrics-port: cannot serve on {config.metrics_addr}:"
+                                 f"{config.metrics_port}: {exc}") from None
         log.info("serving shards %s of %d (keys under %s)", ",".join(map(str, served)), config.shards,
                  layout.prefix_of(served[0]).replace(f"{{{served[0]}}}", "{i}"))
         runs = [asyncio.create_task(one(i), name=f"shard {i}") for i in served]

@@ -244,9 +244,10 @@ async def server_time(redis: Any, key: str) -> tuple[int, int]:
     return int(sec), int(usec)
 
 
-def merge(registries: Mapping[int, Any]) -> Any:
-    """One Prometheus registry showing several shards' registries, each sample labelled `shard`:
-    one /metrics endpoint per process, whatever the shards it serves."""
+def merge(registries: Mapping[int, Any], *extra: Any) -> Any:
+    """One Prometheus registry showing several shards' registries, each sample labelled `shard`
+    (and the `extra` collectors as they are): one /metrics endpoint per process, whatever the
+    shards it serves."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
@@ -265,6 +266,8 @@ def merge(registries: Mapping[int, Any]) -> Any:
 
     merged = CollectorRegistry(auto_describe=True)
     merged.register(_ByShard())  # type: ignore[arg-type]
+    for collector in extra:
+        merged.register(collector)
     return merged
 
 
@@ -401,6 +404,34 @@ class Appender:
         for redis in self.clients.values():
             with contextlib.suppress(Exception):
                 await redis.aclose()
+
+
+class AppenderMetrics:
+    """An `Appender`'s counts as Prometheus metrics, read when scraped: `<ns>_shard_writes{what}`
+    (received, written, dropped from a full backlog, retried writes, unreplicated: written while
+    fewer replicas than wait_replicas acknowledged) and `<ns>_shard_backlog`."""
+
+    def __init__(self, appender: Appender, namespace: str) -> None:
+        self.appender = appender
+        self.namespace = namespace
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        a = self.appender
+        writes = CounterMetricFamily(f"{self.namespace}_shard_writes",
+                                     "Handshakes handed to the shards' streams: received, written, "
+                                     "dropped (a shard's full backlog), retried (failed writes, retried), "
+                                     "unreplicated (written while fewer replicas than wait_replicas "
+                                     "acknowledged)",
+                                     labels=["what"])
+        for what, value in (("received", a.received), ("written", a.sent), ("dropped", a.dropped),
+                            ("retried", a.redis_errors), ("unreplicated", a.unreplicated)):
+            writes.add_metric([what], value)
+        backlog = GaugeMetricFamily(f"{self.namespace}_shard_backlog",
+                                    "Handshakes held in memory for a shard, not yet written")
+        backlog.add_metric([], a.backlog())
+        return [writes, backlog]
 
 
 def clients(url: str, shards: Sequence[int]) -> dict[int, Any]:

@@ -234,7 +234,10 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
         if metrics[0]:
             # Before the steering: a busy port fails before anything on the host is changed.
             try:
-                stop_metrics = serve_metrics(registry_for(sink, banners), *metrics)
+                registry = registry_for(sink, banners)
+                if isinstance(sink, shards.Appender):
+                    registry.register(shards.AppenderMetrics(sink, "stepstone_responder"))  # type: ignore[arg-type]
+                stop_metrics = serve_metrics(registry, *metrics)
             except OSError as exc:
                 raise MetricsError(f"--metrics-port: cannot serve on {metrics[1]}:{metrics[0]}: "
                                    f"{exc}") from None
@@ -291,10 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.redis is not None:
         try:
-            shards.layout(args.prefix, args.shards, args.redis)
             shards.client(args.redis)  # also redis+cluster://; no I/O yet
         except ValueError as exc:
             print(f"stepstone-responder: --redis: {exc}", file=sys.stderr)
+            return 2
+        try:
+            shards.layout(args.prefix, args.shards, args.redis)
+        except ValueError as exc:
+            print(f"stepstone-responder: {exc}", file=sys.stderr)
             return 2
     banners = None
     if args.banners is not None:
