@@ -116,8 +116,8 @@ async def serve_shards(config: Config, stop: asyncio.Event) -> int:
 
             zeek = ZeekClient(config.zeek_url)
             # Zeek's handshakes are of any source: every shard, served here or not.
-            appender = shards.Appender(shards.clients(config.redis_url, range(config.shards)), layout,
-                                       replicas=replicas, timeout_ms=wait_ms)
+            writers = shards.producer_clients(config.redis_url, range(config.shards))
+            appender = shards.Appender(writers, layout, replicas=replicas, timeout_ms=wait_ms)
 
             def rejected(handshake: Handshake, exc: HandshakeError) -> None:
                 log.warning("zeek handshake %s -> %s rejected: %s", short(handshake.src),

@@ -136,6 +136,11 @@ class LocalCluster:
                         return int(master[1])
         raise ClusterError(f"no node serves slot {slot}")
 
+    def calls(self, port: int, command: str) -> int:
+        """How often node `port` has run `command` (INFO commandstats)."""
+        stats = self._node(port).info("commandstats")
+        return int(stats.get(f"cmdstat_{command.lower()}", {}).get("calls", 0))
+
     def kill(self, port: int) -> None:
         """SIGKILL: the node is gone with whatever it had not replicated."""
         proc = self.procs[port]

@@ -196,9 +196,10 @@ class Cluster(RedisCluster):
 
 
 def client(url: str, *, decode_responses: bool = True, socket_connect_timeout: float | None = 5,
-           health_check_interval: float = 30) -> Any:
+           health_check_interval: float = 30, retries: int = RETRIES) -> Any:
     """A client for `url`, no I/O yet: redis-py's own for one Redis (as before), a `Cluster` for a
-    redis+cluster:// URL. ShardError (one line) for a URL that cannot work."""
+    redis+cluster:// URL (`retries`: redis-py's own retries of a command or pipeline that failed).
+    ShardError (one line) for a URL that cannot work."""
     if not is_cluster(url):
         try:
             return aioredis.from_url(url, decode_responses=decode_responses,
@@ -215,7 +216,7 @@ def client(url: str, *, decode_responses: bool = True, socket_connect_timeout: f
         # A shard whose master is dead (no replica) keeps its slots on that node: the slot map
         # stays complete, but do not insist on it either.
         require_full_coverage=False,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
         max_connections=1024,  # per node: blocking reads of every stream of every shard served
     )
 
@@ -285,16 +286,24 @@ class Item(Protocol):
 async def append_many(redis: Any, stream: str, entries: Sequence[Mapping[str, str]], *, maxlen: int,
                       replicas: int = 0, timeout_ms: int = 1000) -> int | None:
     """XADD the entries (one round trip), then, with `replicas`, WAIT on the same connection until
-    that many replicas have them (or `timeout_ms`); how many did (None: not asked)."""
+    that many replicas have them (or `timeout_ms`); how many did (None: not asked).
+
+    On a cluster, give a client made with `retries=0`: redis-py retries a failed pipeline by
+    itself, and on that retry WAIT (which has no key) no longer goes to the stream's node."""
+    node = await on_node(redis, stream) if replicas else {}
     async with redis.pipeline(transaction=False) as pipe:
         for fields in entries:
             pipe.xadd(stream, dict(fields), maxlen=maxlen, approximate=True)
         if replicas:
             # WAIT has no key: sent to the stream's node, in the same pipeline (one connection),
             # so it waits for these very writes.
-            pipe.execute_command("WAIT", replicas, timeout_ms, **await on_node(redis, stream))
+            pipe.execute_command("WAIT", replicas, timeout_ms, **node)
         replies = await pipe.execute()
-    return int(replies[-1]) if replicas else None
+    if not replicas:
+        return None
+    if node and (await on_node(redis, stream))["target_nodes"].name != node["target_nodes"].name:
+        return 0  # the slot moved during the write (MOVED): the WAIT ran on the old node, proves nothing
+    return int(replies[-1])
 
 
 class Appender:
@@ -371,6 +380,10 @@ class Appender:
                     break
                 except (RedisError, OSError) as exc:
                     self.redis_errors += 1
+                    if isinstance(redis, RedisCluster):
+                        # Read the slot map afresh before the next try (its master may have moved).
+                        with contextlib.suppress(Exception):
+                            await redis.aclose()
                     if not failing:  # once per outage, not once per retry
                         log.warning("shard %d: cannot write %s (%s); %d handshakes held, retrying",
                                     shard, stream, exc, queue.qsize() + len(batch))
@@ -434,8 +447,14 @@ class AppenderMetrics:
         return [writes, backlog]
 
 
-def clients(url: str, shards: Sequence[int]) -> dict[int, Any]:
+def clients(url: str, shards: Sequence[int], *, retries: int = RETRIES) -> dict[int, Any]:
     """One client per shard: a cluster client's pipeline that fails on a dead node closes all that
     client's connections (redis-py, before it retries), which would break every other shard's
     commands in flight on a shared client."""
-    return {i: client(url) for i in shards}
+    return {i: client(url, retries=retries) for i in shards}
+
+
+def producer_clients(url: str, shards: Sequence[int]) -> dict[int, Any]:
+    """`clients` for an `Appender`: without redis-py's own retries (`append_many` says why; the
+    Appender retries itself)."""
+    return clients(url, shards, retries=0)

@@ -214,7 +214,7 @@ def _sink(redis_url: str | None, prefix: str, shard_count: int) -> Sink | shards
     if redis_url is None or not (layout := shards.layout(prefix, shard_count, redis_url)).tagged:
         return Sink(redis_url, f"{prefix}handshakes")
     replicas, wait_ms = shards.wait_replicas(redis_url)
-    return shards.Appender(shards.clients(redis_url, range(shard_count)), layout, backlog=BACKLOG,
+    return shards.Appender(shards.producer_clients(redis_url, range(shard_count)), layout, backlog=BACKLOG,
                            maxlen=STREAM_MAXLEN, replicas=replicas, timeout_ms=wait_ms)
 
 

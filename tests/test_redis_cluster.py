@@ -69,6 +69,7 @@ class Pipeline:
         self.sink = _sink(producer_url, PREFIX, N)
         self.tasks: list[asyncio.Task[Any]] = []
         self.workers: list[Worker] = []
+        self.unjudged_at_kill: set[str] = set()
 
     async def start(self) -> None:
         config = Config(redis_url=self.cluster.url, handshakes=True, zeek_url=None, log_dir=self.log_dir,
@@ -122,6 +123,8 @@ async def run_with_kill(cluster: LocalCluster, tmp: Path, *, producer_url: str
     dead_port = masters[0]
     dead = {i for i, port in masters.items() if port == dead_port}
     cluster.kill(dead_port)
+    judged = {s for c in verdicts(pipe.log_dir).values() for s in c}
+    pipe.unjudged_at_kill = shard_sources(pipe.layout, dead) - judged
     pipe.send(SOURCES[half:])
     return pipe, dead, dead_port
 
@@ -190,10 +193,19 @@ async def test_master_killed_with_replicas_loses_nothing(tmp_path: Path) -> None
             # At least once: a write whose reply the kill cut off may land twice (its retry), never
             # lost. Say how many did.
             twice = sum(n - 1 for c in got.values() for n in c.values())
-            print(f"\nreplicas: killed the master of shards {sorted(dead)}, a replica took over "
+            in_flight = pipe.unjudged_at_kill & set(SOURCES[:len(SOURCES) // 2])
+            print(f"\nreplicas: killed the master of shards {sorted(dead)} with {len(in_flight)} handshakes "
+                  f"of theirs written and not yet judged, a replica took over "
                   f"({dead_port} -> {promoted}); {len(SOURCES)}/{len(SOURCES)} sources judged, "
                   f"{twice} verdict lines twice; producer: {pipe.sink.redis_errors} retried writes, "
                   f"{pipe.sink.unreplicated} not acknowledged by a replica")
             assert pipe.sink.unreplicated == 0
+            # The producer's WAIT went to each shard's own master (a keyless command would
+            # otherwise go to any node, and wait for nothing).
+            for i in range(N):
+                assert cluster.calls(cluster.master_of(pipe.layout.prefix_of(i) + "handshakes"), "wait") > 0
+            # The kill landed mid-run: handshakes already on the dead master's streams, not yet
+            # judged, were judged after the failover (from the replica).
+            assert in_flight, "every handshake sent before the kill was judged before it"
         finally:
             await pipe.close()
