@@ -253,10 +253,15 @@ def notes(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         v = h["evidence"]["verdict"] or {}
         said = "relay" if h["relay_strong"] else "not a relay"
+        if h["relay_strong"] and v.get("cond_app") and h.get("verdict_kind") == "terminating":
+            # A terminating verdict stands on the application RTT, not on T^p.
+            why = f"application RTT margin {_ms(v.get('app_margin'))} over {v.get('app_samples')} samples"
+        else:
+            why = (f"timing margin {_ms(v.get('timing_margin_us'))} vs threshold "
+                   f"{_ms(v.get('timing_threshold_us'))}, {v.get('timing_ref') or 'no'} reference, "
+                   f"{v.get('timing_samples', 0)} samples")
         out.append(f"{h['scenario']}: the paper's rule says {'relay' if h['relay'] else 'not a relay'}, "
-                   f"the confident rule {said} (timing margin {_ms(v.get('timing_margin_us'))} vs "
-                   f"threshold {_ms(v.get('timing_threshold_us'))}, {v.get('timing_ref') or 'no'} reference, "
-                   f"{v.get('timing_samples', 0)} samples)")
+                   f"the confident rule {said} ({why})")
     for h in hosts:
         v = h["evidence"]["verdict"] or {}
         if h["truth"] == "direct" and h.get("outcome_kind") == "fp" and h["relay_strong"] is not None:

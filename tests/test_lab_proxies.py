@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
+from lab import report
 from lab.demo import Lab, preflight
 from lab.netns import unavailable_reason
 from lab.process import LabError, wait_for
-from lab.report import RELAY_KINDS
-from lab.scenarios import CLIENT_PORTS, ScenarioError, load, parse
+from lab.report import RELAY_KINDS, Source
+from lab.scenarios import CLIENT_PORTS, Host, ScenarioError, load, parse
 from lab.traffic import CLIENT_LINES, _connect, socks5_request
 
 PROXIES = Path(__file__).resolve().parents[1] / "lab" / "scenarios-proxies.toml"
@@ -60,6 +61,52 @@ def test_bad_client_fields_are_refused(text: str, message: str) -> None:
 
 def test_socks5_request_is_rfc1928_connect() -> None:
     assert socks5_request("198.18.0.7", 25) == bytes([5, 1, 0, 1, 198, 18, 0, 7, 0, 25])
+
+
+def _verdict(src: str, kind: str, app_ms: float, tapp_ms: float) -> dict[str, object]:
+    return {"src": src, "t": 1.0, "verdict_at": 1.5, "tapp_us": int(tapp_ms * 1000), "ping_max_us": 20_000,
+            "verdict": {"relay": False, "relay_confident": kind == "terminating", "kind": kind,
+                        "cond_os": False, "cond_timing": False, "cond_app": kind == "terminating",
+                        "app_margin": app_ms * 1000, "app_samples": 5,
+                        "evidence": [{"test": "app"}] if kind == "terminating" else []}}
+
+
+def test_report_scores_terminating_relays_per_class_and_rule() -> None:
+    hosts = [
+        Source("198.19.1.2", Host("socat 50", "socat", "linux", 20, attacker_persona="linux",
+                                  extra_delay_ms=50, client="ssh")),
+        Source("198.19.2.2", Host("socks 5", "socks", "linux", 20, attacker_persona="linux",
+                                  extra_delay_ms=5, client="smtp")),
+        Source("198.19.3.2", Host("slow", "direct", "linux", 20, client="ssh", client_think_ms=150)),
+        Source("198.19.4.2", Host("fast", "direct", "linux", 20, client="ssh")),
+    ]
+    records = [_verdict("198.19.1.2", "terminating", 100, 120), _verdict("198.19.2.2", "none", 9, 29),
+               _verdict("198.19.3.2", "terminating", 150, 170), _verdict("198.19.4.2", "none", 0.1, 20.1)]
+    notices = [{"note": "StepStone::Relay_Detected", "src": "198.19.1.2"},
+               {"note": "StepStone::Relay_Detected", "src": "198.19.3.2"}]
+    out = report.build(256, hosts, [{"src": s.addr, "answered": True} for s in hosts], records,
+                       notices=notices)
+    by_class = out["truth_by_class"]
+    assert list(by_class) == ["terminating", "direct"]
+    assert set(by_class["direct"]) == {"paper", "confident", "kind", "notice"}
+    assert by_class["terminating"]["kind"] == {"tp": 1, "fp": 0, "tn": 0, "fn": 1, "precision": 1.0,
+                                               "recall": 0.5}
+    assert by_class["terminating"]["paper"]["fn"] == 2  # the paper's rule cannot see them
+    assert by_class["direct"]["notice"] == {"tp": 0, "fp": 1, "tn": 1, "fn": 0, "precision": 0.0,
+                                            "recall": None}
+    assert out["class_right"] == {"terminating": {"right": 1, "of": 2}, "direct": {"right": 1, "of": 2}}
+    by = {h["scenario"]: h for h in out["hosts"]}
+    assert by["socat 50"]["truth"] == "terminating" and by["socat 50"]["class"] == "terminating"
+    assert by["slow"]["client_think_ms"] == 150 and by["fast"]["extra_delay_ms"] is None
+    notes = "\n".join(out["notes"])
+    assert "socks 5: terminating relay not found, below the goal (extra delay < 20 ms)" in notes
+    assert "app margin 9.0 ms over 5 samples, tapp [29.0] ms, ping max [20.0] ms" in notes
+    assert "slow: FALSE POSITIVE by kind terminating (evidence ['app']" in notes
+    assert "app margin 150.0 ms over 5, tapp [170.0] ms" in notes
+    text = report.render(out)
+    assert "1/2 terminating" in text and "terminating  100.0 ms" in text
+    assert "socat 50: the paper's rule says not a relay, the confident rule relay (application RTT margin " \
+           "100.0 ms over 5 samples)" in notes
 
 
 # -- the client against real servers on loopback ---------------------------------------------------
