@@ -14,7 +14,8 @@ Cases (name: port, what follows the handshake):
   web        80  the server sends first and the client answers, but 80 is not server-first
   silent     22  banner, the client never sends: published app_wait after the ACK
   eager      22  the client sends before any banner: no tapp, published at that data
-  fin        23  the darknet closes (FIN) without a banner: published at the FIN
+  fin        23  the darknet closes (FIN) without a banner: published app_wait after the ACK (a FIN
+                 is not waited on, see app.zeek)
   rst        22  banner, then the client resets: published at the RST
   rstreply   22  the SYN+ACK answered with a RST: published at once, as on any port
 """
