@@ -6,9 +6,10 @@ loses nothing and several analyzers can share the work. Keys (all under the pref
 
 - `hs:<hid>`     hash: one answered handshake (`hid` = its entry id on the `handshakes` stream):
                  `record` (the passive `Record` JSON), `sport`, `dport`, `feed`, `job`, and
-                 `logged_handshakes` / `logged_stepstone` = 1 once its line is in that log
-                 (crash-idempotent logging), `verdict_entry` = its entry on the `verdicts`
-                 stream once appended. Kept one hour after its verdict, for redeliveries.
+                 `logged_handshakes` / `logged_records` / `logged_stepstone` = 1 once its line
+                 is in that log (crash-idempotent logging). Only measured handshakes
+                 (`--sample-per-source`) are stored. Kept two minutes after its verdict, for
+                 redeliveries.
 - `job:<job>`    set: the handshakes waiting for probe job `<job>` (its own, and deduped ones).
 - `outcome:<job>` hash: how the job ended: the prober's `Result` fields, or `dead` = the reason.
 - `probe:<src>`  string: the latest job probing `<src>` (deduped handshakes attach to it).
@@ -275,9 +276,11 @@ class State:
         self.window = window
         self.max_records = max_records
         # After its verdict a handshake is only looked at again by a redelivered entry (a crash
-        # before the acknowledgement, a claim after --claim-after, 30 s by default): ten minutes
-        # cover that, and keep Redis's memory to the handshakes in flight (issue 11).
-        self.closed_ttl = 600
+        # before the acknowledgement, a claim after --claim-after, 30 s by default): two minutes
+        # cover that (a later one is caught by the log's tail, `JsonLog.recover`), and keep
+        # Redis's memory to the handshakes in flight: at a /8, 180k measured handshakes a second
+        # would hold 92 GB for an hour (issue 11, bench/SCALE.md).
+        self.closed_ttl = 120
         # A deduped handshake may attach to a probe up to one dedup window old: keep outcomes and
         # job sets at least that long, plus slack for a prober that is behind.
         self.outcome_ttl = int(max(2 * dedup_window, 3600))

@@ -18,7 +18,7 @@ network); bench/darknet_load.py writes the heavy-tailed mix. Every point prints:
                  load's own XADD bytes are printed apart)
   mem/src, mem/hs  used_memory split by key family (SCAN + MEMORY USAGE samples): the families
                  kept per source (src:, probe:, job:, outcome:, cnt:, seen:) per source seen, and hs: per
-                 measured handshake (each is kept ten minutes after its verdict)
+                 measured handshake (each is kept two minutes after its verdict)
   RSS            the analyzer's peak resident memory (VmHWM)
   p50/p95        SYN-to-verdict of the measured handshakes (verdict_at - t, records.log), under
                  the backlog bound
