@@ -55,7 +55,7 @@ def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
         raise LabError("needs root: network namespaces, TUN devices and nftables "
                        "(run scripts/demo as root, or through sudo)")
     tools = ["ip", "nft", "redis-server"]
-    _install_missing(sorted({PROXY_PROGRAMS[h.kind] for h in scenarios.hosts if h.kind in PROXY_PROGRAMS}))
+    install_missing(sorted({PROXY_PROGRAMS[h.kind] for h in scenarios.hosts if h.kind in PROXY_PROGRAMS}))
     if sensor != "responder":
         tools.append("zeek")
         if not (ZEEK_SCRIPTS / "__load__.zeek").is_file():
@@ -78,7 +78,7 @@ def preflight(scenarios: Scenarios, sensor: Sensor = "responder") -> None:
             raise LabError(f"nftables does not work in a network namespace here: {exc}") from None
 
 
-def _install_missing(programs: list[tuple[str, str]]) -> None:
+def install_missing(programs: list[tuple[str, str]]) -> None:
     """apt-get install the packages of the proxy programs that are missing (the proxy scenarios are
     not in scripts/install's list: only the lab needs them); one clear error if that fails."""
     missing = sorted({pkg for prog, pkg in programs if shutil.which(prog) is None})

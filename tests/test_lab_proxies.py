@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import shutil
 import socket
 import statistics
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from lab import report
-from lab.demo import Lab, preflight
+from lab.demo import Lab, install_missing, preflight
 from lab.netns import unavailable_reason
 from lab.process import LabError, wait_for
 from lab.report import RELAY_KINDS, Source
@@ -136,9 +135,11 @@ class BannerServer:
 
 @pytest.fixture
 def microsocks() -> Iterator[int]:
-    """A real microsocks on a free loopback port (skips when it is not installed)."""
-    if shutil.which("microsocks") is None:
-        pytest.skip("microsocks is not installed (apt-get install microsocks)")
+    """A real microsocks on a free loopback port (installed as the lab does; skips if it cannot be)."""
+    try:
+        install_missing([("microsocks", "microsocks")])
+    except LabError as exc:
+        pytest.skip(str(exc))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
