@@ -63,6 +63,45 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return false
 """
 
+# The same for a whole batch in one call (one command to pack, not one per handshake). KEYS: per
+# handshake outcome:<job>, job:<job>, hs:<hid>, probe:<src>; ARGV: ttl, then per handshake hid,
+# job, own. Per handshake: {} (wait), or the outcome's fields (close it now).
+_ATTACH_MANY = """
+local out = {}
+for i = 1, #KEYS / 4 do
+  local k, a = 4 * (i - 1), 1 + 3 * (i - 1)
+  local hid, job, own = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  redis.call('HSET', KEYS[k + 3], 'job', job)
+  if own == '1' then
+    redis.call('SET', KEYS[k + 4], job, 'EX', ARGV[1])
+  end
+  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    out[i] = redis.call('HGETALL', KEYS[k + 1])
+  else
+    redis.call('SADD', KEYS[k + 2], hid)
+    redis.call('EXPIRE', KEYS[k + 2], ARGV[1])
+    out[i] = {}
+  end
+end
+return out
+"""
+
+# KEYS: hs:<hid> ...; ARGV: ttl, then per key record, sport, dport, feed. Stores a batch of
+# handshakes (again: a redelivery keeps its job and marks); per key {job, logged_handshakes,
+# logged_records} as they were before ('' when unset).
+_SAVE = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local a = 1 + 4 * (i - 1)
+  local before = redis.call('HMGET', key, 'job', 'logged_handshakes', 'logged_records')
+  redis.call('HSET', key, 'record', ARGV[a + 1], 'sport', ARGV[a + 2], 'dport', ARGV[a + 3],
+             'feed', ARGV[a + 4])
+  redis.call('EXPIRE', key, ARGV[1])
+  out[i] = {before[1] or '', before[2] or '', before[3] or ''}
+end
+return out
+"""
+
 # KEYS: outcome:<job>, job:<job>; ARGV: ttl seconds, field, value, ...
 # The first outcome of a job wins (a redelivered result, or a dead entry after a result, must not
 # change what earlier handshakes were closed with).
@@ -291,6 +330,8 @@ class State:
         self._mark = redis.register_script(_MARK)
         self._append = redis.register_script(_APPEND)
         self._sample = redis.register_script(_SAMPLE)
+        self._attach_many = redis.register_script(_ATTACH_MANY)
+        self._save = redis.register_script(_SAVE)
         self._emit = redis.register_script(_EMIT)
         self.src_ttl = int(2 * window) + 3600  # a source's window and counts live this long
         # Window members are immutable: each is checked and decoded once, not at every read of
@@ -306,20 +347,14 @@ class State:
         """Store answered handshakes (again: a redelivery keeps the job it got before); per
         handshake, that earlier job, if any, and whether its handshakes.log and records.log lines
         were written."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stored in batch:
-                key = self.key("hs", stored.hid)
-                pipe.hmget(key, ["job", "logged_handshakes", "logged_records"])
-                pipe.hset(key, mapping={
-                    "record": "" if stored.record is None else json.dumps(record_dict(stored.record)),
-                    "sport": str(stored.sport),
-                    "dport": str(stored.dport),
-                    "feed": stored.feed,
-                })
-                pipe.expire(key, self.hs_ttl)
-            replies = await pipe.execute()
-        return [(job or None, bool(logged), bool(recorded))
-                for (job, logged, recorded), _, _ in _chunks(replies, 3)]
+        if not batch:
+            return []
+        args: list[Any] = [self.hs_ttl]
+        for stored in batch:
+            args += ["" if stored.record is None else json.dumps(record_dict(stored.record)),
+                     str(stored.sport), str(stored.dport), stored.feed]
+        replies = await self._save(keys=[self.key("hs", stored.hid) for stored in batch], args=args)
+        return [(job or None, bool(logged), bool(recorded)) for job, logged, recorded in replies]
 
     async def load(self, hids: Sequence[str], *, unless_logged: str) -> list[Stored | StateError | None]:
         """The stored handshakes; None for one that is gone or whose line `unless_logged` (a log
@@ -350,12 +385,15 @@ class State:
         """For each (hid, job, src, own): wait for `job` with `hid` (`own`: this handshake's
         enqueue created the job, so it is now the address's latest probe). Per handshake, None,
         or the job's outcome if it already ended (close the handshake now)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for hid, job, src, own in batch:
-                keys = [self.key("outcome", job), self.key("job", job), self.key("hs", hid),
-                        self.key("probe", src)]
-                await self._attach(keys=keys, args=[hid, job, self.outcome_ttl, int(own)], client=pipe)
-            replies = await pipe.execute()
+        if not batch:
+            return []
+        keys: list[str] = []
+        args: list[Any] = [self.outcome_ttl]
+        for hid, job, src, own in batch:
+            keys += [self.key("outcome", job), self.key("job", job), self.key("hs", hid),
+                     self.key("probe", src)]
+            args += [hid, job, int(own)]
+        replies = await self._attach_many(keys=keys, args=args)
         return [Outcome.from_fields(_pairs(flat)) if flat else None for flat in replies]
 
     async def settle(self, batch: Sequence[tuple[str, Outcome]]) -> list[tuple[Outcome, list[str]]]:

@@ -403,6 +403,11 @@ class Lab:
         (stepstone.log has one line per verdict change or refresh of a source)."""
         return _json_lines(self.logdir / "records.log")
 
+    def verdict_lines(self) -> list[dict[str, Any]]:
+        """The analyzer's stepstone.log: one line per change (or refresh) of a source's verdict,
+        each also an entry on the `verdicts` stream (what Zeek gets)."""
+        return _json_lines(self.logdir / "stepstone.log")
+
     def all_seen(self) -> bool:
         """Every connection a driver completed has reached the analyzer: the client is done a
         one-way delay before the sensor sees its ACK, so "traffic done" alone is too early."""

@@ -91,6 +91,7 @@ def test_zeek_and_responder_agree_and_notices_are_exact_across_a_zeek_restart() 
         lab.stop_zeek()  # Zeek writes its last log lines as it stops
         zeek_report = lab.report()
         records = lab.records()
+        changes = lab.verdict_lines()
         handshakes = lab.handshakes()
         attempts = lab.attempts()
         verdict_runs = lab.zeek_log_runs("stepstone")
@@ -105,13 +106,16 @@ def test_zeek_and_responder_agree_and_notices_are_exact_across_a_zeek_restart() 
     assert len(answered) <= made, (made, len(answered))
     assert len(records) > len(before_restart)
 
-    # No verdict the analyzer decided is missing from Zeek's stepstone.log (the two Zeek runs'
-    # logs together): matched on the measurement behind it (source and SYN time).
+    # No verdict the analyzer emitted (its stepstone.log: one line per change of a source's
+    # verdict, each with its entry on the verdicts stream) is missing from Zeek's stepstone.log
+    # (the two Zeek runs' logs together): matched on the measurement behind it (source and SYN
+    # time). Every source has at least its first.
+    assert {c["src"] for c in changes} == {r["src"] for r in records}
     # Times cross as Broker timestamps (to the millisecond for Zeek 7.0, which reads no finer) and
     # Zeek's JSON logs; one source's handshakes are seconds apart.
     in_zeek = [(v["src"], v["syn_ts"]) for run in verdict_runs for v in run if "syn_ts" in v]
-    lost = [(r["src"], r["t"]) for r in records
-            if not any(src == r["src"] and abs(t - r["t"]) < 1e-3 for src, t in in_zeek)]
+    lost = [(c["src"], c["t"]) for c in changes
+            if not any(src == c["src"] and abs(t - c["t"]) < 1e-3 for src, t in in_zeek)]
     assert not lost, (lost, sorted(in_zeek))
 
     # T^p: Zeek's and the responder's, per source.
