@@ -39,7 +39,9 @@ ta_max_mean interval?, samples count, t time?, dst addr?, tp interval?, ping_min
 ping_avg interval?, ping_max interval?, fp string?, fa string?, reasons string, then stepstone's
 own evidence: relay_confident bool?, cond_timing_strong bool?, timing_margin interval?,
 timing_threshold interval?, timing_ref string?, timing_samples count?, os_mismatches count?,
-id string? (`?` = optional, sent as none when unknown). See `verdict_event`.
+id string?, then what the verdict found: kind string?, evidence vector of string?, cond_hops bool?,
+hops_margin double?, hops_samples count?, cond_app bool?, app_margin double? (µs),
+app_samples count? (`?` = optional, sent as none when unknown). See `verdict_event`.
 
 Bad frames (`ZeekClient`): a frame that is not valid Broker JSON (bad UTF-8 or JSON, nesting or
 number size past `analyzer.broker`'s bounds, wrong types anywhere) or an event that is not a valid
@@ -436,6 +438,10 @@ def verdict_event(verdict_dict: Mapping[str, Any], record_dict: Mapping[str, Any
         _optional_bool(verdict_dict, "cond_hops"),
         _hops_margin(verdict_dict.get("hops_margin")),
         _optional_count(verdict_dict, "hops_samples"),
+        # Application-layer timing (issue 10 item 2), at the end: app_margin in microseconds.
+        _optional_bool(verdict_dict, "cond_app"),
+        _app_margin(verdict_dict.get("app_margin")),
+        _optional_count(verdict_dict, "app_samples"),
     )
     _strict_text(value)
     return Event(VERDICT_EVENT, (value,))
@@ -500,6 +506,16 @@ def _hops_margin(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= 255:
         raise ValueError(f"verdict hops_margin must be a number within -255..255, not {short(value)}")
+    return float(value)
+
+
+def _app_margin(value: Any) -> float | None:
+    """median(tapp - T^a) in µs, negative when the answer beats the reference; a duration's bounds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= DURATION_MAX_US:
+        raise ValueError(f"verdict app_margin must be microseconds within +-{DURATION_MAX_US}, "
+                         f"not {short(value)}")
     return float(value)
 
 

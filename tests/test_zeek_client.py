@@ -163,6 +163,9 @@ VERDICT_TYPES = (
     bool | None,  # cond_hops
     float | None,  # hops_margin
     Count | None,  # hops_samples
+    bool | None,  # cond_app
+    float | None,  # app_margin (µs)
+    Count | None,  # app_samples
 )
 
 
@@ -562,7 +565,7 @@ ZEEK_TYPES: dict[str, Any] = {"addr": ADDR, "bool": bool, "count": Count, "int":
 def test_the_records_match_the_zeek_scripts() -> None:
     """Both sides of the fixed record layouts: no Zeek runs here to catch a field moved on one side."""
     verdict = _zeek_record("Verdict")
-    assert len(verdict) == len(VERDICT_TYPES) == 29
+    assert len(verdict) == len(VERDICT_TYPES) == 32
     for (name, zeek_type, optional), ours in zip(verdict, VERDICT_TYPES, strict=True):
         expected = ZEEK_TYPES[zeek_type] | None if optional else ZEEK_TYPES[zeek_type]
         assert ours == expected, name
@@ -611,10 +614,12 @@ def test_the_readme_example_log_line_is_what_the_analyzer_sends() -> None:
     (v,) = verdict_event(judge([first, last]).to_dict(), last.to_dict()).args
     # fa unset, then the reasons column, then the confident rule's evidence, then noticed_by, change
     head, _, tail = line.partition(" -                          " + v[15] + " ")
-    # ... then what the verdict found (issue 10): kind, evidence, hops margin (unset), hop samples.
+    # ... then what the verdict found (issue 10): kind, evidence, hops margin (unset), hop samples,
+    # the application-layer margin (unset) and its samples.
+    assert v[30] is None
     assert head and tail.split() == ["T", f"{v[18].ns / 1e9:.6f}", f"{v[19].ns / 1e9:.6f}", v[20],
                                      str(int(v[21])), str(int(v[22])), "confident", "flagged",
-                                     v[24], ",".join(v[25]), "-", str(int(v[28]))]
+                                     v[24], ",".join(v[25]), "-", str(int(v[28])), "-", str(int(v[31]))]
 
 
 @pytest.mark.parametrize(
@@ -1090,18 +1095,26 @@ def test_verdict_event_says_what_kind_at_the_end() -> None:
     assert zeek_would_accept(event)
     (v,) = event.args
     assert v[23] == "v-1"
-    assert v[24:] == ("forwarding", ("hops=+1/3",), True, 1.0, Count(3))
+    assert v[24:] == ("forwarding", ("hops=+1/3",), True, 1.0, Count(3), False, None, Count(0))
     assert "confident: relay (hops +1 over 3 pairs; timing margin 0.000 ms <= threshold" in v[15]
+    # A terminating proxy's verdict: the application-layer test at the very end (µs).
+    app = {**verdict, "kind": "terminating", "cond_app": True, "app_margin": 40_300.0, "app_samples": 3}
+    event = verdict_event(app, records[-1].to_dict())
+    assert zeek_would_accept(event)
+    assert event.args[0][24] == "terminating" and event.args[0][29:] == (True, 40_300.0, Count(3))
     # A verdict from before issue 10 leaves them unset.
     old = {k: x for k, x in verdict.items()
-           if k not in ("kind", "evidence", "cond_hops", "hops_margin", "hops_samples")}
+           if k not in ("kind", "evidence", "cond_hops", "hops_margin", "hops_samples", "cond_app",
+                        "app_margin", "app_samples")}
     (v,) = verdict_event(old, records[-1].to_dict()).args
-    assert v[24:] == (None, None, None, None, None)
+    assert v[24:] == (None,) * 8
     for bad in ({"kind": "relay"}, {"evidence": "hops"}, {"evidence": [{"test": "hops"}]},
                 {"evidence": [{"test": "x y", "margin": 1, "threshold": 1, "samples": 1, "unit": "hops"}]},
                 {"evidence": [{"test": "hops", "margin": float("inf"), "threshold": 1, "samples": 1,
                                "unit": "hops"}]},
-                {"hops_margin": 1e9}, {"hops_samples": -1}, {"cond_hops": "yes"}):
+                {"hops_margin": 1e9}, {"hops_samples": -1}, {"cond_hops": "yes"}, {"cond_app": 1},
+                {"app_margin": 3.7e9}, {"app_margin": float("nan")}, {"app_margin": True},
+                {"app_samples": -3}, {"app_samples": 2.5}):
         with pytest.raises(ValueError):
             verdict_event({**verdict, **bad}, records[-1].to_dict())
 

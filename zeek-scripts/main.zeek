@@ -202,6 +202,17 @@ export {
 		hops_margin: double &optional;
 		## Measurements behind it.
 		hops_samples: count &optional;
+		## Application-layer timing: the median over the window of tapp
+		## minus T^a (the timing test's reference), less an allowance for
+		## the client's own processing, exceeds the timing test's threshold,
+		## over at least 3 answers to our banner (analyzer/rules.py). It
+		## makes the kind "terminating": a proxy that ends TCP and opens its
+		## own connection onward.
+		cond_app: bool &optional;
+		## That median, in microseconds.
+		app_margin: double &optional;
+		## Answers (handshakes with a tapp and a reference) behind it.
+		app_samples: count &optional;
 	};
 
 	## Published by the analyzer to *verdict_topic*.
@@ -256,6 +267,11 @@ export {
 		evidence: vector of string &log &optional;
 		hops_margin: double &log &optional;
 		hops_samples: count &log &optional;
+		## The application-layer test (see *Verdict*): median of tapp - T^a,
+		## and the answers behind it. Kind "terminating" and the evidence
+		## "app=..." say when it held.
+		app_margin: interval &log &optional;
+		app_samples: count &log &optional;
 	};
 
 	global log_policy: Log::PolicyHook;

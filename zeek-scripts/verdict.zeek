@@ -42,6 +42,12 @@ function ms(i: interval): string
 	return fmt("%.3f ms", interval_to_double(i) * 1000.0);
 	}
 
+# The Verdict's app_margin (microseconds) as an interval.
+function app_interval(us: double): interval
+	{
+	return double_to_interval(us / 1000000.0);
+	}
+
 function conditions(v: Verdict): string
 	{
 	if ( v$cond_os && v$cond_timing )
@@ -98,6 +104,11 @@ function confident_evidence(v: Verdict): string
 	if ( v?$cond_hops && v$cond_hops )
 		parts += fmt("hops +%.1f over %d measurements", v?$hops_margin ? v$hops_margin :
 		    0.0, v?$hops_samples ? v$hops_samples : 0);
+
+	if ( v?$cond_app && v$cond_app )
+		parts += fmt("application RTT margin %s over %d answers", v?$app_margin ? ms(
+		    app_interval(v$app_margin)) : "?", v?$app_samples ?
+		    v$app_samples : 0);
 
 	if ( v$cond_os )
 		parts += fmt("OS mismatch in %d measurements", v?$os_mismatches ?
@@ -208,6 +219,10 @@ function log_line(v: Verdict): Info
 		rec$hops_margin = v$hops_margin;
 	if ( v?$hops_samples )
 		rec$hops_samples = v$hops_samples;
+	if ( v?$app_margin )
+		rec$app_margin = app_interval(v$app_margin);
+	if ( v?$app_samples )
+		rec$app_samples = v$app_samples;
 
 	return rec;
 	}

@@ -13,9 +13,13 @@
 #   203.0.113.15  direct, neither rule.
 #   203.0.113.17  confident timing relay with no ping (SYN probe reference): the
 #                 paper's rule misses it.
+#   203.0.113.14  a terminating proxy (kind terminating): its answers to our
+#                 banners come 40.3 ms late (cond_app), nothing else holds; the
+#                 paper's rule misses it.
 # Fixed in the trace: times, addresses; the evidence below is invented. Each
 # verdict with confident fields says its kind and evidence (issue 10) as the
-# analyzer does: forwarding when confident, else none.
+# analyzer does: forwarding when confident, else none (terminating for the
+# proxy).
 
 redef StepStone::darknet_subnets = {
 	198.18.0.0/15,
@@ -30,8 +34,9 @@ redef StepStone::server_first_ports = set();
 
 global seen: table[addr] of count &default=0;
 
-function send(h: StepStone::HandshakeInfo, paper_timing: bool, os: bool,
+function scripted(h: StepStone::HandshakeInfo, paper_timing: bool, os: bool,
     confident: bool, margin: interval, ref: string, n: count)
+    : StepStone::Verdict
 	{
 	local v = StepStone::Verdict($src=h$orig_h, $cond_os=os,
 	    $cond_timing=paper_timing, $relay=os || paper_timing, $tp_mean=h$tp,
@@ -55,7 +60,14 @@ function send(h: StepStone::HandshakeInfo, paper_timing: bool, os: bool,
 		v$evidence += fmt("hops=+1/%d", n);
 		v$evidence += fmt("os=+1/%d", n);
 		}
-	event StepStone::verdict(v);
+	return v;
+	}
+
+function send(h: StepStone::HandshakeInfo, paper_timing: bool, os: bool,
+    confident: bool, margin: interval, ref: string, n: count)
+	{
+	event StepStone::verdict(scripted(h, paper_timing, os, confident, margin, ref,
+	    n));
 	}
 
 event StepStone::handshake(h: StepStone::HandshakeInfo)
@@ -87,4 +99,14 @@ event StepStone::handshake(h: StepStone::HandshakeInfo)
 		send(h, F, F, F, 200usec, "ping", 1);
 	else if ( src == 203.0.113.17 )
 		send(h, F, F, T, 30msec, "syn", 1);
+	else if ( src == 203.0.113.14 )
+		{
+		local v = scripted(h, F, F, T, 200usec, "ping", 3);
+		v$kind = "terminating";
+		v$evidence = vector("app=+40.3ms/3");
+		v$cond_app = T;
+		v$app_margin = 40300.0;
+		v$app_samples = 3;
+		event StepStone::verdict(v);
+		}
 	}
