@@ -11,7 +11,7 @@ called `shared`. `truth_by_class` does the same per kind of scenario (`CLASSES`:
 terminating, direct, scanner, shared, route change), with Zeek's notice.log as a fourth rule where
 Zeek was the sensor.
 
-Works on what the run left behind (the analyzer's handshakes.log and stepstone.log lines, the
+Works on what the run left behind (the analyzer's handshakes.log and records.log lines, the
 traffic drivers' attempt lines) so it can be checked independently of how the run went.
 """
 
@@ -73,7 +73,7 @@ def build(
     *,
     notices: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Table 3, truth, latency and one entry per lab source. `records` are stepstone.log lines;
+    """Table 3, truth, latency and one entry per lab source. `records` are records.log lines;
     `notices`, where Zeek was the sensor, its notice.log lines: what an operator is shown."""
     noticed: dict[str, int] = defaultdict(int)
     for n in notices or ():
