@@ -172,7 +172,7 @@ def test_zeek_gets_the_confident_result_in_the_reasons_and_in_fields_at_the_end(
 
     records = [rec(tp=130_000, syn=30_000)]  # drops ICMP: the paper sees nothing
     (v,) = verdict_event(judge(records).to_dict(), records[0].to_dict()).args
-    assert len(v) == 29 and v[1:4] == (False, False, False)  # cond_os, cond_timing, relay: the paper's
+    assert len(v) == 32 and v[1:4] == (False, False, False)  # cond_os, cond_timing, relay: the paper's
     # relay_confident, cond_timing_strong, timing_margin, timing_threshold, timing_ref, samples, os
     assert v[16:23] == (True, True, Timespan(100_000_000), Timespan(5_000_000), "syn", Count(1), Count(0))
     assert "no condition holds" in v[15]
