@@ -1,7 +1,8 @@
 """`stepstone-analyzer report`: the evidence behind the verdicts, as one self-contained HTML page.
 
-Input: the live analyzer's `--log-dir` (stepstone.log: one line per verdict, the record's fields
-and the verdict the analyzer wrote, which the report shows as it is, the latest per source;
+Input: the live analyzer's `--log-dir` (records.log, or an older stepstone.log: one line per
+measured handshake, the record's fields and the verdict the analyzer wrote, which the report
+shows as it is, the latest per source;
 handshakes.log: the answered connection requests of Table 3), or a file of measurement records
 (JSON lines as `replay` writes them, or a stepstone.log read as records), judged here by the
 paper's rules and the confident rule of analyzer/rules.py over each source's records in the file.
@@ -343,9 +344,13 @@ def read_records(path: str, agg: Aggregate, problems: Problems) -> None:
 
 
 def read_log_dir(log_dir: Path, agg: Aggregate, problems: Problems) -> None:
-    stepstone = log_dir / "stepstone.log"
+    # records.log: one line per measured handshake; an analyzer from before it wrote them all
+    # to stepstone.log (which now has one line per verdict change).
+    stepstone = log_dir / "records.log"
     if not stepstone.is_file():
-        raise InputError(f"{log_dir}: no stepstone.log in it (the analyzer's --log-dir)")
+        stepstone = log_dir / "stepstone.log"
+    if not stepstone.is_file():
+        raise InputError(f"{log_dir}: no stepstone.log in it, nor records.log (the analyzer's --log-dir)")
     agg.logged = True
     for number, obj in _objects(str(stepstone), problems):
         try:
