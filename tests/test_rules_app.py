@@ -189,3 +189,19 @@ def test_the_zeek_reasons_say_what_found_a_proxy() -> None:
 
     text = verdict_reasons(judge(answers(*[40_300] * 3)).to_dict())
     assert "confident: relay (application RTT margin 40.300 ms over 3 answers;" in text
+
+
+def test_the_zeek_verdict_ends_with_the_app_fields() -> None:
+    from analyzer.broker import Count
+    from analyzer.zeek import verdict_event
+
+    records = answers(*[40_300] * 3)
+    (v,) = verdict_event(judge(records).to_dict(), records[-1].to_dict()).args
+    assert v[-3:] == (True, 40_300.0, Count(3))
+    assert v[-8] == "terminating" and v[-7] == ("app=+40.3ms/3",)  # kind, evidence
+    new = ("cond_app", "app_margin", "app_samples")
+    old = {k: x for k, x in judge(records).to_dict().items() if k not in new}
+    (v,) = verdict_event(old, records[-1].to_dict()).args  # an analyzer from before: unset
+    assert v[-3:] == (None, None, None)
+    with pytest.raises(ValueError, match="app_margin"):
+        verdict_event({**judge(records).to_dict(), "app_margin": math.inf}, records[-1].to_dict())
