@@ -14,14 +14,19 @@
 ##! packets of other ports. Per packet, connection_first_ACK is raised before
 ##! the packet's payload is delivered (TCPSessionAdapter::DeliverPacket), so
 ##! a first ACK that carries data is held below before its data arrives.
-##! A FIN is not waited on: a ``connection_EOF`` handler would have Zeek raise
-##! it for every reassembled connection (all of them with Zeek's default
-##! scripts), which cost about 3 % more CPU than the package's other handlers
-##! on bench/zeek_overhead.py's capture; a client that closes in silence is
-##! published at *app_wait* or when Zeek removes the connection.
+##!
+##! A held handshake goes out at the client's first data, else when
+##! *app_wait* ends (Zeek also runs that timer when it stops). A FIN, a RST
+##! or the connection's removal is not waited on: handlers for
+##! connection_EOF, connection_reset or connection_state_remove here would
+##! run for every connection (connection_EOF is raised for every reassembled
+##! one once it has a handler; stack-less scanners reset half of a darknet's
+##! connections), and on bench/zeek_overhead.py's capture that cost more
+##! than the rest of this file. Waiting costs only latency, *app_wait* at
+##! most.
 ##!
 ##! State: one entry per held handshake in *apps*, from the client's ACK
-##! until the exchange is over or *app_wait* ends.
+##! until its first data or *app_wait*.
 
 @load ./main
 @load ./handshake
@@ -135,18 +140,6 @@ event tcp_contents(c: connection, is_orig: bool, seq: count, contents: string)
 		}
 
 	release(c$uid);
-	}
-
-event connection_reset(c: connection)
-	{
-	if ( c$uid in apps )
-		release(c$uid);
-	}
-
-event connection_state_remove(c: connection)
-	{
-	if ( c$uid in apps )
-		release(c$uid);
 	}
 
 event StepStone::app_timeout(uid: string)

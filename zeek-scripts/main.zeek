@@ -73,8 +73,7 @@ export {
 	## On a *server_first_ports* connection whose client answered the SYN+ACK
 	## with an ACK, how long after that ACK the handshake waits for the
 	## banner and the client's answer before it is published without *tapp*.
-	## It is published earlier when the exchange is over: at the client's
-	## data, a RST, or the end of the connection.
+	## It is published earlier at the client's first data.
 	const app_wait = 5sec &redef;
 
 	## Bytes of the client's first data kept in *app_data* (the analyzer

@@ -16,8 +16,9 @@ Cases (name: port, what follows the handshake):
   eager      22  the client sends before any banner: no tapp, published at that data
   fin        23  the darknet closes (FIN) without a banner: published app_wait after the ACK (a FIN
                  is not waited on, see app.zeek)
-  rst        22  banner, then the client resets: published at the RST
+  rst        22  banner, then the client resets: published app_wait after the ACK (as a FIN)
   rstreply   22  the SYN+ACK answered with a RST: published at once, as on any port
+  last       22  the trace ends 20 ms after the ACK: published when Zeek stops (app_wait's timer)
 """
 
 from __future__ import annotations
@@ -99,14 +100,16 @@ def cases() -> dict[str, Conn]:
         "rst": Conn("203.0.113.47", DARK4, 41009, 22, at(8)).handshake()
         .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.050, "R"),
         "rstreply": Conn("203.0.113.48", DARK4, 41010, 22, at(9)).client_sends(0.030, "R"),
+        "last": Conn("203.0.113.49", DARK4, 41011, 22, at(10)).handshake(),
     }
 
 
 def ticks() -> list[Segment]:
-    """A SYN outside the darknet 5.1 s into each case: Zeek fires its timers as packets advance
-    network time, so app_wait's end is seen 0.1 s late rather than at the next case."""
+    """A SYN outside the darknet 5.1 s into each case but the last: Zeek fires its timers as
+    packets advance network time, so app_wait's end is seen 0.1 s late rather than at the next
+    case."""
     return [Segment(2000.0 + 10 * i + 5.1, "192.0.2.7", "192.0.2.1", 42000 + i, 80, "S", 1)
-            for i in range(len(cases()))]
+            for i in range(len(cases()) - 1)]
 
 
 def packets() -> list[tuple[float, bytes]]:

@@ -6,8 +6,9 @@
 # negotiation, a port-80 exchange (not server-first: no tapp, published at
 # the ACK as before), a client that never sends (published app_wait after
 # its ACK, here at the next packet 0.1 s later), a client that speaks first,
-# a FIN without banner (not waited on: published at app_wait as well), a RST
-# after the banner, and a RST answering the SYN+ACK. "at" is the network time of the publication. Written by
+# a FIN without banner and a RST after the banner (neither is waited on:
+# published at app_wait as well), a RST answering the SYN+ACK, and a
+# handshake still held when the trace ends (published as Zeek stops). "at" is the network time of the publication. Written by
 # reasoning, then checked on Zeek 8.0.10 and 7.0.11.
 #
 # @TEST-EXEC: python3 $SCRIPTS/mkapp.py app.pcap
