@@ -171,26 +171,35 @@ end
 return out
 """
 
-# KEYS: cnt:<src>, the verdicts stream; ARGV: signature, now, refresh seconds, maxlen, field,
-# value, ... Appends the source's verdict when it differs from the last one emitted (`sig`), or
-# when `refresh` seconds have passed since; atomically, so two analyzers judging one source emit
-# one change. Returns {change, entry id, seen, answered, sampled} or false (nothing to emit).
+# KEYS: cnt:<src> ..., then the verdicts stream; ARGV: now, refresh seconds, maxlen, n (entry
+# items per source), then per source its verdict's signature and n field/value items. Appends a
+# source's verdict when it differs from the last one emitted (`sig`), or when `refresh` seconds
+# have passed since; atomically, so two analyzers judging one source emit one change. Per source
+# {} (nothing to emit) or {change, entry id, seen, answered, sampled}.
 _EMIT = """
-local last = redis.call('HMGET', KEYS[1], 'sig', 'emitted_at')
-local change
-if not last[1] then
-  change = 'first'
-elseif last[1] ~= ARGV[1] then
-  change = 'changed'
-elseif tonumber(ARGV[2]) - (tonumber(last[2]) or 0) >= tonumber(ARGV[3]) then
-  change = 'refresh'
-else
-  return false
+local stream, now, refresh, n, out = KEYS[#KEYS], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), {}
+for i = 1, #KEYS - 1 do
+  local base = 4 + (i - 1) * (n + 1)
+  local sig = ARGV[base + 1]
+  local last = redis.call('HMGET', KEYS[i], 'sig', 'emitted_at')
+  local change = false
+  if not last[1] then
+    change = 'first'
+  elseif last[1] ~= sig then
+    change = 'changed'
+  elseif now - (tonumber(last[2]) or 0) >= refresh then
+    change = 'refresh'
+  end
+  if change then
+    local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, base + 2, base + 1 + n))
+    redis.call('HSET', KEYS[i], 'sig', sig, 'emitted_at', ARGV[1])
+    local c = redis.call('HMGET', KEYS[i], 'seen', 'answered', 'sampled')
+    out[i] = {change, id, c[1] or '0', c[2] or '0', c[3] or '0'}
+  else
+    out[i] = {}
+  end
 end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
-redis.call('HSET', KEYS[1], 'sig', ARGV[1], 'emitted_at', ARGV[2])
-local n = redis.call('HMGET', KEYS[1], 'seen', 'answered', 'sampled')
-return {change, id, n[1] or '0', n[2] or '0', n[3] or '0'}
+return out
 """
 
 # The verdicts stream is a delivery buffer (for the Zeek sensors' analyzers), not an archive
@@ -479,13 +488,16 @@ class State:
         `refresh` seconds have passed since; per source, what was emitted, or None."""
         if not batch:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for src, sig, fields in batch:
-                args: list[Any] = [sig, repr(now), repr(refresh), maxlen]
-                for name, value in fields.items():
-                    args += [name, value]
-                await self._emit(keys=[self.key("cnt", src), self.key("verdicts")], args=args, client=pipe)
-            replies = await pipe.execute()
+        n = 2 * len(batch[0][2])
+        if any(2 * len(fields) != n for _, _, fields in batch):  # entry_fields: always the same
+            raise ValueError("verdict entries with different fields cannot be emitted together")
+        args: list[Any] = [repr(now), repr(refresh), maxlen, n]
+        for _, sig, fields in batch:
+            args.append(sig)
+            for name, value in fields.items():
+                args += [name, value]
+        keys = [*(self.key("cnt", src) for src, _, _ in batch), self.key("verdicts")]
+        replies = await self._emit(keys=keys, args=args)
         out: list[Emitted | None] = []
         for reply in replies:
             if not reply:

@@ -148,17 +148,24 @@ return false
 """
 
 
-# The same per address, and the job id kept as the mark's value: a deduped enqueue learns at once
-# which job it waits for (no second key to read, nothing to poll while another analyzer records
-# it). KEYS: seen:<src>, jobs; ARGV: window ms, field, value, ... Returns {1, id} for a new job,
-# {0, value of the mark} for a deduped one (an older mark's value is a time, not a job id).
-_ENQUEUE_ID = """
-if redis.call('SET', KEYS[1], '-', 'NX', 'PX', ARGV[1]) then
-  local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-  redis.call('SET', KEYS[1], id, 'KEEPTTL')
-  return {1, id}
+# The same for many addresses in one call, and the job id kept as the mark's value: a deduped
+# enqueue learns at once which job it waits for (no second key to read, nothing to poll while
+# another analyzer records it). KEYS: seen:<src> ..., then jobs; ARGV: window ms, n (values per
+# job), then per job its n field/value items. Per address {1, id} for a new job, {0, value of the
+# mark} for a deduped one ('' if gone; an older version's mark holds a time, not a job id).
+_ENQUEUE_MANY = """
+local jobs, n, out = KEYS[#KEYS], tonumber(ARGV[2]), {}
+for i = 1, #KEYS - 1 do
+  local base = 2 + (i - 1) * n
+  if redis.call('SET', KEYS[i], '-', 'NX', 'PX', ARGV[1]) then
+    local id = redis.call('XADD', jobs, '*', unpack(ARGV, base + 1, base + n))
+    redis.call('SET', KEYS[i], id, 'KEEPTTL')
+    out[i] = {1, id}
+  else
+    out[i] = {0, redis.call('GET', KEYS[i]) or ''}
+  end
 end
-return {0, redis.call('GET', KEYS[1])}
+return out
 """
 
 
@@ -173,7 +180,7 @@ class ProbeQueue:
         self.dedup_window = dedup_window
         self.deadline = deadline
         self._enqueue = redis.register_script(_ENQUEUE)
-        self._enqueue_id = redis.register_script(_ENQUEUE_ID)
+        self._enqueue_many = redis.register_script(_ENQUEUE_MANY)
         self._lost_ack = False
 
     @staticmethod
@@ -209,28 +216,27 @@ class ProbeQueue:
         if not items:
             return []
         now = time.time()
-        window_ms = max(1, int(self.dedup_window * 1000))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for src, t in items:
-                job = Job(id="", src=src, t=t, deadline=t + self.deadline, enqueued=now,
-                          ports=tuple(ports) if ports else DEFAULT_PORTS)
-                fields = job.fields()
-                Job.from_fields("", fields)  # validate before it crosses into Redis
-                if self.dedup_window == 0:
-                    pipe.xadd(self.keys.jobs, fields)  # type: ignore[arg-type]
-                    continue
-                flat = [item for pair in fields.items() for item in pair]
-                await self._enqueue_id(keys=[self.keys.seen(src), self.keys.jobs], args=[window_ms, *flat],
-                                       client=pipe)
-            replies = await pipe.execute()
-        out: list[tuple[bool, str | None]] = []
-        for reply in replies:
-            if isinstance(reply, list):
-                created, value = reply
-                out.append((bool(created), None if value is None else str(value)))
-            else:
-                out.append((True, str(reply)))
-        return out
+        flats: list[list[str]] = []
+        for src, t in items:
+            job = Job(id="", src=src, t=t, deadline=t + self.deadline, enqueued=now,
+                      ports=tuple(ports) if ports else DEFAULT_PORTS)
+            fields = job.fields()
+            Job.from_fields("", fields)  # validate before it crosses into Redis
+            flats.append([item for pair in fields.items() for item in pair])
+        if self.dedup_window == 0:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for flat in flats:
+                    pipe.xadd(self.keys.jobs, dict(zip(flat[::2], flat[1::2], strict=True)))
+                return [(True, str(x)) for x in await pipe.execute()]
+        n = len(flats[0])
+        if any(len(flat) != n for flat in flats):  # every job has the same fields; never happens
+            raise ValueError("jobs with different fields cannot be enqueued together")
+        args: list[object] = [max(1, int(self.dedup_window * 1000)), n]
+        for flat in flats:
+            args += flat
+        replies = await self._enqueue_many(keys=[*(self.keys.seen(src) for src, _ in items), self.keys.jobs],
+                                           args=args)
+        return [(bool(created), str(value) or None) for created, value in replies]
 
     async def ensure_group(self, group: str = ANALYZERS) -> None:
         await ensure_group(self.redis, self.keys.results, group)
