@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import re
 import signal
@@ -40,7 +41,7 @@ from analyzer.record import Record
 from analyzer.retention import DEAD_KEEP_S, trim_consumed
 from analyzer.rules import OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored, record_dict
-from analyzer.verdicts import JsonLog, entry_fields, from_entry
+from analyzer.verdicts import Encoded, JsonLog, from_entry
 from osfp import FingerprintError
 from prober import streams
 from prober.job import JobError, Result, epoch_seconds, short
@@ -65,6 +66,7 @@ JOB_SCAN = 2000  # newest jobs searched for an address whose job id was never re
 MAX_DELIVERIES = 5  # an entry that fails this often is logged and acknowledged, not retried forever
 ENQUEUE_CONCURRENCY = 32  # enqueues of one batch in flight at once (one Redis connection each)
 RECORD_FIELDS = tuple(Record.__dataclass_fields__)
+JSON_SEPARATORS = (",", ":")  # as JsonLog and analyzer.verdicts.entry_fields write
 CACHE_MAX = 1 << 20  # addresses remembered by the cheap path's checks before the cache starts over
 Entry = tuple[str, dict[str, str]]
 # Handles a batch of entries: None = acknowledge them all, or the ids to acknowledge (the rest stay
@@ -911,11 +913,13 @@ class Service:
                 self.metrics.dropped_records.inc()
             newest = max((r for _, _, _, r, _, _ in ready if r.src == src), key=lambda r: r.t)
             verdicts[src] = self._judge(newest, window.records).to_dict()
+        # Each source's verdict is encoded once, whatever number of lines and entries carry it.
+        verdict_json = {src: json.dumps(v, separators=JSON_SEPARATORS) for src, v in verdicts.items()}
         lines: list[tuple[str, dict[str, Any]]] = []
+        texts: dict[str, tuple[str, str]] = {}  # hid -> (the line's JSON, the record's JSON)
         for hid, job, stored, record, result, reason in ready:
-            lines.append((hid, {
-                **record_dict(record),
-                "verdict": verdicts[record.src],
+            fields = record_dict(record)
+            tail = {
                 "job": job,
                 "sport": stored.sport,
                 "dport": stored.dport,
@@ -925,8 +929,13 @@ class Service:
                 },
                 "reason": reason,
                 "verdict_at": time.time(),
-            }))
-        written = await self.records_log.write_many(lines, checked=True)
+            }
+            head = json.dumps(fields, separators=JSON_SEPARATORS)
+            texts[hid] = (head[:-1] + ',"verdict":' + verdict_json[record.src] + ","
+                          + json.dumps(tail, separators=JSON_SEPARATORS)[1:], head)
+            lines.append((hid, {**fields, "verdict": verdicts[record.src], **tail}))
+        written = await self.records_log.write_many([(hid, Encoded(texts[hid][0])) for hid, _ in lines],
+                                                    checked=True)
         for hid, line in lines:
             if hid not in written:
                 continue
@@ -943,20 +952,22 @@ class Service:
         # The stream entry first, decided in Redis (atomically, so one change is emitted once
         # whichever analyzer sees it), then the log line.
         todo = list(latest.values())
+        # The entry is `entry_fields(hid, verdict, record)`, from the texts already encoded.
         emitted = await self.state.emit(
             [(line["src"], _signature(line["verdict"]),
-              entry_fields(hid, line["verdict"], {name: line[name] for name in RECORD_FIELDS}))
+              {"hid": hid, "verdict": verdict_json[line["src"]], "record": texts[hid][1]})
              for hid, line in todo],
             now=time.time(), refresh=self.config.refresh)
-        changes: list[tuple[str, dict[str, Any]]] = []
-        for (hid, line), done in zip(todo, emitted, strict=True):
+        changes: list[tuple[str, dict[str, Any] | Encoded]] = []
+        for (hid, _), done in zip(todo, emitted, strict=True):
             if done is None:
                 continue
             self.metrics.changes.labels(done.change).inc()
             self._stats[done.change] = self._stats.get(done.change, 0) + 1
-            changes.append((hid, {**line, "change": done.change, "verdict_entry": done.entry,
-                                  "handshakes_seen": done.seen, "handshakes_answered": done.answered,
-                                  "handshakes_sampled": done.sampled}))
+            extra = json.dumps({"change": done.change, "verdict_entry": done.entry,
+                                "handshakes_seen": done.seen, "handshakes_answered": done.answered,
+                                "handshakes_sampled": done.sampled}, separators=JSON_SEPARATORS)
+            changes.append((hid, Encoded(texts[hid][0][:-1] + "," + extra[1:])))
         await self.stepstone_log.write_many(changes, checked=True)
 
     def _judge(self, record: Record, window: list[Record]) -> Any:

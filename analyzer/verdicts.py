@@ -31,6 +31,12 @@ RECENT = 4096
 VERDICT_NUMBER_MAX = 2**53
 
 
+class Encoded(str):
+    """A log line's object already encoded as JSON text (`{...}`, separators `,` and `:`), for
+    `JsonLog.write_many`: a caller that writes the same verdict into several lines encodes it
+    once."""
+
+
 class VerdictEntryError(ValueError):
     """A `verdicts` stream entry that does not decode (another version, or written by hand)."""
 
@@ -141,8 +147,8 @@ class JsonLog:
         """Append one line for `hid` unless one was written before; True if written."""
         return hid in await self.write_many([(hid, obj)], checked=checked)
 
-    async def write_many(self, items: Sequence[tuple[str, dict[str, Any]]], *, checked: bool = False
-                         ) -> set[str]:
+    async def write_many(self, items: Sequence[tuple[str, dict[str, Any] | Encoded]], *,
+                         checked: bool = False) -> set[str]:
         """Append one line per (hid, object) unless one was written before; the hids written.
         `checked`: the caller has just seen in Redis that they were not (saves a round trip)."""
         if self._fd is None:
@@ -157,8 +163,7 @@ class JsonLog:
         hids = [hid for hid, _ in todo]
         self._writing.update(hids)
         try:
-            data = "".join(json.dumps({"hid": hid, **obj}, separators=(",", ":")) + "\n"
-                           for hid, obj in todo).encode()
+            data = "".join(_line(hid, obj) for hid, obj in todo).encode()
             # One write() on an O_APPEND file: a killed process leaves whole lines (the kernel
             # finishes a write syscall to a local file once it has started), never a mix.
             os.write(self._fd, data)
@@ -175,3 +180,10 @@ class JsonLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _line(hid: str, obj: dict[str, Any] | Encoded) -> str:
+    if isinstance(obj, Encoded):
+        rest = obj[1:].lstrip()
+        return '{"hid":' + json.dumps(hid) + ("" if rest.startswith("}") else ",") + rest + "\n"
+    return json.dumps({"hid": hid, **obj}, separators=(",", ":")) + "\n"

@@ -117,6 +117,10 @@ async def test_relayed_and_direct_sources_get_the_right_verdicts(harness: Harnes
     changes = {x["src"]: x for x in lines(harness.log_dir / "stepstone.log")}
     assert list(readme_change) == list(changes[relay.src])
     assert changes[relay.src]["change"] == "first" and changes[relay.src]["verdict"] == r["verdict"]
+    # Lines assembled from pre-encoded parts are exactly what encoding the whole object gives.
+    for name in ("records.log", "stepstone.log"):
+        for raw in (harness.log_dir / name).read_text().splitlines():
+            assert raw == json.dumps(json.loads(raw), separators=(",", ":")), raw
 
 
 async def test_dedup_attaches_handshakes_to_the_earlier_probe(harness: Harness) -> None:
