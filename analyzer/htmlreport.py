@@ -56,7 +56,7 @@ from analyzer.rules import (
     StrongTiming,
     TimingRef,
     Verdict,
-    _address_order,
+    address_order,
     findings,
     hop_test,
     names_an_os,
@@ -293,7 +293,7 @@ class Aggregate:
     def verdicts(self) -> list[dict[str, Any]]:
         """One verdict dict per source (Verdict.to_dict's keys), sorted by address."""
         out = []
-        for src in sorted(self.sources, key=_address_order):
+        for src in sorted(self.sources, key=address_order):
             s = self.sources[src]
             if self.logged:
                 v = {k: None for k in Verdict.__dataclass_fields__}
@@ -807,7 +807,7 @@ def _verdict_table(verdicts: list[dict[str, Any]], truth: Mapping[str, Truth] | 
     out.append('<div class="wide"><table class="sortable" id="verdicts"><thead><tr>'
                + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>")  # constants: HTML
     for v in rows:
-        version, number = _address_order(v["src"])
+        version, number = address_order(v["src"])
         cells = [
             f'<td data-v="{version}{number:040d}">{_e(v["src"])}</td>',
             f"<td>{_e(_kind(v))}</td>",

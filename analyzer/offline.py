@@ -43,7 +43,9 @@ from analyzer.packet import (
 )
 from analyzer.record import Record, RecordError
 from analyzer.rules import (
+    APP_ALLOWANCE_US,
     DEFAULT_WINDOW,
+    MAX_APP_ALLOWANCE_MS,
     OS_LEVELS,
     estimate_hop_offset,
     judge_all,
@@ -133,6 +135,12 @@ def register(sub: Any) -> None:
         help="the prober's constant hop offset from the sensor, subtracted from every SYN - SYN+ACK "
         "hop difference (default 0: the prober sits where the sensor is; --summary estimates it "
         "from the sources judged direct)",
+    )
+    p.add_argument(
+        "--app-allowance", type=float, default=APP_ALLOWANCE_US / 1000, metavar="MS",
+        help="a direct client's own time to answer a banner, allowed before cond_app calls the "
+        f"extra application RTT a proxy's onward leg (default {APP_ALLOWANCE_US / 1000:g} ms; raise it "
+        "where slow clients are expected, at the price of the proxies with short onward legs)",
     )
     _summary_options(p, "print Table 3's detection rows instead of the verdicts")
     p.set_defaults(func=run_judge)
@@ -718,8 +726,11 @@ def run_judge(args: argparse.Namespace) -> int:
     records = _read_records(path, problems)
     if not -255 <= args.hops_offset <= 255:
         raise InputError(f"--hops-offset must be within -255..255 hops, not {args.hops_offset:g}")
+    if not 0 <= args.app_allowance <= MAX_APP_ALLOWANCE_MS:
+        raise InputError(f"--app-allowance must be within 0..{MAX_APP_ALLOWANCE_MS} ms, "
+                         f"not {args.app_allowance:g}")
     verdicts = judge_all(records, window=args.window, os_level=args.os_level, now=args.now,
-                         hops_offset=args.hops_offset)
+                         hops_offset=args.hops_offset, app_allowance_us=args.app_allowance * 1000)
     try:
         if args.summary:
             # The paper's rows, then the analyzer's own stronger verdict (analyzer/rules.py), the

@@ -163,6 +163,7 @@ HOPS_SPREAD_MAX = 1.0  # MAD of the per-record hop differences, hops
 HOPS_DIST_MAX = 35  # p0f's MAX_DIST: a larger distance is p0f's "+?", not trusted
 HOPS_DIFF_MAX = 16  # |syn_dist - fa_dist| beyond: a rounding-edge misread, set aside
 APP_ALLOWANCE_US = 10_000.0  # a direct client's own time to answer a banner (docstring, cond_app)
+MAX_APP_ALLOWANCE_MS = 10_000.0  # an operator's allowance, bounded: beyond it no proxy is ever found
 APP_MIN_SAMPLES = 3  # records with T^app and a reference before cond_app may hold
 # What a verdict says it found; new kinds are added at the end, never renamed.
 Kind = Literal["forwarding", "terminating", "shared", "none"]
@@ -550,11 +551,11 @@ def judge_all(
     return [
         judge(by_src[src], window=window, os_level=os_level, now=now, hops_offset=hops_offset,
               app_allowance_us=app_allowance_us)
-        for src in sorted(by_src, key=_address_order)
+        for src in sorted(by_src, key=address_order)
     ]
 
 
-def _address_order(src: str) -> tuple[int, int]:
+def address_order(src: str) -> tuple[int, int]:
     addr = ipaddress.ip_address(src)
     return addr.version, int(addr)
 

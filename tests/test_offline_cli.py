@@ -244,3 +244,19 @@ def test_replay_real_scan_capture_without_replies(capsys: pytest.CaptureFixture[
     # 1,497 connection requests: the SYN flows Debian's p0f logs on the same file.
     assert table["connection_requests"] == 1497 and table["no_synack"] == 1497 and table["answered"] == 0
     assert table["packets"] == 1557 and table["repeated_syns"] == 59
+
+
+def test_judge_app_allowance(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # A client answering banners 40 ms after the path RTT: a proxy's onward leg at the default
+    # 10 ms allowance, a slow direct client when the operator allows 50 ms.
+    slow = [{**record("192.0.2.9", 100 + i, 1000, 1000), "tapp_us": 41_000} for i in range(3)]
+    path = write_records(tmp_path / "r.jsonl", slow)
+    code, lines, _ = run(capsys, "judge", str(path))
+    (verdict,) = jsonl(lines)
+    assert code == 0 and verdict["cond_app"] and verdict["kind"] == "terminating"
+    code, lines, _ = run(capsys, "judge", str(path), "--app-allowance", "50")
+    (verdict,) = jsonl(lines)
+    assert code == 0 and not verdict["cond_app"] and verdict["kind"] == "none"
+    for bad in ("-1", "10001", "nan"):
+        code, lines, err = run(capsys, "judge", str(path), "--app-allowance", bad)
+        assert code == 2 and lines == [] and err.count("\n") == 1 and "--app-allowance" in err
