@@ -43,6 +43,7 @@ from redis.exceptions import (
     RedisError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from prober.job import address
 
@@ -55,7 +56,12 @@ MAX_SHARDS = 16384  # one per cluster slot at most: more could not be spread any
 # (SlotNotCoveredError and "cannot be connected" are RedisClusterException; so are a few errors
 # that are bugs, such as a command whose keys span slots: a bug is retried too, and logged.)
 CLUSTER_TRANSIENT: tuple[type[Exception], ...] = (ClusterDownError, TryAgainError, RedisClusterException)
-RETRIES = 3  # redis-py's own retries of one command on a cluster (it re-reads the slot map)
+# redis-py's own retries of a failed command on a cluster: none. Before it retries a pipeline it
+# closes every connection of the client, and the commands other tasks have in flight on them then
+# fail with AttributeError instead of a connection error (a service's loops would stop); every
+# caller here retries by itself, with backoff, and counts it. A failed command still makes the
+# client re-read the slot map before the next one.
+RETRIES = 0
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:,\[\]]+):([0-9]{1,5})")
 
 
@@ -188,11 +194,38 @@ class EvalScript:
         return await reply
 
 
+def _closed_under(exc: AttributeError, what: object) -> RedisConnectionError:
+    # redis-py's cluster client may disconnect a connection (after another command on the same
+    # node failed) while a command is being sent on it: the send then fails on the connection's
+    # missing writer, an AttributeError. It is a lost connection: say so, so callers retry it.
+    return RedisConnectionError(f"connection closed under {what}: {exc}")
+
+
+class _Pipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as exc:
+            raise _closed_under(exc, "a pipeline") from exc
+
+
 class Cluster(RedisCluster):
-    """redis-py's cluster client, with scripts that work in pipelines (`EvalScript`)."""
+    """redis-py's cluster client, with scripts that work in pipelines (`EvalScript`), and a
+    connection closed under a command reported as the connection error it is."""
 
     def register_script(self, script: str | bytes) -> EvalScript:  # type: ignore[override]
         return EvalScript(self, script.decode() if isinstance(script, bytes) else script)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _Pipeline(self, transaction)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            raise _closed_under(exc, args[0] if args else "a command") from exc
 
 
 def client(url: str, *, decode_responses: bool = True, socket_connect_timeout: float | None = 5,
@@ -217,6 +250,7 @@ def client(url: str, *, decode_responses: bool = True, socket_connect_timeout: f
         # stays complete, but do not insist on it either.
         require_full_coverage=False,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+        reinitialize_steps=0,  # on MOVED, patch the slot map: never close every connection as above
         max_connections=1024,  # per node: blocking reads of every stream of every shard served
     )
 
