@@ -412,7 +412,7 @@ class Appender:
                     acked = await append_many(redis, stream, entries, maxlen=self.maxlen,
                                               replicas=self.replicas, timeout_ms=self.timeout_ms)
                     break
-                except (RedisError, OSError) as exc:
+                except (RedisError, OSError, *CLUSTER_TRANSIENT) as exc:
                     self.redis_errors += 1
                     if isinstance(redis, RedisCluster):
                         # Read the slot map afresh before the next try (its master may have moved).
