@@ -26,7 +26,7 @@
 ##! most.
 ##!
 ##! State: one entry per held handshake in *apps*, from the client's ACK
-##! until its first data or *app_wait*.
+##! until its first data after the banner, or *app_wait*.
 
 @load ./main
 @load ./handshake
@@ -40,6 +40,9 @@ export {
 		info: HandshakeInfo;
 		## When the darknet's first data was seen.
 		banner: time &optional;
+		## The first *max_app_data* bytes of client data sent before the
+		## banner (the client spoke first).
+		early: string &optional;
 	};
 
 	## Held handshakes, keyed by uid. Exported so that its size can be
@@ -132,13 +135,20 @@ event tcp_contents(c: connection, is_orig: bool, seq: count, contents: string)
 		return;
 		}
 
-	# A client that spoke before any banner did not answer one: no tapp.
-	if ( a?$banner )
+	if ( ! a?$banner )
 		{
-		a$info$tapp = network_time() - a$banner;
-		a$info$app_data = encode_base64(sub_bytes(contents, 1, max_app_data));
+		# Data before the banner answers nothing. SSH clients (OpenSSH,
+		# Go's x/crypto/ssh, paramiko) send their version at once; their
+		# next data, the key exchange, answers the banner's. Its first
+		# bytes still say who the client is.
+		if ( ! a?$early )
+			a$early = sub_bytes(contents, 1, max_app_data);
+		return;
 		}
 
+	a$info$tapp = network_time() - a$banner;
+	a$info$app_data = encode_base64(a?$early ? a$early : sub_bytes(contents, 1,
+	    max_app_data));
 	release(c$uid);
 	}
 

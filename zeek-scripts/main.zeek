@@ -73,7 +73,7 @@ export {
 	## On a *server_first_ports* connection whose client answered the SYN+ACK
 	## with an ACK, how long after that ACK the handshake waits for the
 	## banner and the client's answer before it is published without *tapp*.
-	## It is published earlier at the client's first data.
+	## It is published earlier at the client's first data after the banner.
 	const app_wait = 5sec &redef;
 
 	## Bytes of the client's first data kept in *app_data* (the analyzer
@@ -122,12 +122,13 @@ export {
 		## and when more than one SYN+ACK preceded the reply (Karn's rule:
 		## which copy the reply answers is unknown).
 		tp: interval &optional;
-		## On *server_first_ports*: the client's first data minus the
-		## darknet's first data (its banner), as the sensor saw them. Unset
-		## on other ports, without a banner, when the client spoke before
-		## the banner, or sent nothing within *app_wait*.
+		## On *server_first_ports*: the client's first data after the
+		## darknet's first data (its banner) minus the banner, as the sensor
+		## saw them. Unset on other ports, without a banner, or when the
+		## client sent nothing after it within *app_wait*.
 		tapp: interval &optional;
-		## The first *max_app_data* bytes of that data, base64-encoded (as
+		## The first *max_app_data* bytes of the client's data (those it
+		## sent before the banner, if it spoke first), base64-encoded (as
 		## *syn*). Set exactly when *tapp* is.
 		app_data: string &optional;
 	};

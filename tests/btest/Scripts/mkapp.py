@@ -13,11 +13,15 @@ Cases (name: port, what follows the handshake):
   telnet     23  binary option negotiation both ways (IAC bytes, not UTF-8), answer after 5 ms
   web        80  the server sends first and the client answers, but 80 is not server-first
   silent     22  banner, the client never sends: published app_wait after the ACK
-  eager      22  the client sends before any banner: no tapp, published at that data
+  eager      22  the client sends its version before the banner (as OpenSSH, Go's x/crypto/ssh and
+                 paramiko do), then its key exchange 30 ms after the banner: tapp 30 ms, app_data
+                 the version (the client's first bytes)
   fin        23  the darknet closes (FIN) without a banner: published app_wait after the ACK (a FIN
                  is not waited on, see app.zeek)
   rst        22  banner, then the client resets: published app_wait after the ACK (as a FIN)
   rstreply   22  the SYN+ACK answered with a RST: published at once, as on any port
+  speaker    22  the client sends before the banner and never after: published app_wait after the
+                 ACK, no tapp (it answered nothing)
   last       22  the trace ends 20 ms after the ACK: published when Zeek stops (app_wait's timer)
 """
 
@@ -38,6 +42,8 @@ SMTP_LINE = b"EHLO " + b"x" * 93 + b"\r\n"  # 100 bytes
 TELNET_SERVER = bytes.fromhex("fffd18fffd20fffd23fffd27")  # IAC DO TTYPE, TSPEED, XDISPLOC, NEW-ENVIRON
 TELNET_CLIENT = bytes.fromhex("fffc18fffc20fffc23fffc27")  # IAC WONT ...
 HTTP_SERVER = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+# An SSH binary packet: length, padding length, SSH_MSG_KEXINIT (20), the start of its cookie.
+SSH_KEXINIT = bytes.fromhex("000005dc0a14") + bytes(range(16))
 HTTP_CLIENT = b"GET / HTTP/1.0\r\n\r\n"
 
 
@@ -94,13 +100,16 @@ def cases() -> dict[str, Conn]:
         "silent": Conn("203.0.113.44", DARK4, 41006, 22, at(5)).handshake()
         .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.020),  # ACKs the banner only
         "eager": Conn("203.0.113.45", DARK4, 41007, 22, at(6)).handshake()
-        .client_sends(0.001, "PA", SSH_CLIENT).server_sends(0.0001, payload=SSH_BANNER),
+        .client_sends(0.001, "PA", SSH_CLIENT).server_sends(0.0001, payload=SSH_BANNER)
+        .client_sends(0.030, "PA", SSH_KEXINIT),
         "fin": Conn("203.0.113.46", DARK4, 41008, 23, at(7)).handshake()
         .server_sends(0.0001, "FA"),
         "rst": Conn("203.0.113.47", DARK4, 41009, 22, at(8)).handshake()
         .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.050, "R"),
         "rstreply": Conn("203.0.113.48", DARK4, 41010, 22, at(9)).client_sends(0.030, "R"),
-        "last": Conn("203.0.113.49", DARK4, 41011, 22, at(10)).handshake(),
+        "speaker": Conn("203.0.113.50", DARK4, 41012, 22, at(10)).handshake()
+        .client_sends(0.001, "PA", HTTP_CLIENT).server_sends(0.0001, payload=SSH_BANNER),
+        "last": Conn("203.0.113.49", DARK4, 41011, 22, at(11)).handshake(),
     }
 
 

@@ -5,10 +5,12 @@
 # IPv6 after 12.25 ms), a 100-byte SMTP line cut to 64 bytes, binary Telnet
 # negotiation, a port-80 exchange (not server-first: no tapp, published at
 # the ACK as before), a client that never sends (published app_wait after
-# its ACK, here at the next packet 0.1 s later), a client that speaks first,
+# its ACK, here at the next packet 0.1 s later), an SSH client that sends its
+# version before the banner (tapp from its next data, app_data its version),
 # a FIN without banner and a RST after the banner (neither is waited on:
-# published at app_wait as well), a RST answering the SYN+ACK, and a
-# handshake still held when the trace ends (published as Zeek stops). "at" is the network time of the publication. Written by
+# published at app_wait as well), a RST answering the SYN+ACK, a client that
+# speaks before the banner and never after (no tapp), and a handshake still
+# held when the trace ends (published as Zeek stops). "at" is the network time of the publication. Written by
 # reasoning, then checked on Zeek 8.0.10 and 7.0.11.
 #
 # @TEST-EXEC: python3 $SCRIPTS/mkapp.py app.pcap
