@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from analyzer.cancellation import cancel_and_wait
 from analyzer.errors import InputError
 from analyzer.feeds import zeek_to_shards
@@ -28,6 +30,7 @@ from analyzer.service import TRANSIENT, Config, Service
 from prober import shards
 from prober.job import short
 from prober.metrics import serve as serve_metrics
+from prober.queue import redact
 
 log = logging.getLogger("stepstone.analyzer")
 
@@ -93,6 +96,15 @@ async def serve_shards(config: Config, stop: asyncio.Event) -> int:
     except shards.ShardError as exc:
         raise InputError(f"--redis: {exc}") from None
     served = config.shard_ids or tuple(range(config.shards))
+    # No node reachable at all is a configuration error, as on one Redis (a shard whose node is
+    # down is not: its service waits, below).
+    probe = shards.client(config.redis_url)
+    try:
+        await asyncio.wait_for(probe.ping(), 10)
+    except (RedisError, OSError, TimeoutError, *shards.CLUSTER_TRANSIENT) as exc:
+        raise InputError(f"--redis: cannot reach Redis at {redact(config.redis_url)}: {exc}") from None
+    finally:
+        await probe.aclose()
     services: dict[int, Service] = {}
     registries: dict[int, Any] = {}
     zeek: Any = None

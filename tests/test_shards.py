@@ -65,6 +65,10 @@ def test_cluster_url() -> None:
       "--shard", "2-9"], "stepstone-analyzer: --shard: 2-9 is not within 0-3 (--shards 4)"),
     (["analyzer.cli", "run", "--redis", "redis+cluster://h:1/2", "--handshakes", "--log-dir", "x"],
      "stepstone-analyzer: --redis: redis+cluster: a cluster has database 0 only (no /DB)"),
+    (["analyzer.cli", "run", "--redis", "redis+cluster://127.0.0.1:1", "--handshakes", "--log-dir", "x"],
+     "stepstone-analyzer: --redis: cannot reach Redis at redis+cluster://127.0.0.1:1: Redis Cluster cannot "
+     "be connected. Please provide at least one reachable node: Error 111 connecting to 127.0.0.1:1. "
+     "Connect call failed ('127.0.0.1', 1)."),
     (["prober.cli", "run", "--redis", "redis://h/0", "--shards", "3", "--shard", "x"],
      "stepstone-prober: --shard: not a list of shard numbers and ranges (0,3-5): 'x'"),
     (["prober.cli", "enqueue", "--redis", "redis://h/0", "--shards", "3", "nope"],
