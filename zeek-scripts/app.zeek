@@ -135,18 +135,24 @@ event tcp_contents(c: connection, is_orig: bool, seq: count, contents: string)
 		return;
 		}
 
-	if ( ! a?$banner )
+	local now = network_time();
+
+	# Data before the banner answers nothing. SSH clients (OpenSSH, Go's
+	# x/crypto/ssh, paramiko) send their version at once; their next data,
+	# the key exchange, answers the banner's. Nor can data that comes a
+	# quarter of the handshake's RTT after the banner answer it: the banner
+	# had not reached the client when it was sent (a version racing the
+	# banner; an answer needs the whole RTT, a quarter leaves room for a
+	# handshake slowed by queues). The first bytes still say who the client
+	# is.
+	if ( ! a?$banner || ( a$info?$tp && now - a$banner < a$info$tp / 4 ) )
 		{
-		# Data before the banner answers nothing. SSH clients (OpenSSH,
-		# Go's x/crypto/ssh, paramiko) send their version at once; their
-		# next data, the key exchange, answers the banner's. Its first
-		# bytes still say who the client is.
 		if ( ! a?$early )
 			a$early = sub_bytes(contents, 1, max_app_data);
 		return;
 		}
 
-	a$info$tapp = network_time() - a$banner;
+	a$info$tapp = now - a$banner;
 	a$info$app_data = encode_base64(a?$early ? a$early : sub_bytes(contents, 1,
 	    max_app_data));
 	release(c$uid);

@@ -8,9 +8,9 @@ within the trace. A case's handshake: SYN at t, SYN+ACK 0.1 ms later, ACK 20 ms 
 
 Cases (name: port, what follows the handshake):
   ssh        22  banner 0.1 ms after the ACK, the client's version string 37.5 ms after the banner
-  ssh6       22  the same over IPv6 (2001:db8::40 -> 2001:db8:ffff::9), answer after 12.25 ms
+  ssh6       22  the same over IPv6 (2001:db8::40 -> 2001:db8:ffff::9), answer after 20.25 ms
   smtp-long  25  banner, then a 100-byte client line 80 ms later: only 64 bytes are kept
-  telnet     23  binary option negotiation both ways (IAC bytes, not UTF-8), answer after 5 ms
+  telnet     23  binary option negotiation both ways (IAC bytes, not UTF-8), answer after 21 ms
   web        80  the server sends first and the client answers, but 80 is not server-first
   silent     22  banner, the client never sends: published app_wait after the ACK
   eager      22  the client sends its version before the banner (as OpenSSH, Go's x/crypto/ssh and
@@ -22,6 +22,9 @@ Cases (name: port, what follows the handshake):
   rstreply   22  the SYN+ACK answered with a RST: published at once, as on any port
   speaker    22  the client sends before the banner and never after: published app_wait after the
                  ACK, no tapp (it answered nothing)
+  race       22  the client's version arrives 0.5 ms after the banner, sooner than a quarter of the
+                 handshake's RTT (20 ms): it cannot answer it; its key exchange 25 ms after the
+                 banner does
   last       22  the trace ends 20 ms after the ACK: published when Zeek stops (app_wait's timer)
 """
 
@@ -90,11 +93,11 @@ def cases() -> dict[str, Conn]:
         "ssh": Conn("203.0.113.40", DARK4, 41001, 22, at(0)).handshake()
         .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.0375, "PA", SSH_CLIENT),
         "ssh6": Conn("2001:db8::40", DARK6, 41002, 22, at(1)).handshake()
-        .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.01225, "PA", SSH_CLIENT),
+        .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.02025, "PA", SSH_CLIENT),
         "smtp-long": Conn("203.0.113.41", DARK4, 41003, 25, at(2)).handshake()
         .server_sends(0.0001, payload=SMTP_BANNER).client_sends(0.080, "PA", SMTP_LINE),
         "telnet": Conn("203.0.113.42", DARK4, 41004, 23, at(3)).handshake()
-        .server_sends(0.0001, payload=TELNET_SERVER).client_sends(0.005, "PA", TELNET_CLIENT),
+        .server_sends(0.0001, payload=TELNET_SERVER).client_sends(0.021, "PA", TELNET_CLIENT),
         "web": Conn("203.0.113.43", DARK4, 41005, 80, at(4)).handshake()
         .server_sends(0.0001, payload=HTTP_SERVER).client_sends(0.030, "PA", HTTP_CLIENT),
         "silent": Conn("203.0.113.44", DARK4, 41006, 22, at(5)).handshake()
@@ -109,7 +112,10 @@ def cases() -> dict[str, Conn]:
         "rstreply": Conn("203.0.113.48", DARK4, 41010, 22, at(9)).client_sends(0.030, "R"),
         "speaker": Conn("203.0.113.50", DARK4, 41012, 22, at(10)).handshake()
         .client_sends(0.001, "PA", HTTP_CLIENT).server_sends(0.0001, payload=SSH_BANNER),
-        "last": Conn("203.0.113.49", DARK4, 41011, 22, at(11)).handshake(),
+        "race": Conn("203.0.113.51", DARK4, 41013, 22, at(11)).handshake()
+        .server_sends(0.0001, payload=SSH_BANNER).client_sends(0.0005, "PA", SSH_CLIENT)
+        .client_sends(0.0245, "PA", SSH_KEXINIT),
+        "last": Conn("203.0.113.49", DARK4, 41011, 22, at(12)).handshake(),
     }
 
 

@@ -2,15 +2,17 @@
 # client's first data minus the darknet's banner as the sensor saw them, and
 # app_data the first 64 bytes of that data (base64). Scripts/mkapp.py lists
 # the cases: an SSH exchange answered 37.5 ms after the banner (and one over
-# IPv6 after 12.25 ms), a 100-byte SMTP line cut to 64 bytes, binary Telnet
+# IPv6 after 20.25 ms), a 100-byte SMTP line cut to 64 bytes, binary Telnet
 # negotiation, a port-80 exchange (not server-first: no tapp, published at
 # the ACK as before), a client that never sends (published app_wait after
 # its ACK, here at the next packet 0.1 s later), an SSH client that sends its
 # version before the banner (tapp from its next data, app_data its version),
 # a FIN without banner and a RST after the banner (neither is waited on:
 # published at app_wait as well), a RST answering the SYN+ACK, a client that
-# speaks before the banner and never after (no tapp), and a handshake still
-# held when the trace ends (published as Zeek stops). "at" is the network time of the publication. Written by
+# speaks before the banner and never after (no tapp), a version racing the
+# banner (arriving sooner than a quarter of the handshake's RTT after it: not
+# an answer), and a handshake still held when the trace ends (published as Zeek
+# stops). "at" is the network time of the publication. Written by
 # reasoning, then checked on Zeek 8.0.10 and 7.0.11.
 #
 # @TEST-EXEC: python3 $SCRIPTS/mkapp.py app.pcap
