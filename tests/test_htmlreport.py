@@ -192,7 +192,8 @@ def test_bad_lines_are_counted_and_the_page_still_written(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("args,message", [
     (["/nonexistent/x.jsonl"], "no such file or directory"),
-    (["{dir}"], "no stepstone.log in it"),
+    (["{dir}"], "no records.log or stepstone.log in it"),
+    (["{dir}/r.jsonl", "--app-allowance", "-3"], "--app-allowance must be within 0..10000 ms"),
     (["{dir}/r.jsonl", "--max-plots", "-1"], "--max-plots must be 0..1000"),
     (["{dir}/r.jsonl", "--darknet", "300.1.1.0/24"], "not an IPv4 or IPv6 network"),
 ])
@@ -222,14 +223,9 @@ def test_labels_are_escaped(tmp_path: Path) -> None:
 
 def test_lab_truth_is_marked(tmp_path: Path) -> None:
     lines = _records(8, 10)
-    verdicts = {v.src: v for v in judge_all([Record.from_json(x) for x in lines])}
-    truth = {}
-    for i, src in enumerate(sorted(verdicts)):
-        relay = i % 4 == 1  # the sources _records delays
-        flagged = verdicts[src].relay_confident
-        outcome = ("tp" if flagged else "fn") if relay else ("fp" if flagged else "tn")
-        truth[src] = Truth("relay" if relay else "direct", outcome, outcome, f"scenario {i}")
-    truth["198.51.100.200"] = Truth("relay", "fn", "fn", "never seen")
+    truth = {src: Truth("forwarding" if i % 4 == 1 else "direct", f"scenario {i}")  # _records delays 1 in 4
+             for i, src in enumerate(sorted({x["src"] for x in lines}))}
+    truth["198.51.100.200"] = Truth("forwarding", "never seen")
     out = tmp_path / "r.html"
     make_report(str(_write(tmp_path / "r.jsonl", lines)), out, truth=truth, darknet_addresses=65536)
     page = out.read_text()
@@ -276,3 +272,205 @@ def test_lab_html_to_an_unwritable_place_is_refused_first(tmp_path: Path) -> Non
                           capture_output=True, text=True, check=False, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"stepstone-lab: --html {out}: cannot write in {out.parent}"
+
+
+# -- application-layer timing: the page's kinds are judge's -------------------------------------
+
+
+def _client(rng: random.Random, src: str, n: int, *, leg_ms: float = 0.0, think_ms: float = 0.3,
+            nat_ms: float = 0.0, syn_ref: bool = False, answers: float = 1.0,
+            t0: float = 1_700_000_000.0) -> list[dict[str, Any]]:
+    """A server-first client's records: tapp = RTT + twice a proxy's onward leg + the client's
+    think time (+ jitter); a NAT relay's extra leg shows in T^p and T^app both. `answers`: the
+    share of banners answered (the rest: tapp_us null); `syn_ref`: ICMP dropped."""
+    rtt = rng.randrange(8_000, 60_000)
+    out = []
+    for i in range(n):
+        ping = rtt + rng.randrange(200, 1500)
+        tp = rtt + int(2000 * nat_ms) + rng.randrange(0, 600)
+        tapp = rtt + int(2000 * (leg_ms + nat_ms) + 1000 * think_ms) + rng.randrange(0, 1500)
+        out.append({
+            "t": t0 + 7 * i + rng.random(), "src": src, "dst": "192.0.2.9", "tp_us": tp,
+            "ping_min_us": None if syn_ref else rtt, "ping_avg_us": None if syn_ref else rtt + 300,
+            "ping_max_us": None if syn_ref else ping, "ping_var_us2": None if syn_ref else 4e4,
+            "syn_rtt_us": rtt + rng.randrange(0, 800), "fp": LINUX, "fa": LINUX,
+            "syn_dist": 3, "fa_dist": 3, "tapp_us": tapp if rng.random() < answers else None,
+        })
+    return out
+
+
+def _clients() -> list[dict[str, Any]]:
+    rng = random.Random(11)
+    sources = [
+        ("198.51.100.1", {}),  # a direct client
+        ("198.51.100.2", {"leg_ms": 20}),  # a proxy +20 ms: terminating
+        ("198.51.100.3", {"leg_ms": 50, "syn_ref": True}),  # a proxy dropping ICMP
+        ("198.51.100.4", {"nat_ms": 20}),  # a NAT relay: forwarding wins over the app test
+        ("198.51.100.5", {"think_ms": 150}),  # the thinker: terminating too (docs' limit)
+        ("198.51.100.6", {"leg_ms": 40, "answers": 0.0}),  # a proxy whose client never answers
+        ("198.51.100.8", {"leg_ms": 3}),  # a leg under the floor: not claimed
+    ]
+    out = [x for src, kw in sources for x in _client(rng, src, 9, **kw)]  # type: ignore[arg-type]
+    # One sample short of APP_MIN_SAMPLES, then exactly APP_MIN_SAMPLES, of a +40 ms proxy.
+    out += _client(rng, "198.51.100.9", 2, leg_ms=40)
+    out += _client(rng, "198.51.100.10", 3, leg_ms=40)
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("allowance_ms", [10.0, 0.0, 200.0])
+def test_terminating_kinds_are_judges(tmp_path: Path, allowance_ms: float) -> None:
+    """With application RTTs (tapp_us) the streaming verdicts are judge_all's, field for field,
+    cond_app, app_margin, app_samples and the kind `terminating` included, at judge's default
+    allowance and at others."""
+    lines = _clients()
+    agg = Aggregate(app_allowance_us=allowance_ms * 1000)
+    read_records(str(_write(tmp_path / "r.jsonl", lines)), agg, Problems())
+    got = {v["src"]: v for v in agg.verdicts()}
+    want = judge_all([Record.from_json(x) for x in lines], window=2.0**33,
+                     app_allowance_us=allowance_ms * 1000)
+    assert len(got) == len(want) == 9
+    for w in want:
+        g = got[w.src]
+        for key, value in w.to_dict().items():
+            if key == "window_start":
+                continue
+            if isinstance(value, float):
+                assert g[key] == pytest.approx(value, rel=1e-9), (w.src, key)
+            elif key == "evidence":
+                assert [e["test"] for e in g[key]] == [e["test"] for e in value], w.src
+                for ge, we in zip(g[key], value, strict=True):
+                    assert ge == {k: pytest.approx(x, rel=1e-9) if isinstance(x, float) else x
+                                  for k, x in we.items()}, w.src
+            else:
+                assert g[key] == value, (w.src, key)
+    kinds = {w.src: w.kind for w in want}
+    if allowance_ms == 10.0:
+        assert kinds == {"198.51.100.1": "none", "198.51.100.2": "terminating", "198.51.100.3": "terminating",
+                         "198.51.100.4": "forwarding", "198.51.100.5": "terminating", "198.51.100.6": "none",
+                         "198.51.100.8": "none", "198.51.100.9": "none", "198.51.100.10": "terminating"}
+        assert got["198.51.100.9"]["app_samples"] == 2 and not got["198.51.100.9"]["cond_app"]
+        assert got["198.51.100.6"]["app_samples"] == 0 and got["198.51.100.6"]["app_margin"] is None
+        assert got["198.51.100.4"]["cond_app"]  # it holds, but forwarding evidence wins
+    elif allowance_ms == 200.0:
+        assert "terminating" not in kinds.values()
+
+
+def test_the_app_reservoir_follows_judge_past_its_cap() -> None:
+    """More application RTTs than the reservoir keeps: the count is exact, the margin an estimate
+    close to judge's, and the kind the same."""
+    rng = random.Random(4)
+    lines = _client(rng, "198.51.100.2", 400, leg_ms=20) + _client(rng, "198.51.100.1", 400)
+    agg = Aggregate(diffs_cap=64)
+    for x in lines:
+        agg.add(Record.from_json(x))
+    got = {v["src"]: v for v in agg.verdicts()}
+    want = {w.src: w for w in judge_all([Record.from_json(x) for x in lines])}
+    for src, w in want.items():
+        assert got[src]["kind"] == w.kind and got[src]["app_samples"] == w.app_samples == 400
+        assert got[src]["app_margin"] == pytest.approx(w.app_margin, abs=1500)
+
+
+def test_page_shows_the_application_rtt(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    make_report(str(_write(tmp_path / "r.jsonl", _clients())), out)
+    page = out.read_text()
+    row = re.search(r"<tr class=\"flag\"><td[^>]*>198\.51\.100\.2</td>(.*?)</tr>", page)
+    assert row, "the proxy's row"
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+    assert cells[0] == "terminating" and cells[1] == "relay (confident)"
+    assert cells[2].startswith("app=+4") and cells[2].endswith("ms/9")  # the evidence, as the logs say it
+    assert "application RTT" in cells[3]
+    assert float(cells[8]) > 35 and cells[9] == "9"  # the app margin (ms) and its samples
+    assert "Application RTT: <i>T</i><sup>app</sup> &minus; <i>T</i><sup>a</sup> per source" in page
+    assert "8 sources with application RTTs." in page  # every source but the never-answering one
+    app_svg = page.split("per source (terminating proxies)</h2>")[1].split("<h2>")[0]
+    assert app_svg.count("<svg") == 1
+    assert "198.51.100.2 terminating (9)" in app_svg and "198.51.100.6" not in app_svg
+    # The proxy's own plot draws its T^app and says the app margin.
+    assert "app margin 4" in page and "9 app samples" in page
+    assert "<td>&nbsp;&nbsp;kind terminating</td><td class=\"n\">4</td>" in page
+
+
+def test_page_without_application_rtts_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    make_report(str(_write(tmp_path / "r.jsonl", _records(4, 5))), out)
+    assert "no record has an application RTT (tapp_us)" in out.read_text()
+
+
+# -- the lab's truth -------------------------------------------------------------------------------
+
+
+def test_truth_from_lab_keeps_each_class() -> None:
+    """Every class of the lab's truth is kept (not folded into "relay"); a lab result from before
+    the classes maps each host's truth word."""
+    hosts = [("198.18.0.1", "relay", "forwarding"), ("198.18.0.2", "terminating", "terminating"),
+             ("198.18.0.3", "proxy", "terminating"), ("198.18.0.4", "shared", "shared"),
+             ("198.18.0.5", "direct", "scanner"), ("198.18.0.6", "direct", "route change"),
+             ("198.18.0.7", "direct", "direct")]
+    result = {"hosts": [{"src": src, "truth": t, "class": c, "scenario": f"s{i}"}
+                        for i, (src, t, c) in enumerate(hosts)]}
+    truth = htmlreport.truth_from_lab(result)
+    assert {src: t.truth for src, t in truth.items()} == {src: c for src, _, c in hosts}
+    assert [truth[src].relay for src, _, _ in hosts] == [True, True, True, False, False, False, False]
+    assert [truth[src].expected for src, _, _ in hosts] == [
+        "forwarding", "terminating", "terminating", "shared", "none", "none", "none"]
+    older = {"hosts": [{"src": src, "truth": t, "scenario": "x"} for src, t, _ in hosts]}
+    assert [t.truth for t in htmlreport.truth_from_lab(older).values()] == [
+        "forwarding", "terminating", "terminating", "shared", "direct", "direct", "direct"]
+
+
+def _v(kind: str, *, relay: bool = False) -> dict[str, Any]:
+    return {"kind": kind, "relay_confident": kind in ("forwarding", "terminating"), "relay": relay}
+
+
+@pytest.mark.parametrize("truth, verdict, want", [
+    ("shared", _v("shared", relay=True), ("fp", "tn", True)),  # the paper calls a home NAT a relay
+    ("shared", _v("forwarding", relay=True), ("fp", "fp", False)),
+    ("shared", {**_v("shared"), "relay_confident": True}, ("tn", "fp", False)),  # shared, yet confident
+    ("shared", _v("none"), ("tn", "tn", False)),  # not a relay, but not seen as shared either
+    ("terminating", _v("terminating"), ("fn", "tp", True)),
+    ("terminating", _v("forwarding", relay=True), ("tp", "tp", False)),  # a relay, of the other kind
+    ("forwarding", _v("none"), ("fn", "fn", False)),
+    ("forwarding", _v("forwarding", relay=True), ("tp", "tp", True)),
+    ("direct", _v("terminating"), ("tn", "fp", False)),
+    ("scanner", _v("none"), ("tn", "tn", True)),
+    ("route change", _v("forwarding"), ("tn", "fp", False)),
+    ("forwarding", None, ("fn", "fn", False)),  # no verdict at all
+])
+def test_score(truth: str, verdict: dict[str, Any] | None, want: tuple[str, str, bool]) -> None:
+    s = htmlreport.score(Truth(truth), verdict)
+    assert (s.outcome, s.outcome_strong, s.kind_right) == want
+
+
+def test_lab_page_scores_each_class(tmp_path: Path) -> None:
+    """A proxy called terminating, a home NAT called shared and a thinker called terminating: the
+    page's tables count them as the lab does."""
+    rng = random.Random(2)
+    lines = (_client(rng, "198.18.0.2", 6, leg_ms=20) + _client(rng, "198.18.0.3", 6)
+             + _client(rng, "198.18.0.5", 6, think_ms=150))
+    home = _client(rng, "198.18.0.4", 6)
+    for i, x in enumerate(home):  # two OSes behind one router, a hop further than the router
+        x.update(fp=WIN if i % 2 else LINUX, fa=LINUX, syn_dist=4, fa_dist=3)
+    lines += home
+    verdicts = {w.src: w for w in judge_all([Record.from_json(x) for x in lines])}
+    assert [verdicts[s].kind for s in ("198.18.0.2", "198.18.0.3", "198.18.0.4", "198.18.0.5")] == [
+        "terminating", "none", "shared", "terminating"]
+    result = {"hosts": [
+        {"src": "198.18.0.2", "truth": "terminating", "class": "terminating", "scenario": "socat +20"},
+        {"src": "198.18.0.3", "truth": "direct", "class": "direct", "scenario": "ssh client"},
+        {"src": "198.18.0.4", "truth": "shared", "class": "shared", "scenario": "home NAT"},
+        {"src": "198.18.0.5", "truth": "direct", "class": "direct", "scenario": "thinker 150 ms"},
+    ]}
+    out = tmp_path / "r.html"
+    make_report(str(_write(tmp_path / "r.jsonl", lines)), out, truth=htmlreport.truth_from_lab(result))
+    page = out.read_text()
+    confident = re.search(r"<tr><td>confident rule[^<]*</td>(.*?)</tr>", page)
+    assert confident and re.findall(r">([\d.]+)</td>", confident.group(1)) == [
+        "1", "1", "2", "0", "0.50", "1.00"]  # TP, FP (the thinker), TN, FN, precision, recall
+    for klass, expected, right in (("terminating", "terminating", "1/1"), ("direct", "none", "1/2"),
+                                   ("shared", "shared", "1/1")):
+        assert re.search(rf"<tr><td>{klass}</td><td class=\"n\">\d</td><td>{expected}</td>"
+                         rf"<td class=\"n (tp|fp)\">{right}</td>", page), klass
+    home_row = re.search(r"<td[^>]*>198\.18\.0\.4</td>(.*?)</tr>", page)
+    assert home_row and "<td>shared</td><td class=\"tp\">yes (shared)</td>" in home_row.group(1)
