@@ -5,6 +5,7 @@ grow."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import random
@@ -145,8 +146,9 @@ def test_records_file_makes_a_page(tmp_path: Path) -> None:
 
 
 def test_log_dir_shows_the_logged_verdicts(tmp_path: Path) -> None:
-    """From a --log-dir the page shows what the analyzer decided (its latest line per source),
-    and Table 3 counts handshakes.log's answered requests."""
+    """From a --log-dir an older analyzer wrote (stepstone.log: one line per handshake, no
+    records.log) the page shows what the analyzer decided (its latest line per source), and
+    Table 3 counts handshakes.log's answered requests."""
     logs = tmp_path / "logs"
     logs.mkdir()
     lines = []
@@ -170,6 +172,11 @@ def test_log_dir_shows_the_logged_verdicts(tmp_path: Path) -> None:
     assert row and "relay (paper)" in row.group(1) and ">1.2<" in row.group(1)  # the latest line's
     assert '<td>answered connection requests</td><td class="n">7</td>' in page
     assert '<td>relays in total (paper\'s rule)</td><td class="n">1</td>' in page
+    # An analyzer from before sampling measured every handshake and logged each in handshakes.log.
+    cells = _row(page, "198.51.100.9")
+    assert [cells[_column(page, c)] for c in ("handshakes seen", "answered", "measured", "records")] == [
+        "6", "6", "6", "6"]
+    assert "Handshakes seen 8, measured 7" in page and "one line per measured handshake" in page
     assert "<b>x</b>" not in page and "<script>" not in page.split("<script>")[0]
 
 
@@ -474,3 +481,159 @@ def test_lab_page_scores_each_class(tmp_path: Path) -> None:
                          rf"<td class=\"n (tp|fp)\">{right}</td>", page), klass
     home_row = re.search(r"<td[^>]*>198\.18\.0\.4</td>(.*?)</tr>", page)
     assert home_row and "<td>shared</td><td class=\"tp\">yes (shared)</td>" in home_row.group(1)
+
+
+# -- the analyzer's log dir, as each version writes it ---------------------------------------------
+
+
+def _row(page: str, src: str) -> list[str]:
+    row = re.search(rf"<tr[^>]*><td[^>]*>{re.escape(src)}</td>(.*?)</tr>", page)
+    assert row, src
+    return re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+
+
+def _column(page: str, name: str) -> int:
+    """A verdict table column's index among the cells after the source's."""
+    head = re.search(r'<table class="sortable" id="verdicts"><thead><tr>(.*?)</tr>', page)
+    assert head
+    return re.findall(r"<th>(.*?)</th>", head.group(1)).index(name) - 1
+
+
+async def test_log_dir_of_a_sampling_analyzer(redis_server: Any, tmp_path: Path) -> None:
+    """A real analyzer measuring 2 handshakes per source per probe period: of a source's 5
+    answered handshakes, records.log has 2 and handshakes.log 2, stepstone.log one verdict line
+    with the totals. Table 3 counts all 5, and the page shows 5 seen, 2 measured."""
+    import asyncio
+    import time
+
+    from service_harness import handshake, open_harness, result, until
+
+    from analyzer.service import Config, serve
+
+    logs = tmp_path / "logs"
+    async with open_harness(redis_server, logs) as h:
+        config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=logs, consumer="r1",
+                        sample_per_source=2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(config, stop=stop))
+        try:
+            t = time.time()
+            src, other = "198.18.7.1", "198.18.7.2"
+            for i in range(5):
+                await h.send(handshake(src, "198.19.0.10", t=t + i / 100, tp_us=80_000, sport=40000 + i))
+            await h.send(handshake(other, "198.19.0.11", t=t, answered=False))
+
+            async def counted() -> bool:
+                return await h.r.hget(f"stepstone:cnt:{src}", "seen") == "5"
+
+            await until(counted, what="the 5 handshakes counted")
+            ((job, _),) = await h.jobs(1)
+            await h.answer(result(job, src, t, ping_max=10_000, fa="win:Windows:7 or 8"))
+            await h.verdicts(2)
+
+            async def verdict_line() -> bool:
+                return (logs / "stepstone.log").is_file() and bool((logs / "stepstone.log").read_text())
+
+            await until(verdict_line, what="the verdict line")
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(task, 20) == 0
+    change = [json.loads(x) for x in (logs / "stepstone.log").read_text().splitlines()]
+    assert [(c["change"], c["handshakes_seen"], c["handshakes_sampled"]) for c in change] == [("first", 5, 2)]
+    assert len((logs / "handshakes.log").read_text().splitlines()) == 3  # 2 sampled of src, 1 of other
+
+    out = tmp_path / "r.html"
+    proc = _cli(str(logs), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r": 2 records, 1 sources, 1 flagged", proc.stderr)
+    page = out.read_text()
+    assert '<td>answered connection requests</td><td class="n">5</td>' in page
+    assert '<td>unique sources</td><td class="n">1</td>' in page
+    row = _row(page, src)
+    assert [row[_column(page, c)] for c in ("handshakes seen", "answered", "measured", "records")] == [
+        "5", "5", "2", "2"]
+    assert row[_column(page, "kind")] == "forwarding"
+    assert "Handshakes seen 6, measured 2" in page  # the unanswered one was seen too
+    assert "1 verdict lines (1 first, 0 changed, 0 refresh)" in page
+
+
+def _line(src: str, t: float, at: float, verdict: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    rec = {"t": t, "src": src, "dst": "192.0.2.1", "tp_us": 30_000, "ping_min_us": 9000, "ping_avg_us": 9500,
+           "ping_max_us": 10_000, "ping_var_us2": 1e4, "syn_rtt_us": None, "fp": LINUX, "fa": LINUX}
+    return {"hid": f"{int(t)}-0", **rec, "verdict": verdict, "verdict_at": at, **extra}
+
+
+_FWD = {"relay": True, "cond_timing": True, "relay_confident": True, "kind": "forwarding",
+        "timing_margin_us": 20_000.0, "evidence": [{"test": "timing", "margin": 20_000.0, "threshold": 5000.0,
+                                                    "samples": 1, "unit": "us"}]}
+
+
+def _totals(seen: int, answered: int, sampled: int, change: str = "refresh") -> dict[str, Any]:
+    return {"change": change, "verdict_entry": "1-0", "handshakes_seen": seen,
+            "handshakes_answered": answered, "handshakes_sampled": sampled}
+
+
+def test_log_dir_totals_survive_a_reset_and_disorder(tmp_path: Path) -> None:
+    """stepstone.log's totals restart when the source's cnt:<src> key expired (an hour or more of
+    silence): the totals before are kept. A smaller total within the hour is another analyzer's
+    line written late: the larger stands. A bad verdict line is reported, the rest read."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    a, b = "198.51.100.7", "198.51.100.8"
+    t = 1_700_000_000.0
+    _write(logs / "records.log", [_line(a, t, t + 1, _FWD), _line(b, t, t + 1, _FWD)])
+    _write(logs / "stepstone.log", [
+        _line(a, t, t + 1, _FWD, **_totals(30, 25, 4, "first")),
+        _line(a, t, t + 900, _FWD, **_totals(50, 40, 6)),
+        _line(a, t, t + 1000, _FWD, **_totals(45, 38, 6)),  # out of order: 50 stands
+        _line(a, t, t + 9000, _FWD, **_totals(3, 3, 1)),  # the key expired: 50 + 3
+        _line(b, t, t + 1, _FWD, **_totals(7, 7, 2, "first")),
+        _line(b, t, t + 2, _FWD, **_totals(9, 9, 2, "changed")),
+        _line(b, t, t + 3, _FWD, change="sometimes", handshakes_seen=1, handshakes_answered=1,
+              handshakes_sampled=1),
+        _line(b, t, t + 4, _FWD, **_totals(-1, 9, 2)),
+    ])
+    agg = Aggregate()
+    problems = Problems(stream=io.StringIO())
+    htmlreport.read_log_dir(logs, agg, problems)
+    assert problems.count == 2
+    assert agg.handshake_counts(a) == (53, 43, 7) and agg.handshake_counts(b) == (9, 9, 2)
+    assert agg.table3_counts() == (52, 2)
+    assert agg.changes == {"first": 2, "refresh": 3, "changed": 1}
+
+
+def test_log_dir_of_an_upgraded_and_a_sharded_analyzer(tmp_path: Path) -> None:
+    """An upgrade in place leaves an older analyzer's per-handshake lines in stepstone.log before
+    the change lines (and records.log after); a sharded analyzer writes shard-<i>/. Both read."""
+    logs = tmp_path / "logs"
+    (logs / "shard-0").mkdir(parents=True)
+    (logs / "shard-1").mkdir()
+    a, b = "198.51.100.7", "198.51.100.8"
+    t = 1_700_000_000.0
+    none = {"relay": False}  # an older analyzer's verdict: no kind, no evidence
+    _write(logs / "shard-0" / "stepstone.log", [
+        _line(a, t, t + 1, none), _line(a, t + 1, t + 2, none),  # before the upgrade
+        _line(a, t + 5, t + 6, _FWD, **_totals(1, 1, 1, "first")),
+    ])
+    _write(logs / "shard-0" / "records.log", [_line(a, t + 5, t + 6, _FWD)])
+    _write(logs / "shard-0" / "handshakes.log", [{"src": a, "answered": True}] * 3)
+    _write(logs / "shard-1" / "records.log", [_line(b, t, t + 1, none)])
+    _write(logs / "shard-1" / "stepstone.log", [_line(b, t, t + 1, none, **_totals(4, 2, 1, "first"))])
+    _write(logs / "shard-1" / "handshakes.log", [{"src": b, "answered": True},
+                                                 {"src": "nope", "answered": True},
+                                                 {"src": "198.51.100.9", "answered": False}])
+    (logs / "shard-x").mkdir()  # not a shard's
+    out = tmp_path / "r.html"
+    proc = _cli(str(logs), "-o", str(out))
+    assert proc.returncode == 2 and "src is not an IP address" in proc.stderr  # one bad line, reported
+    page = out.read_text()
+    assert "4 records from 2 sources" in page
+    row = _row(page, a)
+    assert row[_column(page, "kind")] == "forwarding"  # the newest verdict, after the upgrade
+    assert [row[_column(page, c)] for c in ("handshakes seen", "answered", "measured", "records")] == [
+        "3", "3", "3", "3"]
+    row = _row(page, b)
+    assert row[_column(page, "kind")] == "\u2013"  # an older verdict has no kind
+    assert [row[_column(page, c)] for c in ("handshakes seen", "answered", "measured")] == ["4", "2", "1"]
+    assert '<td>answered connection requests</td><td class="n">5</td>' in page
+    assert "Handshakes seen 8, measured 4" in page
