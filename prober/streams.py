@@ -43,6 +43,13 @@ def decode_entry(raw: RawFields) -> dict[str, str]:
     or value is not UTF-8."""
     if len(raw) > MAX_FIELDS:
         raise EntryError(f"{len(raw)} fields (at most {MAX_FIELDS})")
+    # The common case in one pass (every entry of every stream comes through here); anything
+    # wrong is found again below, field by field, for the message.
+    try:
+        if all(len(value) <= MAX_VALUE_BYTES for value in raw.values()):
+            return {name.decode("utf-8"): value.decode("utf-8") for name, value in raw.items()}
+    except UnicodeDecodeError:
+        pass
     out: dict[str, str] = {}
     for name, value in raw.items():
         try:
