@@ -775,8 +775,6 @@ def _source_plot(src: str, s: _Source, v: Mapping[str, Any], mark: tuple[Truth, 
             ax.set_ylabel("ms")
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
-            if app:  # three series and two thresholds: the key says which is which
-                ax.legend(loc="lower left", fontsize=7, ncols=2, framealpha=0.8)
         kept = f" ({len(points)} of {s.n_points} shown)" if s.n_points > len(points) else ""
         why = f"by {_conditions(v, pair=False)}" if _flagged(v) else "not flagged"
         title = (f"{src}: {_kind(v)}, {_rule(v)}, {why}\ntiming margin {_ms(v.get('timing_margin_us'))} ms, "
@@ -837,11 +835,9 @@ def _app_plot(verdicts: list[dict[str, Any]], agg: Aggregate, marks: Marks | Non
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.invert_yaxis()
         floor = (agg.app_allowance_us + TIMING_FLOOR_US) / 1000
-        ax.axvline(floor, color="#24292f", ls="--", lw=1,
-                   label=f"allowance + floor ({floor:.0f} ms): the least a threshold can be")
+        ax.axvline(floor, color="#24292f", ls="--", lw=1, label=f"allowance + floor ({floor:.0f} ms)")
         ax.axvline(0, color="#8c959f", lw=0.8)
-        ax.set_xlabel("$T^{app} - T^a$ per record (ms): | a record, \u25cf the median (app margin), "
-                      "\u25b6 the source's threshold; colour: the verdict's kind")
+        ax.set_xlabel("$T^{app} - T^a$ per record (ms)")
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(loc="lower right", frameon=False)
         return _svg(fig), len(rows), len(have)
@@ -1100,8 +1096,10 @@ def render(
                f"twice to {_TAPP} and nothing to {_TP}: it is <i>terminating</i> when the median "
                f"{_TAPP} &minus; {_TA} exceeds {agg.app_allowance_us / 1000:g} ms (the client's own time "
                "to answer) plus max(5 ms, 3 standard errors) over 3 records or more, and nothing "
-               "forwarding holds. Sources with cond_app first, then by app margin; at most "
-               f"{APP_POINTS} records drawn per source.</p>")
+               "forwarding holds. Per source: | a record (at most "
+               f"{APP_POINTS} drawn), &#9679; the median (its app margin), &#9654; its threshold (the "
+               "dashed line: the least a threshold can be); colour: the verdict's kind; the label: "
+               "kind, samples [lab truth]. Sources with cond_app first, then by app margin.</p>")
     out.append(f'<div class="wide">{app_svg}</div>')
 
     out.append("<h2>OS mismatch matrix (F<sup>p</sup> &times; F<sup>a</sup>)</h2>")
@@ -1125,7 +1123,9 @@ def render(
                '<span style="color:#8250df">&#9650; ' + _TAPP + " (banner to the client's answer)</span>"
                '<span style="color:#0969da">&#9633; ' + _TA + " (max ping RTT)</span>"
                '<span style="color:#1f883d">&#9671; ' + _TA + " (SYN RTT, when ICMP is dropped)</span>"
-               '<span style="color:#57606a">- - - ' + _TA + " + the source's threshold</span></p>")
+               '<span style="color:#57606a">- - - ' + _TA + " + the source's threshold</span>"
+               '<span style="color:#8250df">&middot;&middot;&middot; ' + _TA
+               + " + its app threshold</span></p>")
     if shown_plots:
         out.append('<div class="plots">')
         for v in shown_plots:
