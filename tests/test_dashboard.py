@@ -1,9 +1,10 @@
 """The Grafana dashboard (dashboards/stepstone.json) queries only metrics the services export.
 
 Every metric name in every panel's PromQL is checked against what a running analyzer (in this
-process, real Redis, a handshake pushed through to its verdict), a running prober (a subprocess with
---metrics-port, one real probe of 127.0.0.1) and the responder's registry actually expose at
-/metrics. A name counts only with a suffix its type has: `_total` for a counter, `_bucket`, `_sum`
+process, real Redis, a handshake pushed through to its verdict), a running sharded analyzer with a
+Zeek feed (its shard writes), a running prober (a subprocess with --metrics-port, one real probe of
+127.0.0.1) and the responder's registry (with banners and shards, as `run` builds it) actually
+expose at /metrics. A name counts only with a suffix its type has: `_total` for a counter, `_bucket`, `_sum`
 and `_count` for a histogram, none for a gauge (the series Prometheus really stores).
 """
 
@@ -26,17 +27,22 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from service_harness import ROOT, free_port, handshake, open_harness, result, until
+from test_service_zeek import fake_zeek, handshake_event
 
+from analyzer.broker import event_frame
 from analyzer.metrics import VERDICT_KINDS, verdict_kind
 from analyzer.service import Config, serve
 from lab.redis import RedisServer
+from prober import shards
 from prober.queue import ProbeQueue, connect
+from responder.banners import Banners
 from responder.cli import Sink
 from responder.metrics import registry_for
 
 DASHBOARD = ROOT / "dashboards" / "stepstone.json"
 PANELS = {"Handshakes/s", "Probes/s", "Queue lag", "Dead letters/s", "Verdicts by kind/s",
-          "SYN-to-verdict latency", "Probe latency", "Errors by kind/s"}
+          "SYN-to-verdict latency", "Probe latency", "Errors by kind/s", "Handshakes measured vs counted/s",
+          "Verdict lines/s by change", "Banner exchanges/s by outcome", "Shard writes/s"}
 
 # -- PromQL: the metric names an expression selects ---------------------------------------------
 
@@ -187,10 +193,42 @@ async def scrape_prober(server: RedisServer, tmp_path: Path) -> str:
         assert proc.returncode == 0, err.decode()
 
 
+async def scrape_sharded_feed(server: RedisServer, log_dir: Path) -> str:
+    """A sharded analyzer (2 shards on one Redis) fed by a Zeek: one handshake written to its
+    shard, so that the feed's shard writes have a sample."""
+    port = free_port()
+    stop = asyncio.Event()
+    async with fake_zeek() as zeek:
+        config = Config(redis_url=server.url, handshakes=True, zeek_url=zeek.url, log_dir=log_dir,
+                        consumer="s1", metrics_port=port, shards=2)
+        task = asyncio.create_task(serve(config, stop=stop))
+        try:
+            await zeek.to_send.put(event_frame("stepstone/handshake",
+                                               handshake_event("C1", "198.18.7.9", "198.19.0.7", time.time(),
+                                                               90_000)))
+
+            async def written() -> str | None:
+                try:
+                    text = await asyncio.to_thread(fetch, port)
+                except OSError:
+                    return None  # not serving yet
+                key = 'stepstone_analyzer_zeek_feed_shard_writes_total{"what": "written"}'
+                return text if samples(text).get(key) == 1 else None
+
+            return str(await until(written, what="the handshake in the sharded feed's writes"))
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(task, 20) == 0
+
+
 def responder_exposition() -> str:
-    """The responder's registry (its endpoint needs root, nftables and a namespace: that one is
-    scraped for real in tests/test_responder.py)."""
-    return generate_latest(registry_for(Sink(None, "stepstone:handshakes"))).decode()
+    """The responder's registry as `stepstone-responder run` builds it with --banners and on
+    shards (its endpoint needs root, nftables and a namespace: that one is scraped for real in
+    tests/test_responder.py)."""
+    registry = registry_for(Sink(None, "stepstone:handshakes"), Banners({22: b"SSH-2.0-OpenSSH_9.2\r\n"}))
+    appender = shards.Appender({0: None, 1: None}, shards.layout("stepstone:", 2, "redis://127.0.0.1:1/0"))
+    registry.register(shards.AppenderMetrics(appender, "stepstone_responder"))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -258,10 +296,12 @@ async def test_every_dashboard_metric_is_exported(redis_server: RedisServer, tmp
     analyzer = await scrape_analyzer(redis_server, tmp_path / "logs")
     client = aioredis.from_url(redis_server.url)
     await client.flushall()  # the prober starts on an empty Redis
-    await client.aclose()
     prober = await scrape_prober(redis_server, tmp_path)
+    await client.flushall()
+    await client.aclose()
+    feed = await scrape_sharded_feed(redis_server, tmp_path / "sharded")
     exported = Exported()
-    for text in (analyzer, prober, responder_exposition()):
+    for text in (analyzer, prober, feed, responder_exposition()):
         exported.add(text)
     dash = load()
     assert dashboard_problems(dash, exported) == []
@@ -273,6 +313,11 @@ async def test_every_dashboard_metric_is_exported(redis_server: RedisServer, tmp
     assert a['stepstone_analyzer_verdicts_by_kind_total{"kind": "none"}'] == 0  # shown from the start
     assert p["stepstone_prober_probe_duration_seconds_count{}"] == 1
     assert 0 < p["stepstone_prober_probe_duration_seconds_sum{}"] < 5
+    # One handshake, measured (not only counted), one verdict line: its source's first.
+    assert a["stepstone_analyzer_handshakes_sampled_total{}"] == 1
+    assert a["stepstone_analyzer_handshakes_counted_total{}"] == 0
+    assert a['stepstone_analyzer_verdict_lines_total{"change": "first"}'] == 1
+    assert a['stepstone_analyzer_verdict_lines_total{"change": "refresh"}'] == 0
 
     # And the check fails on a name nobody exports, wherever it sits.
     bad = load()
