@@ -787,8 +787,8 @@ def _source_plot(src: str, s: _Source, v: Mapping[str, Any], mark: tuple[Truth, 
         if mark is not None:
             t, sc = mark
             right = "right" if sc.kind_right else "WRONG"
-            title += (f"\nlab truth: {t.truth} ({t.scenario}); paper's rule {sc.outcome.upper()}, "
-                      f"confident rule {sc.outcome_strong.upper()}, kind {right}")
+            title += (f"\nlab truth: {t.truth} ({_wrap(t.scenario, 30)}); paper {sc.outcome.upper()}, "
+                      f"confident {sc.outcome_strong.upper()}, kind {right}")
         ax.set_title(title, loc="left")
         return _svg(fig)
 
@@ -988,7 +988,7 @@ table.sortable th[data-dir=asc]::after{content:" ▲"}table.sortable th[data-dir
 tr.flag td:first-child{border-left:3px solid #cf222e}
 .tp{color:#1a7f37;font-weight:600}.fp{color:#cf222e;font-weight:600}.fn{color:#8250df;font-weight:600}
 .tn{color:#57606a}.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:8px}
-svg{max-width:100%;height:auto}.wide{overflow-x:auto}.warn{color:#9a6700}
+svg{max-width:100%;height:auto}.wide{overflow-x:auto}.warn{color:#9a6700}table+table{margin-top:.8em}
 """
 
 # Click a header to sort by it (numbers by data-v, else text); no external assets.
@@ -1119,11 +1119,12 @@ def render(
     out.append(f'<p class="meta">{note} A sample is beyond the threshold when its {_TP} is above the dashed '
                f"line ({_TAPP}: the dotted one). Each plot keeps at most {agg.points_cap} points per source, "
                "sampled uniformly over its records.</p>")
-    out.append('<p class="key"><span style="color:#cf222e">&#9679; ' + _TP + " (the handshake)</span>"
-               '<span style="color:#8250df">&#9650; ' + _TAPP + " (banner to the client's answer)</span>"
-               '<span style="color:#0969da">&#9633; ' + _TA + " (max ping RTT)</span>"
-               '<span style="color:#1f883d">&#9671; ' + _TA + " (SYN RTT, when ICMP is dropped)</span>"
-               '<span style="color:#57606a">- - - ' + _TA + " + the source's threshold</span>"
+    # Spaces between the spans: the key wraps between its entries, never inside one.
+    out.append('<p class="key"><span style="color:#cf222e">&#9679; ' + _TP + " (the handshake)</span> "
+               '<span style="color:#8250df">&#9650; ' + _TAPP + " (banner to the client's answer)</span> "
+               '<span style="color:#0969da">&#9633; ' + _TA + " (max ping RTT)</span> "
+               '<span style="color:#1f883d">&#9671; ' + _TA + " (SYN RTT, when ICMP is dropped)</span> "
+               '<span style="color:#57606a">- - - ' + _TA + " + the source's threshold</span> "
                '<span style="color:#8250df">&middot;&middot;&middot; ' + _TA
                + " + its app threshold</span></p>")
     if shown_plots:
