@@ -42,6 +42,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError
 
 from analyzer.record import Record, RecordError
 from prober.job import JobError, Result
@@ -98,6 +99,24 @@ for i, key in ipairs(KEYS) do
              'feed', ARGV[a + 4])
   redis.call('EXPIRE', key, ARGV[1])
   out[i] = {before[1] or '', before[2] or '', before[3] or ''}
+end
+return out
+"""
+
+# KEYS: src:<src> ...; ARGV: max records, ttl, then per key: the cutoff score (older records are
+# trimmed), n, and n score/member pairs. Adds a batch's records to their sources' windows, trims
+# each to its newest `max records`, and returns each window's members (one call per batch).
+_WINDOWS = """
+local maxr, ttl, a, out = tonumber(ARGV[1]), ARGV[2], 3, {}
+for i, key in ipairs(KEYS) do
+  local cutoff, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  redis.call('ZADD', key, unpack(ARGV, a, a + 2 * n - 1))
+  a = a + 2 * n
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
+  redis.call('ZREMRANGEBYRANK', key, 0, -maxr - 1)
+  redis.call('EXPIRE', key, ttl)
+  out[i] = redis.call('ZRANGE', key, 0, -1)
 end
 return out
 """
@@ -341,6 +360,7 @@ class State:
         self._sample = redis.register_script(_SAMPLE)
         self._attach_many = redis.register_script(_ATTACH_MANY)
         self._save = redis.register_script(_SAVE)
+        self._windows = redis.register_script(_WINDOWS)
         self._emit = redis.register_script(_EMIT)
         self.src_ttl = int(2 * window) + 3600  # a source's window and counts live this long
         # Window members are immutable: each is checked and decoded once, not at every read of
@@ -429,23 +449,30 @@ class State:
             by_src.setdefault(record.src, []).append((hid, record))
         if not by_src:
             return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for src, items in by_src.items():
-                key = self.key("src", src)
+        args: list[Any] = [self.max_records, self.src_ttl]
+        for items in by_src.values():
+            # Keep one extra window of slack: records may arrive out of order.
+            newest = max(record.t for _, record in items)
+            args += [repr(newest - 2 * self.window), len(items)]
+            for hid, record in items:
                 # The member is deterministic for a handshake, so closing it twice adds nothing.
-                pipe.zadd(key, {json.dumps({"hid": hid, "record": record_dict(record)}, sort_keys=True):
-                                record.t for hid, record in items})
-                # Keep one extra window of slack: records may arrive out of order.
-                newest = max(record.t for _, record in items)
-                pipe.zremrangebyscore(key, "-inf", f"({newest - 2 * self.window}")
-                # A source that floods the darknet is judged on its newest records only.
-                pipe.zremrangebyrank(key, 0, -self.max_records - 1)
-                pipe.expire(key, self.src_ttl)
-                pipe.execute_command("ZRANGE", key, 0, -1, **{NEVER_DECODE: []})  # each decoded alone
-            replies = await pipe.execute()
+                member = json.dumps({"hid": hid, "record": record_dict(record)}, sort_keys=True)
+                args += [repr(record.t), member]
+        keys = [self.key("src", src) for src in by_src]
+        # Undecoded: each member is decoded (and checked) alone, below.
+        raw = {NEVER_DECODE: []}
+        sha = getattr(self._windows, "sha", None)
+        if sha is None:  # a cluster client's script (prober.shards.EvalScript): EVAL, the text
+            replies = await self.redis.execute_command("EVAL", _WINDOWS, len(keys), *keys, *args, **raw)
+        else:
+            try:
+                replies = await self.redis.execute_command("EVALSHA", sha, len(keys), *keys, *args, **raw)
+            except NoScriptError:  # a Redis restarted (or SCRIPT FLUSHed) since: load it again
+                await self.redis.script_load(_WINDOWS)
+                replies = await self.redis.execute_command("EVALSHA", sha, len(keys), *keys, *args, **raw)
         out: dict[str, Window] = {}
         bad: dict[str, set[bytes]] = {}
-        for src, (*_, members) in zip(by_src, _chunks(replies, 5), strict=True):
+        for src, members in zip(by_src, replies, strict=True):
             window = Window([])
             for raw in members:
                 known = self._decoded.get(raw)
