@@ -934,6 +934,22 @@ class Service:
             texts[hid] = (head[:-1] + ',"verdict":' + verdict_json[record.src] + ","
                           + json.dumps(tail, separators=JSON_SEPARATORS)[1:], head)
             lines.append((hid, {**fields, "verdict": verdicts[record.src], **tail}))
+        # Per source, its newest record of the batch stands for it on the stream and in the log.
+        latest: dict[str, tuple[str, dict[str, Any]]] = {}
+        for hid, line in lines:
+            if line["src"] not in latest or line["t"] >= latest[line["src"]][1]["t"]:
+                latest[line["src"]] = (hid, line)
+        # The stream entry first, decided in Redis (atomically, so one change is emitted once
+        # whichever analyzer sees it), then the records, then the change lines: a batch redone
+        # after a failure anywhere in between (its records not yet marked as written, so it
+        # comes back here) gets the same emission back and writes what is missing.
+        todo = list(latest.values())
+        # The entry is `entry_fields(hid, verdict, record)`, from the texts already encoded.
+        emitted = await self.state.emit(
+            [(line["src"], _signature(line["verdict"]), hid,
+              {"hid": hid, "verdict": verdict_json[line["src"]], "record": texts[hid][1]})
+             for hid, line in todo],
+            now=time.time(), refresh=self.config.refresh)
         written = await self.records_log.write_many([(hid, Encoded(texts[hid][0])) for hid, _ in lines],
                                                     checked=True)
         for hid, line in lines:
@@ -944,31 +960,20 @@ class Service:
                 self.metrics.relays.inc()
             self.metrics.verdict_kinds.labels(verdict_kind(line["verdict"])).inc()
             self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
-        # Per source, its newest record of the batch stands for it on the stream and in the log.
-        latest: dict[str, tuple[str, dict[str, Any]]] = {}
-        for hid, line in lines:
-            if hid in written and (line["src"] not in latest or line["t"] >= latest[line["src"]][1]["t"]):
-                latest[line["src"]] = (hid, line)
-        # The stream entry first, decided in Redis (atomically, so one change is emitted once
-        # whichever analyzer sees it), then the log line.
-        todo = list(latest.values())
-        # The entry is `entry_fields(hid, verdict, record)`, from the texts already encoded.
-        emitted = await self.state.emit(
-            [(line["src"], _signature(line["verdict"]),
-              {"hid": hid, "verdict": verdict_json[line["src"]], "record": texts[hid][1]})
-             for hid, line in todo],
-            now=time.time(), refresh=self.config.refresh)
         changes: list[tuple[str, dict[str, Any] | Encoded]] = []
+        kinds: dict[str, str] = {}
         for (hid, _), done in zip(todo, emitted, strict=True):
             if done is None:
                 continue
-            self.metrics.changes.labels(done.change).inc()
-            self._stats[done.change] = self._stats.get(done.change, 0) + 1
+            kinds[hid] = done.change
             extra = json.dumps({"change": done.change, "verdict_entry": done.entry,
                                 "handshakes_seen": done.seen, "handshakes_answered": done.answered,
                                 "handshakes_sampled": done.sampled}, separators=JSON_SEPARATORS)
             changes.append((hid, Encoded(texts[hid][0][:-1] + "," + extra[1:])))
-        await self.stepstone_log.write_many(changes, checked=True)
+        # Not `checked`: a redo's line may be in the log already (Redis's mark, or the tail).
+        for hid in await self.stepstone_log.write_many(changes):
+            self.metrics.changes.labels(kinds[hid]).inc()
+            self._stats[kinds[hid]] = self._stats.get(kinds[hid], 0) + 1
 
     def _judge(self, record: Record, window: list[Record]) -> Any:
         """The rules over the window. Every record in it passed the same checks, so this cannot

@@ -191,27 +191,36 @@ return out
 """
 
 # KEYS: cnt:<src> ..., then the verdicts stream; ARGV: now, refresh seconds, maxlen, n (entry
-# items per source), then per source its verdict's signature and n field/value items. Appends a
-# source's verdict when it differs from the last one emitted (`sig`), or when `refresh` seconds
-# have passed since; atomically, so two analyzers judging one source emit one change. Per source
-# {} (nothing to emit) or {change, entry id, seen, answered, sampled}.
+# items per source), then per source its verdict's signature, the handshake that stands for it
+# and n field/value items. Appends a source's verdict when it differs from the last one emitted
+# (`sig`), or when `refresh` seconds have passed since; atomically, so two analyzers judging one
+# source emit one change. The same handshake again with the same verdict is a redo (its batch
+# failed after this, e.g. Redis failed over): what was emitted for it is returned again, so its
+# log line is still written. Per source {} (nothing to emit) or {change, entry id, seen,
+# answered, sampled}.
 _EMIT = """
 local stream, now, refresh, n, out = KEYS[#KEYS], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), {}
 for i = 1, #KEYS - 1 do
-  local base = 4 + (i - 1) * (n + 1)
-  local sig = ARGV[base + 1]
-  local last = redis.call('HMGET', KEYS[i], 'sig', 'emitted_at')
+  local base = 4 + (i - 1) * (n + 2)
+  local sig, hid = ARGV[base + 1], ARGV[base + 2]
+  local last = redis.call('HMGET', KEYS[i], 'sig', 'emitted_at', 'e_hid', 'e_entry', 'e_change')
   local change = false
-  if not last[1] then
+  local id = false
+  if last[1] == sig and last[3] == hid and last[4] and last[5] then
+    change, id = last[5], last[4]
+  elseif not last[1] then
     change = 'first'
   elseif last[1] ~= sig then
     change = 'changed'
   elseif now - (tonumber(last[2]) or 0) >= refresh then
     change = 'refresh'
   end
+  if change and not id then
+    id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, base + 3, base + 2 + n))
+    redis.call('HSET', KEYS[i], 'sig', sig, 'emitted_at', ARGV[1], 'e_hid', hid, 'e_entry', id,
+               'e_change', change)
+  end
   if change then
-    local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, base + 2, base + 1 + n))
-    redis.call('HSET', KEYS[i], 'sig', sig, 'emitted_at', ARGV[1])
     local c = redis.call('HMGET', KEYS[i], 'seen', 'answered', 'sampled')
     out[i] = {change, id, c[1] or '0', c[2] or '0', c[3] or '0'}
   else
@@ -508,22 +517,23 @@ class State:
         grants = await self._sample(keys=[self.key("cnt", src) for src, _, _ in counts], args=args)
         return [int(x) for x in grants]
 
-    async def emit(self, batch: Sequence[tuple[str, str, dict[str, str]]], *, now: float, refresh: float,
+    async def emit(self, batch: Sequence[tuple[str, str, str, dict[str, str]]], *, now: float, refresh: float,
                    maxlen: int = VERDICTS_MAXLEN) -> list[Emitted | None]:
-        """For each (src, verdict signature, entry fields): append the entry to the `verdicts`
-        stream if the source's verdict changed since the last one emitted (by any analyzer), or
-        `refresh` seconds have passed since; per source, what was emitted, or None."""
+        """For each (src, verdict signature, hid, entry fields): append the entry to the
+        `verdicts` stream if the source's verdict changed since the last one emitted (by any
+        analyzer), or `refresh` seconds have passed since; per source, what was emitted, or None.
+        The same (signature, hid) again, a redo, gets back what was emitted for it."""
         if not batch:
             return []
-        n = 2 * len(batch[0][2])
-        if any(2 * len(fields) != n for _, _, fields in batch):  # entry_fields: always the same
+        n = 2 * len(batch[0][3])
+        if any(2 * len(fields) != n for *_, fields in batch):  # entry_fields: always the same
             raise ValueError("verdict entries with different fields cannot be emitted together")
         args: list[Any] = [repr(now), repr(refresh), maxlen, n]
-        for _, sig, fields in batch:
-            args.append(sig)
+        for _, sig, hid, fields in batch:
+            args += [sig, hid]
             for name, value in fields.items():
                 args += [name, value]
-        keys = [*(self.key("cnt", src) for src, _, _ in batch), self.key("verdicts")]
+        keys = [*(self.key("cnt", src) for src, *_ in batch), self.key("verdicts")]
         replies = await self._emit(keys=keys, args=args)
         out: list[Emitted | None] = []
         for reply in replies:

@@ -662,3 +662,25 @@ async def test_a_verdict_is_emitted_when_it_changes_or_is_due_a_refresh(harness:
     assert [e["hid"] for _, e in entries] == [x["hid"] for x in changes]
     assert [x["verdict_entry"] for x in changes] == [entry_id for entry_id, _ in entries]
     assert changes[2]["handshakes_seen"] == 4
+
+
+async def test_a_redone_emission_gets_its_entry_back_and_appends_nothing(redis_server: RedisServer) -> None:
+    """A batch that emitted a verdict and then failed (Redis failed over, the process died) is
+    redone: the same handshake with the same verdict gets the same change and entry back, so its
+    stepstone.log line is still written, and the stream gets no second entry."""
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    state = State(r)
+    fields = {"hid": "5-0", "verdict": "{}", "record": "{}"}
+    first = await state.emit([("198.18.80.1", "none|0000|", "5-0", fields)], now=100.0, refresh=3600)
+    again = await state.emit([("198.18.80.1", "none|0000|", "5-0", fields)], now=101.0, refresh=3600)
+    other = await state.emit([("198.18.80.1", "none|0000|", "6-0", {**fields, "hid": "6-0"})], now=102.0,
+                             refresh=3600)
+    changed = await state.emit([("198.18.80.1", "shared|1010|os", "7-0", {**fields, "hid": "7-0"})],
+                               now=103.0, refresh=3600)
+    entries = await r.xrange(P + "verdicts")
+    await r.aclose()
+    assert first[0] is not None and first[0].change == "first"
+    assert again == first  # the redo: the same change and entry
+    assert other == [None]  # another handshake, the same verdict: nothing to say
+    assert changed[0] is not None and changed[0].change == "changed"
+    assert [e["hid"] for _, e in entries] == ["5-0", "7-0"]
