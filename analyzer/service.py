@@ -39,7 +39,7 @@ from analyzer.measurement import passive_record, with_probe
 from analyzer.metrics import Metrics, verdict_kind
 from analyzer.record import Record
 from analyzer.retention import DEAD_KEEP_S, trim_consumed
-from analyzer.rules import OsLevel, judge
+from analyzer.rules import APP_ALLOWANCE_US, MAX_APP_ALLOWANCE_MS, OsLevel, judge
 from analyzer.state import Outcome, State, StateError, Stored, record_dict
 from analyzer.verdicts import Encoded, JsonLog, from_entry
 from osfp import FingerprintError
@@ -88,6 +88,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "claim_after": (0.001, DAY),
     "max_records": (1, 1_000_000),
     "sample_per_source": (0, 1_000_000),
+    "hops_offset": (-255, 255),
+    "app_allowance": (0, MAX_APP_ALLOWANCE_MS),
     "refresh": (1, YEAR),
 }
 HANDSHAKES_LOG = ("all", "sampled", "off")
@@ -160,6 +162,8 @@ class Config:
     handshakes_log: str = "sampled"
     shards: int = 1  # prober.shards: N > 1 (or a cluster URL) puts shard i under <prefix>{i}:
     shard_ids: tuple[int, ...] = ()  # the shards this process serves (empty: all)
+    hops_offset: float = 0.0  # the prober's constant hop offset from the sensor (rules.hop_test)
+    app_allowance_us: float = APP_ALLOWANCE_US  # a direct client's time to answer a banner (cond_app)
 
 
 def register(sub: Any) -> None:
@@ -226,6 +230,15 @@ def register(sub: Any) -> None:
     p.add_argument("--handshakes-log", choices=HANDSHAKES_LOG, default="sampled",
                    help="handshakes.log gets a line for every handshake (all: the whole stream is "
                    "decoded), for the measured ones (sampled, the default), or none (off)")
+    p.add_argument("--hops-offset", type=float, default=0.0, metavar="HOPS",
+                   help="the prober's constant hop offset from the sensor, taken off every SYN - SYN+ACK "
+                   "hop difference (default 0: the prober sits where the sensor is; `stepstone-analyzer "
+                   "judge --summary records.log` estimates it from the sources judged direct)")
+    p.add_argument("--app-allowance", type=float, default=APP_ALLOWANCE_US / 1000, metavar="MS",
+                   help="a direct client's own time to answer a banner, allowed before cond_app calls the "
+                   "extra application RTT a proxy's onward leg (default "
+                   f"{APP_ALLOWANCE_US / 1000:g}; raise it where slow clients are expected, at the price "
+                   "of the proxies with short onward legs)")
     shard = p.add_argument_group("shards (docs/cluster.md)")
     shard.add_argument("--shards", type=int, default=1, metavar="N",
                        help="the sources are split into N shards by address, shard i's keys under "
@@ -295,7 +308,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ports=ports, darknets=tuple(darknets), dedup_window=args.dedup_window, deadline=args.deadline,
         claim_after=args.claim_after, max_records=args.max_records, zeek_group=args.zeek_group,
         sample_per_source=args.sample_per_source, refresh=args.refresh, handshakes_log=args.handshakes_log,
-        shards=args.shards, shard_ids=shard_ids,
+        shards=args.shards, shard_ids=shard_ids, hops_offset=args.hops_offset,
+        app_allowance_us=args.app_allowance * 1000,
     )
 
 
@@ -980,15 +994,20 @@ class Service:
         fail; should it still, the records the rules cannot take are dropped (and counted) and the
         rest of the window still counts."""
         config = self.config
+
+        def rules(records: list[Record]) -> Any:
+            return judge(records, window=config.window, os_level=config.os_level,
+                         hops_offset=config.hops_offset, app_allowance_us=config.app_allowance_us)
+
         try:
-            return judge(window, window=config.window, os_level=config.os_level)
+            return rules(window)
         except (ArithmeticError, ValueError) as exc:
             log.warning("judging %s over %d records failed (%s); dropping the records it cannot take",
                         record.src, len(window), exc)
         kept: list[Record] = []
         for r in window:
             try:
-                judge([*kept, r], window=config.window, os_level=config.os_level)
+                rules([*kept, r])
                 kept.append(r)
             except (ArithmeticError, ValueError):
                 self.metrics.errors.labels("bad_record").inc()
@@ -996,9 +1015,9 @@ class Service:
         if record not in kept:
             kept.append(record)
         try:
-            return judge(kept, window=config.window, os_level=config.os_level)
+            return rules(kept)
         except (ArithmeticError, ValueError):
-            return judge([record], window=config.window, os_level=config.os_level)
+            return rules([record])
 
 
 def _signature(verdict: dict[str, Any]) -> str:

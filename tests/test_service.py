@@ -348,6 +348,10 @@ async def test_entries_of_a_dead_analyzer_are_claimed(harness: Harness) -> None:
         (["--redis", "redis://localhost", "--zeek", "ws://127.0.0.1:0/v1/messages/json"], "WebSocket URL"),
         (["--redis", "redis://localhost", "--handshakes", "--ports", "22,0"], "--ports"),
         (["--redis", "redis://localhost", "--handshakes", "--darknet", "10.0.0.300/8"], "--darknet"),
+        (["--redis", "redis://localhost", "--handshakes", "--hops-offset", "300"], "--hops-offset"),
+        (["--redis", "redis://localhost", "--handshakes", "--hops-offset", "nan"], "--hops-offset"),
+        (["--redis", "redis://localhost", "--handshakes", "--app-allowance", "-1"], "--app-allowance"),
+        (["--redis", "redis://localhost", "--handshakes", "--app-allowance", "inf"], "--app-allowance"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(

@@ -25,8 +25,9 @@ async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Ha
 
 
 @contextlib.asynccontextmanager
-async def service(h: Harness) -> AsyncIterator[None]:
-    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, consumer="a1")
+async def service(h: Harness, **options: Any) -> AsyncIterator[None]:
+    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, consumer="a1",
+                    **options)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, stop=stop))
     try:
@@ -66,3 +67,21 @@ async def test_a_proxy_seen_by_banner_timing_is_terminating(harness: Harness) ->
     assert [e["test"] for e in v["evidence"]] == ["app"]
     d = last["198.18.70.2"]["verdict"]
     assert d["kind"] == "none" and not d["cond_app"] and d["app_samples"] == 3
+
+
+async def test_the_operator_allowance_clears_a_slow_client(harness: Harness) -> None:
+    """`run --app-allowance 60` (a site where clients think up to 50 ms): the same 40 ms answers
+    are a slow client's, not a proxy's onward leg."""
+    t = time.time()
+    ping = 30_000
+    slow = [dataclasses.replace(handshake("198.18.71.1", "198.19.0.22", t=t + i * 0.01, tp_us=ping,
+                                          sport=42000 + i), tapp_us=ping + 40_000, app_data=b"EHLO x\r\n")
+            for i in range(3)]
+    async with service(harness, app_allowance_us=60_000.0):
+        for h in slow:
+            await harness.send(h)
+        ((job, fields),) = await harness.jobs(1)
+        await harness.answer(result(job, fields["src"], t, ping_max=ping, fa=None, ping_min=ping))
+        out = await harness.verdicts(3)
+    v = max(out, key=lambda x: x["verdict"]["app_samples"])["verdict"]
+    assert v["app_samples"] == 3 and not v["cond_app"] and v["kind"] == "none"
