@@ -954,9 +954,10 @@ class Service:
             if line["src"] not in latest or line["t"] >= latest[line["src"]][1]["t"]:
                 latest[line["src"]] = (hid, line)
         # The stream entry first, decided in Redis (atomically, so one change is emitted once
-        # whichever analyzer sees it), then the records, then the change lines: a batch redone
-        # after a failure anywhere in between (its records not yet marked as written, so it
-        # comes back here) gets the same emission back and writes what is missing.
+        # whichever analyzer sees it), then the change lines, then the records, last: a handshake
+        # whose records.log line is marked counts as done and is never redone, so a batch redone
+        # after a failure anywhere before that (it comes back here) gets the same emission back
+        # and writes what is missing.
         todo = list(latest.values())
         # The entry is `entry_fields(hid, verdict, record)`, from the texts already encoded.
         emitted = await self.state.emit(
@@ -964,16 +965,6 @@ class Service:
               {"hid": hid, "verdict": verdict_json[line["src"]], "record": texts[hid][1]})
              for hid, line in todo],
             now=time.time(), refresh=self.config.refresh)
-        written = await self.records_log.write_many([(hid, Encoded(texts[hid][0])) for hid, _ in lines],
-                                                    checked=True)
-        for hid, line in lines:
-            if hid not in written:
-                continue
-            self.metrics.verdicts.inc()
-            if line["verdict"].get("relay"):
-                self.metrics.relays.inc()
-            self.metrics.verdict_kinds.labels(verdict_kind(line["verdict"])).inc()
-            self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
         changes: list[tuple[str, dict[str, Any] | Encoded]] = []
         kinds: dict[str, str] = {}
         for (hid, _), done in zip(todo, emitted, strict=True):
@@ -988,6 +979,16 @@ class Service:
         for hid in await self.stepstone_log.write_many(changes):
             self.metrics.changes.labels(kinds[hid]).inc()
             self._stats[kinds[hid]] = self._stats.get(kinds[hid], 0) + 1
+        written = await self.records_log.write_many([(hid, Encoded(texts[hid][0])) for hid, _ in lines],
+                                                    checked=True)
+        for hid, line in lines:
+            if hid not in written:
+                continue
+            self.metrics.verdicts.inc()
+            if line["verdict"].get("relay"):
+                self.metrics.relays.inc()
+            self.metrics.verdict_kinds.labels(verdict_kind(line["verdict"])).inc()
+            self.metrics.latency.observe(max(0.0, line["verdict_at"] - line["t"]))
 
     def _judge(self, record: Record, window: list[Record]) -> Any:
         """The rules over the window. Every record in it passed the same checks, so this cannot

@@ -147,7 +147,7 @@ async def test_master_killed_without_replicas(tmp_path: Path) -> None:
             want = shard_sources(pipe.layout, live)
 
             async def live_done() -> bool:
-                # The record line comes first, the change line right after it, in the same batch.
+                # The change line comes first, the record line right after it, in the same batch.
                 records, changes = verdicts(pipe.log_dir), verdicts(pipe.log_dir, "stepstone.log")
                 return all({s for i in live for s in x[i]} >= want for x in (records, changes))
 
@@ -212,9 +212,9 @@ async def test_master_killed_with_replicas_loses_nothing(tmp_path: Path) -> None
                 return pipe.sink.backlog() == 0
 
             await until(drained, what="the producer's last writes")
-            # stepstone.log (one line per verdict change) is not asserted: the analyzer skips a
-            # handshake whose records.log line is written, so a batch the kill cut between that line
-            # and the verdict's emission never writes its change line (reported; analyzer's to fix).
+            # stepstone.log: every source's first verdict too. A batch the kill cut off is redone
+            # whole unless its records.log lines are marked, and they are written after its change
+            # lines (written before them, a batch cut between the two lost its change line).
             async def change_lines() -> bool:
                 changes = verdicts(pipe.log_dir, "stepstone.log")
                 return all(set(changes[i]) >= set(got[i]) for i in range(N))
@@ -236,6 +236,7 @@ async def test_master_killed_with_replicas_loses_nothing(tmp_path: Path) -> None
             # replica has no replica of its own: those writes' WAITs time out, and are counted,
             # not hidden.
             assert pipe.at_kill[1] == 0
+            assert no_change_line == 0
             # The producer's WAIT went to each shard's own master (a keyless command would
             # otherwise go to any node, and wait for nothing).
             for i in range(N):

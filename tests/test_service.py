@@ -37,7 +37,7 @@ from service_harness import (
 
 from analyzer.cli import main as cli_main
 from analyzer.record import Record
-from analyzer.service import Config, serve
+from analyzer.service import Config, Service, serve
 from analyzer.state import State, Stored
 from analyzer.verdicts import JsonLog
 from lab.redis import RedisServer
@@ -688,3 +688,39 @@ async def test_a_redone_emission_gets_its_entry_back_and_appends_nothing(redis_s
     assert other == [None]  # another handshake, the same verdict: nothing to say
     assert changed[0] is not None and changed[0].change == "changed"
     assert [e["hid"] for _, e in entries] == ["5-0", "7-0"]
+
+
+async def test_a_batch_redone_after_its_change_line_failed_still_writes_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A batch that emitted a verdict and failed before its stepstone.log line was written (the
+    disk refused it; a Redis failover or a kill at that point does the same) is redone: the
+    change line is written then, once, with the entry emitted the first time. (A handshake whose
+    records.log line is marked is never redone, so that line must come last.)"""
+    log_dir = tmp_path / "logs"
+    config = Config(redis_url=redis_server.url, handshakes=True, zeek_url=None, log_dir=log_dir,
+                    consumer="a1")
+    service = await Service.start(config)
+    try:
+        record = Record(t=time.time(), src="198.18.72.1", dst="198.19.4.1", tp_us=30_000)
+        await service.state.save([Stored(hid="9-0", record=record, sport=40000, dport=22,
+                                         feed="responder", job=None)])
+        closing = [("9-0", None, None, "deduped: no earlier probe of this address is known")]
+        good = service.stepstone_log._fd
+        # The change line's write fails (EBADF: a descriptor not open for writing).
+        service.stepstone_log._fd = os.open(log_dir / "stepstone.log", os.O_RDONLY)
+        with pytest.raises(OSError):
+            await service.close_many(closing)
+        assert service.stepstone_log._fd is not None
+        os.close(service.stepstone_log._fd)
+        service.stepstone_log._fd = good
+        await service.close_many(closing)  # the redo
+        await service.close_many(closing)  # and a redelivery after it: nothing more
+        entries = await service.redis.xrange(P + "verdicts")
+    finally:
+        await service.close()
+    (change,) = lines(log_dir / "stepstone.log")
+    assert change["hid"] == "9-0" and change["change"] == "first"
+    assert [entry_id for entry_id, _ in entries] == [change["verdict_entry"]]
+    assert [x["hid"] for x in lines(log_dir / "records.log")] == ["9-0"]
+
