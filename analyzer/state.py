@@ -111,7 +111,12 @@ local maxr, ttl, a, out = tonumber(ARGV[1]), ARGV[2], 3, {}
 for i, key in ipairs(KEYS) do
   local cutoff, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  redis.call('ZADD', key, unpack(ARGV, a, a + 2 * n - 1))
+  -- In chunks: Lua's unpack refuses more than about 8,000 values (a scanner's job closing
+  -- thousands of handshakes at once, with --sample-per-source 0).
+  local last = a + 2 * n - 1
+  for s = a, last, 1000 do
+    redis.call('ZADD', key, unpack(ARGV, s, math.min(s + 999, last)))
+  end
   a = a + 2 * n
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
   redis.call('ZREMRANGEBYRANK', key, 0, -maxr - 1)

@@ -724,3 +724,19 @@ async def test_a_batch_redone_after_its_change_line_failed_still_writes_it(
     assert [entry_id for entry_id, _ in entries] == [change["verdict_entry"]]
     assert [x["hid"] for x in lines(log_dir / "records.log")] == ["9-0"]
 
+
+async def test_a_job_closing_thousands_of_one_sources_handshakes_adds_them_all(
+    redis_server: RedisServer,
+) -> None:
+    """--sample-per-source 0: a scanner's handshakes of a whole probe period wait for one job, and
+    its result closes them in one batch. Adding them to the window is one Lua call, whose ZADD
+    must not take them all as one unpack (Lua refuses about 8,000 values: the batch failed)."""
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    state = State(r, max_records=10_000)
+    t = time.time()
+    batch = [(f"{i + 1}-0", Record(t=t + i * 0.001, src="198.18.73.1", dst="198.19.5.1", tp_us=30_000))
+             for i in range(5000)]
+    windows = await state.add_records(batch)
+    assert len(windows["198.18.73.1"].records) == 5000
+    assert await r.zcard(P + "src:198.18.73.1") == 5000
+    await r.aclose()
