@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import socket
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -26,6 +28,16 @@ IP6T_SO_ORIGINAL_DST = 80
 # the 24th (linux/tcp.h, stable ABI).
 _TCPI_RTT = 8 + 15 * 4
 _TCPI_TOTAL_RETRANS = 8 + 23 * 4
+
+# accept(2) failures that leave the listener usable. Out of descriptors or memory: the connection
+# stays in the kernel's accept queue until something closes (banner exchanges hold a descriptor
+# each until --banner-timeout), so wait a little and accept again. A connection that failed
+# before it was accepted: man 2 accept says retry at once.
+ACCEPT_RETRY_S = 0.25
+_ACCEPT_WAIT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_AGAIN = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+                           errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                           errno.ENETUNREACH})
 
 
 class ListenerError(RuntimeError):
@@ -150,8 +162,25 @@ async def accept_forever(listener: socket.socket,
     connection first and may keep it (a banner port, responder/banners.py): it returns True, owns
     the socket from then on and reports that handshake itself, later; the loop goes on at once."""
     loop = asyncio.get_running_loop()
+    short_of: int | None = None  # the errno accept is failing with, said once per episode
     while True:
-        conn, peer = await loop.sock_accept(listener)
+        try:
+            conn, peer = await loop.sock_accept(listener)
+        except OSError as exc:
+            # Without this, one EMFILE (more banner exchanges open than RLIMIT_NOFILE allows) ended
+            # the accept loop and with it the responder.
+            if exc.errno in _ACCEPT_AGAIN:
+                continue
+            if exc.errno not in _ACCEPT_WAIT:
+                raise
+            if short_of != exc.errno:
+                short_of = exc.errno
+                print(f"stepstone-responder: cannot accept ({exc.strerror}); accepting again as "
+                      "connections close (see --banner-sessions and the open-file limit)",
+                      file=sys.stderr, flush=True)
+            await asyncio.sleep(ACCEPT_RETRY_S)
+            continue
+        short_of = None
         now = time.time()
         try:
             handshake: Handshake | None = describe(conn, peer, now)

@@ -21,7 +21,7 @@ from lab.process import wait_for
 from lab.redis import RedisServer
 from responder.banners import MAX_BANNER, load_banners, parse_banners
 from responder.cli import BANNERS_EXAMPLE
-from tests.test_responder import DARKNET, _start, _stop
+from tests.test_responder import DARKNET, _start, _stop, _table
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "responder" / "banners.example.toml"
@@ -302,3 +302,42 @@ def test_many_silent_clients_at_once_block_nobody(pair: tuple[Namespace, Namespa
     got = [h for h in _handshakes(r) if h.dport == 22]
     assert len(got) == n and all(h.tapp_us is None for h in got)
     assert f"banners: {n} sent, 0 answered, {n} silent, 0 spoke first, 0 dropped" in err, err
+
+
+@pytest.mark.netns
+def test_running_out_of_file_descriptors_does_not_stop_the_responder(
+        pair: tuple[Namespace, Namespace], tmp_path: Path, redis_server: RedisServer) -> None:
+    """--banner-sessions above what the process may hold open (RLIMIT_NOFILE): when accept fails
+    for want of a descriptor (EMFILE), the responder waits for exchanges to end and accepts again,
+    instead of its accept loop dying; every client still gets its banner and every handshake is
+    reported."""
+    sensor, client = pair
+    n, timeout = 60, 2.0
+    banners = _banners(tmp_path, '[banners]\n22 = "SSH-2.0-OpenSSH_9.2p1\\r\\n"\n')
+    # 48 descriptors: the interpreter, Redis, the listener and the event loop take about 20.
+    proc = sensor.popen("prlimit", "--nofile=48", "--", sys.executable, "-m", "responder.cli", "run",
+                        "--darknet", DARKNET, "--redis", redis_server.url, "--banners", str(banners),
+                        "--banner-sessions", "500", "--banner-timeout", str(timeout),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    r = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
+    many = None
+    try:
+        wait_for(lambda: "stepstone_responder" in _table(sensor), 15, "the responder's table",
+                 alive=lambda: None if proc.poll() is None else f"responder exited {proc.returncode}")
+        many = client.python("-c", MANY, str(n), stdout=subprocess.PIPE)
+        assert many.stdout is not None
+        assert json.loads(many.stdout.readline()) == {"banners": n}
+        assert json.loads(many.stdout.readline()) == {"closed": n}
+        many.wait(30)
+        wait_for(lambda: r.xlen("stepstone:handshakes") >= n, 20, "every handshake",
+                 alive=lambda: None if proc.poll() is None else f"responder exited {proc.returncode}")
+        assert proc.poll() is None
+    finally:
+        if many is not None and many.poll() is None:
+            many.kill()
+            many.wait()
+        code, err = _stop(proc)
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    assert "cannot accept (Too many open files)" in err, err  # the limit was reached
+    assert f"banners: {n} sent, 0 answered, {n} silent" in err, err
