@@ -717,7 +717,8 @@ class Service:
             by_src.setdefault(src, []).append((hid, fields, answered))
         if not by_src:
             return
-        grants = await self.state.sample([(src, len(v), sum(a for *_, a in v)) for src, v in by_src.items()],
+        grants = await self.state.sample([(src, len(v), sum(a for *_, a in v), v[0][0])
+                                          for src, v in by_src.items()],
                                          now=time.time(), period=config.dedup_window,
                                          cap=config.sample_per_source)
         every = config.handshakes_log == "all"

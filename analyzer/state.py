@@ -18,9 +18,10 @@ loses nothing and several analyzers can share the work. Keys (all under the pref
 - `cnt:<src>`    hash: what the analyzers know of a source beyond its records: `seen`, `answered`,
                  `sampled` (handshakes received, answered, measured fully; totals while the key
                  lives), `p_start` / `p_sampled` (the current probe period's start and how many of
-                 its handshakes were measured: at most `--sample-per-source`), and `sig` /
-                 `emitted_at` (the last verdict emitted for it, and when). Kept as long as the
-                 source's window.
+                 its handshakes were measured: at most `--sample-per-source`), `g_hid` /
+                 `g_take` (the first handshake of the last batch granted, and its grant: a redo
+                 gets it back), and `sig` / `emitted_at` (the last verdict emitted for it, and
+                 when). Kept as long as the source's window.
 - `verdicts`     stream: one entry per verdict change or refresh, by any analyzer
                  (`analyzer.verdicts` encodes it); the `--zeek` analyzers read it with their own
                  groups and hand each entry to their sensor. Trimmed to about `VERDICTS_MAXLEN`
@@ -167,30 +168,41 @@ return id
 """
 
 # KEYS: cnt:<src> ...; ARGV: now, period seconds, cap (0 = none), ttl seconds, then per key: seen,
-# answered. Counts every handshake of the batch (one HINCRBY per source, not per handshake) and
-# grants each source the handshakes it may still measure fully in its current probe period: the
-# first `cap` of the period, whichever analyzer received them. Returns the grants, in key order.
+# answered, the hid of the source's first handshake in the batch. Counts every handshake of the
+# batch (one HINCRBY per source, not per handshake) and grants each source the handshakes it may
+# still measure fully in its current probe period: the first `cap` of the period, whichever
+# analyzer received them. The same first handshake again in the same period is a redo (the batch
+# failed after this, e.g. Redis failed over, and is read again): it gets its grant back and is not
+# counted again (`g_hid`, `g_take`), else the grant it used up would leave its handshakes unmeasured.
+# Returns the grants, in key order.
 _SAMPLE = """
 local now, period, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local out = {}
 for i, key in ipairs(KEYS) do
-  local seen, answered = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
-  local p = redis.call('HMGET', key, 'p_start', 'p_sampled')
-  local used = tonumber(p[2]) or 0
-  if not p[1] or now - tonumber(p[1]) >= period or now < tonumber(p[1]) - period then
-    redis.call('HSET', key, 'p_start', ARGV[1])
-    used = 0
+  local b = 4 + 3 * (i - 1)
+  local seen, answered, first = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), ARGV[b + 3]
+  local p = redis.call('HMGET', key, 'p_start', 'p_sampled', 'g_hid', 'g_take')
+  local start, used, granted = tonumber(p[1]), tonumber(p[2]) or 0, tonumber(p[4])
+  -- (Not a number, by a hand edit: a new period, not a script error.)
+  local current = start and now - start < period and now >= start - period
+  if current and p[3] == first and granted then
+    out[i] = granted
+  else
+    if not current then
+      redis.call('HSET', key, 'p_start', ARGV[1])
+      used = 0
+    end
+    local take = seen
+    if cap > 0 then
+      take = math.max(0, math.min(seen, cap - used))
+    end
+    redis.call('HSET', key, 'p_sampled', used + take, 'g_hid', first, 'g_take', take)
+    redis.call('HINCRBY', key, 'seen', seen)
+    redis.call('HINCRBY', key, 'answered', answered)
+    redis.call('HINCRBY', key, 'sampled', take)
+    redis.call('EXPIRE', key, ttl)
+    out[i] = take
   end
-  local take = seen
-  if cap > 0 then
-    take = math.max(0, math.min(seen, cap - used))
-  end
-  redis.call('HSET', key, 'p_sampled', used + take)
-  redis.call('HINCRBY', key, 'seen', seen)
-  redis.call('HINCRBY', key, 'answered', answered)
-  redis.call('HINCRBY', key, 'sampled', take)
-  redis.call('EXPIRE', key, ttl)
-  out[i] = take
 end
 return out
 """
@@ -509,17 +521,19 @@ class State:
                 await pipe.execute()
         return out
 
-    async def sample(self, counts: Sequence[tuple[str, int, int]], *, now: float, period: float,
+    async def sample(self, counts: Sequence[tuple[str, int, int, str]], *, now: float, period: float,
                      cap: int) -> list[int]:
-        """Count a batch's handshakes per source (src, seen, answered) and grant each source how
-        many of them it may still measure fully in its probe period of `period` seconds (the
-        first `cap` of the period; 0 = no cap). One round trip for the whole batch."""
+        """Count a batch's handshakes per source (src, seen, answered, the hid of its first one in
+        the batch) and grant each source how many of them it may still measure fully in its probe
+        period of `period` seconds (the first `cap` of the period; 0 = no cap). A redo (the same
+        first hid again in the period) gets its grant back and counts nothing. One round trip for
+        the whole batch."""
         if not counts:
             return []
         args: list[Any] = [repr(now), repr(period), cap, self.src_ttl]
-        for _, seen, answered in counts:
-            args += [seen, answered]
-        grants = await self._sample(keys=[self.key("cnt", src) for src, _, _ in counts], args=args)
+        for _, seen, answered, first in counts:
+            args += [seen, answered, first]
+        grants = await self._sample(keys=[self.key("cnt", src) for src, *_ in counts], args=args)
         return [int(x) for x in grants]
 
     async def emit(self, batch: Sequence[tuple[str, str, str, dict[str, str]]], *, now: float, refresh: float,

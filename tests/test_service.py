@@ -740,3 +740,48 @@ async def test_a_job_closing_thousands_of_one_sources_handshakes_adds_them_all(
     assert len(windows["198.18.73.1"].records) == 5000
     assert await r.zcard(P + "src:198.18.73.1") == 5000
     await r.aclose()
+
+
+async def test_a_batch_redone_after_a_failure_gets_its_grants_back_and_is_counted_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """--sample-per-source 3: a batch with 5 handshakes of a source is granted 3, then fails (here
+    handshakes.log refuses the write; a Redis failover does the same) and is read again. The redo
+    measures the same 3 (they were measured nowhere: the grant must not be used up by the failed
+    try) and counts the 5 once."""
+    log_dir = tmp_path / "logs"
+    config = Config(redis_url=redis_server.url, handshakes=True, zeek_url=None, log_dir=log_dir,
+                    consumer="a1", sample_per_source=3)
+    service = await Service.start(config)
+    src = "198.18.74.1"
+    t = time.time()
+    batch = [(f"{i + 1}-0", handshake(src, f"198.19.6.{i}", t=t + i * 0.01, sport=42000 + i).to_fields())
+             for i in range(5)]
+    try:
+        good = service.handshakes_log._fd
+        service.handshakes_log._fd = os.open(log_dir / "handshakes.log", os.O_RDONLY)
+        with pytest.raises(OSError):
+            await service.handle_handshakes(batch)
+        assert service.handshakes_log._fd is not None
+        os.close(service.handshakes_log._fd)
+        service.handshakes_log._fd = good
+        await service.handle_handshakes(batch)  # the redo
+        counts = await service.redis.hgetall(P + f"cnt:{src}")
+    finally:
+        await service.close()
+    assert [x["hid"] for x in lines(log_dir / "handshakes.log")] == ["1-0", "2-0", "3-0"]
+    counted = (counts["seen"], counts["answered"], counts["sampled"], counts["p_sampled"])
+    assert counted == ("5", "5", "3", "3")
+
+
+async def test_a_hand_edited_probe_period_starts_a_new_one(redis_server: RedisServer) -> None:
+    """cnt:<src> is Redis's, readable and editable by hand: a p_start that is not a number makes a
+    new period (the script once failed on it, and with it every batch with that source)."""
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    state = State(r)
+    await r.hset(P + "cnt:198.18.75.1", mapping={"p_start": "yesterday", "p_sampled": "many"})
+    grants = await state.sample([("198.18.75.1", 4, 4, "1-0")], now=1000.0, period=3600.0, cap=3)
+    counts = await r.hgetall(P + "cnt:198.18.75.1")
+    await r.aclose()
+    assert grants == [3]
+    assert (counts["p_start"], counts["p_sampled"], counts["seen"]) == ("1000.0", "3", "4")
