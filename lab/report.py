@@ -369,17 +369,8 @@ def render(report: Mapping[str, Any]) -> str:
 
 def rule_table(by_rule: Mapping[str, Mapping[str, Mapping[str, Any]]],
                kind_right: Mapping[str, Mapping[str, int]]) -> str:
-    """Per truth class and rule: TP/FP/TN/FN, precision, recall; and how often the kind was right."""
-    lines = [f"  {'truth':<7} {'rule':<10} {'TP':>3} {'FP':>3} {'TN':>3} {'FN':>3} {'precision':>9} "
-             f"{'recall':>6}  kind right"]
-    for truth, rules in by_rule.items():
-        right = kind_right.get(truth)
-        for rule, c in rules.items():
-            said = (f"{right['right']}/{right['of']} {KIND_FOR_TRUTH[truth]}"
-                    if right and rule == "kind" else "")
-            lines.append(f"  {truth:<7} {rule:<10} {c['tp']:>3} {c['fp']:>3} {c['tn']:>3} {c['fn']:>3} "
-                         f"{_num(c['precision']):>9} {_num(c['recall']):>6}  {said}")
-    return "\n".join(lines)
+    """Per truth and rule: TP/FP/TN/FN, precision, recall; and how often the kind was right."""
+    return _score_table("truth", 7, by_rule, kind_right, KIND_FOR_TRUTH)
 
 
 # What the combined verdict should say for each class.
@@ -391,14 +382,19 @@ def class_table(by_class: Mapping[str, Mapping[str, Mapping[str, Any]]],
                 class_right: Mapping[str, Mapping[str, int]]) -> str:
     """Per class of scenario and rule (paper, confident, kind; notice where Zeek was the sensor):
     TP/FP/TN/FN, precision, recall; and how often the combined verdict's kind was the right one."""
-    lines = [f"  {'class':<12} {'rule':<10} {'TP':>3} {'FP':>3} {'TN':>3} {'FN':>3} {'precision':>9} "
+    return _score_table("class", 12, by_class, class_right, KIND_FOR_CLASS)
+
+
+def _score_table(heading: str, width: int, scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 right: Mapping[str, Mapping[str, int]], expected: Mapping[str, str]) -> str:
+    lines = [f"  {heading:<{width}} {'rule':<10} {'TP':>3} {'FP':>3} {'TN':>3} {'FN':>3} {'precision':>9} "
              f"{'recall':>6}  kind right"]
-    for klass, rules in by_class.items():
-        right = class_right.get(klass)
+    for group, rules in scores.items():
+        kinds = right.get(group)
         for rule, c in rules.items():
-            said = (f"{right['right']}/{right['of']} {KIND_FOR_CLASS.get(klass, '?')}"
-                    if right and rule == "kind" else "")
-            lines.append(f"  {klass:<12} {rule:<10} {c['tp']:>3} {c['fp']:>3} {c['tn']:>3} {c['fn']:>3} "
+            said = (f"{kinds['right']}/{kinds['of']} {expected.get(group, '?')}"
+                    if kinds and rule == "kind" else "")
+            lines.append(f"  {group:<{width}} {rule:<10} {c['tp']:>3} {c['fp']:>3} {c['tn']:>3} {c['fn']:>3} "
                          f"{_num(c['precision']):>9} {_num(c['recall']):>6}  {said}")
     return "\n".join(lines)
 
