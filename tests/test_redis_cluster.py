@@ -187,7 +187,10 @@ async def test_master_killed_with_replicas_loses_nothing(tmp_path: Path) -> None
         producer_url = cluster.url + "?wait_replicas=1&wait_timeout=2000"
         pipe, dead, dead_port = await run_with_kill(cluster, tmp_path, producer_url=producer_url)
         try:
-            promoted = cluster.wait_failover(pipe.layout.prefix_of(min(dead)) + "handshakes", dead_port)
+            # In a thread: the pipeline keeps running (and retrying) through the failover, as it
+            # would; polling the nodes here would freeze it until the replica took over.
+            promoted = await asyncio.to_thread(cluster.wait_failover,
+                                               pipe.layout.prefix_of(min(dead)) + "handshakes", dead_port)
             assert promoted != dead_port
 
             async def all_done() -> bool:
