@@ -68,6 +68,7 @@ ENQUEUE_CONCURRENCY = 32  # enqueues of one batch in flight at once (one Redis c
 RECORD_FIELDS = tuple(Record.__dataclass_fields__)
 JSON_SEPARATORS = (",", ":")  # as JsonLog and analyzer.verdicts.entry_fields write
 CACHE_MAX = 1 << 20  # addresses remembered by the cheap path's checks before the cache starts over
+MAX_ADDRESS_TEXT = 45  # the longest address text (IPv6 with an IPv4 tail); longer is never one
 Entry = tuple[str, dict[str, str]]
 # Handles a batch of entries: None = acknowledge them all, or the ids to acknowledge (the rest stay
 # pending).
@@ -680,9 +681,10 @@ class Service:
                 ok = canonical_address(src) == src
             except ValueError:
                 ok = False
-            if len(self._srcs) > CACHE_MAX:
-                self._srcs.clear()
-            self._srcs[src] = ok
+            if len(src) <= MAX_ADDRESS_TEXT:  # a hostile src of 87 kB is checked, never kept
+                if len(self._srcs) > CACHE_MAX:
+                    self._srcs.clear()
+                self._srcs[src] = ok
         if not ok:
             raise HandshakeError(f"src is not an IP address: {short(src)}")
         if epoch_seconds(fields.get("t", "")) is None:

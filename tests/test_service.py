@@ -785,3 +785,22 @@ async def test_a_hand_edited_probe_period_starts_a_new_one(redis_server: RedisSe
     await r.aclose()
     assert grants == [3]
     assert (counts["p_start"], counts["p_sampled"], counts["seen"]) == ("1000.0", "3", "4")
+
+
+async def test_hostile_sources_are_not_kept_by_the_cheap_paths_cache(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The counted path remembers each source text it has checked (1M of them at most), bad ones
+    too. A src of tens of kB (an entry's fields may be 87 kB) is rejected and not kept: a million
+    of them would hold 87 GB."""
+    config = Config(redis_url=redis_server.url, handshakes=True, zeek_url=None, log_dir=tmp_path / "logs",
+                    consumer="a1")
+    service = await Service.start(config)
+    good = handshake("198.18.76.1", "198.19.7.1", t=time.time()).to_fields()
+    batch = [(f"{i + 1}-0", {**good, "src": f"{i}" + "x" * 60_000}) for i in range(3)]
+    try:
+        await service.handle_handshakes([*batch, ("9-0", good)])
+    finally:
+        await service.close()
+    assert service.metrics.rejected.labels("handshakes")._value.get() == 3
+    assert max(map(len, service._srcs)) <= 45 and "198.18.76.1" in service._srcs
