@@ -27,9 +27,24 @@ Curves: against the number of sources (heavy-tailed mix) and against handshakes 
 source sends exactly N). Each point stops after --seconds of feeding or --max-handshakes, then
 waits at most --seconds for the analyzer to finish what was fed.
 
+--drain N: the wall-clock rate without the generator on the same cores. The load runs live for
+--warmup S (the sources' cnt:, seen: and windows are those of a probe period in progress), then
+the analyzers are stopped (SIGSTOP), N more handshakes of the same load are written (pipelined,
+not timed; Redis's CPU for those XADDs is printed apart as `xadd us`), the analyzers resume
+(SIGCONT) and the point times them from then until every handshake is acknowledged, every probe
+job answered by the instant prober and every result settled: a measured handshake waiting on its
+probe closes inside the timing. It prints per point: the drain's wall seconds (and to the last
+handshake acknowledged), hs/s in all and per analyzer process, hs per analyzer CPU-s, each
+analyzer's share of a core, the share measured (records.log lines / N; the rest only counted),
+Redis CPU per handshake while draining and its share of a core, the benchmark's own (prober and
+polling). No SYN-to-verdict latency (the backlog was stamped when written). A stream entry is
+~211 B in Redis: N = 1M is ~0.2 GB plus the warm-up's.
+
     python bench/analyzer_load_bench.py --curve sources --points 1000,10000,100000,1000000
     python bench/analyzer_load_bench.py --curve per-source --points 1,10,100,1000,10000,100000
     python bench/analyzer_load_bench.py --curve sources --points 10000 --profile /tmp/prof
+    python bench/analyzer_load_bench.py --points 10000,100000,1000000 --warmup 60 --drain 300000 \
+        --analyzers 2
 """
 
 from __future__ import annotations
@@ -290,8 +305,8 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 # The same load for --warmup seconds first, not measured: the busy sources have
                 # had their first --sample-per-source handshakes measured, as later in a probe
                 # period; the point then measures the steady state, not the start.
-                warm_prober = asyncio.create_task(prober(aioredis.from_url(server.url, decode_responses=True),
-                                                         stop))  # type: ignore[arg-type]
+                warm_counting = Counting(aioredis.from_url(server.url, decode_responses=True))
+                warm_prober = asyncio.create_task(prober(warm_counting, stop))  # type: ignore[arg-type]
                 warm = await write(r, P + "handshakes", load, count=None, duration=args.warmup,
                                    rate=args.rate, batch=args.batch, room=warm_room)
                 warm_sent = int(warm["handshakes"])
@@ -299,6 +314,14 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 async def warm_drained() -> bool:
                     groups = {g["name"]: g for g in await r.xinfo_groups(P + "handshakes")}
                     g = groups["analyzers"]
+                    if int(g.get("lag") or 0) + int(g.get("pending") or 0):
+                        return False
+                    # ... and every job of the warm-up answered and its result settled, so the
+                    # point starts with nothing of the warm-up in flight.
+                    if warm_counting.results < await r.xlen(P + "jobs"):
+                        return False
+                    groups = {g["name"]: g for g in await r.xinfo_groups(P + "results")}
+                    g = groups.get("analyzers") or {}
                     return int(g.get("lag") or 0) + int(g.get("pending") or 0) == 0
 
                 await wait_for(warm_drained, 120, "the analyzer to finish the warm-up", proc)
@@ -306,6 +329,29 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 await warm_prober
                 stop.clear()
                 print(f"  warm-up: {warm_sent:,} handshakes in {args.warmup:.0f}s", file=sys.stderr)
+            handshakes_of: list[str] = []
+            real = load.handshake
+
+            def remembered(i: int, now: float) -> Any:
+                h = real(i, now)
+                handshakes_of.append(h.src)
+                return h
+
+            load.handshake = remembered  # type: ignore[method-assign]
+            drain_write: dict[str, float] = {}
+            if args.drain:
+                # The analyzers (and so their instant prober, which only answers their jobs) stop
+                # where the warm-up left them; the next --drain handshakes of the same load go in
+                # while nothing reads them. Not timed: the generator's CPU is not the analyzer's.
+                for p in procs:
+                    os.kill(p.pid, signal.SIGSTOP)
+                assert server.proc is not None
+                w_cpu0, w_reads0 = proc_cpu(server.proc.pid), (await redis_info(r))["reads"]
+                wrote = await write(r, P + "handshakes", load, count=args.drain, duration=None, rate=0.0,
+                                    batch=args.drain_batch)
+                drain_write = {"redis_cpu": proc_cpu(server.proc.pid) - w_cpu0, "seconds": wrote["seconds"],
+                               "reads": (await redis_info(r))["reads"] - w_reads0 - 1}
+                count, fed0 = 0, wrote
             if args.profile:
                 name = f"sources{sources}" if per_source is None else f"per{per_source}"
                 spy = start_spy(proc.pid, Path(args.profile) / f"{name}.txt")
@@ -334,7 +380,6 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 counting.jobs_before = await r.xlen(P + "jobs")
             prober_task = asyncio.create_task(prober(counting, stop))  # type: ignore[arg-type]
             own = {"trips": 0, "commands": 0}
-            handshakes_of: list[str] = []
 
             async def room(n: int) -> None:
                 # Hold the feed to --backlog entries ahead of the analyzer (one XINFO per batch).
@@ -350,30 +395,38 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                             raise RuntimeError(f"an analyzer exited ({p.returncode})")
                     await asyncio.sleep(0.005)
 
-            real = load.handshake
-
-            def remembered(i: int, now: float) -> Any:
-                h = real(i, now)
-                handshakes_of.append(h.src)
-                return h
-
-            load.handshake = remembered  # type: ignore[method-assign]
-            start = time.monotonic()
-            fed = await write(r, P + "handshakes", load, count=count, duration=args.seconds,
-                              rate=args.rate, batch=args.batch, room=room)
-            fed_at = time.monotonic() - start
-            sent = int(fed["handshakes"])
+            acked_at: float | None = None
+            if args.drain:
+                # The backlog is already in the stream: time the analyzers from SIGCONT to the last
+                # handshake acknowledged, job answered and result settled (the measured path's
+                # probe round trip included: a measured handshake closes when its result does).
+                fed = {"handshakes": 0, "round_trips": 0, "bytes": 0}
+                sent = int(fed0["handshakes"])
+                start = time.monotonic()
+                for p in procs:
+                    os.kill(p.pid, signal.SIGCONT)
+                fed_at = 0.0
+            else:
+                start = time.monotonic()
+                fed = await write(r, P + "handshakes", load, count=count, duration=args.seconds,
+                                  rate=args.rate, batch=args.batch, room=room)
+                fed_at = time.monotonic() - start
+                sent = int(fed["handshakes"])
 
             async def drained() -> bool:
                 # Every handshake acknowledged, every job answered, every result acknowledged.
+                nonlocal acked_at
                 if await backlog("handshakes"):
                     return False
+                if acked_at is None:
+                    acked_at = time.monotonic() - start
                 if counting.results < await r.xlen(P + "jobs") - counting.jobs_before:
                     return False
                 return not await backlog("results")
 
             with contextlib.suppress(RuntimeError):
-                await wait_for(drained, args.seconds, "the analyzer to finish the feed", proc)
+                await wait_for(drained, args.drain_timeout if args.drain else args.seconds,
+                               "the analyzer to finish the feed", proc)
             elapsed = time.monotonic() - start
             cpu = sum(proc_cpu(p.pid) for p in procs) - cpu0
             redis_cpu, own_cpu = proc_cpu(server.proc.pid) - redis_cpu0, time.process_time() - own_cpu0
@@ -387,6 +440,9 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
             done_rec, done_v = logged()
         finally:
             stop.set()
+            for p in procs:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGCONT)  # a --drain point cut off while they were stopped
             if prober_task is not None:
                 prober_task.cancel()
                 with contextlib.suppress(BaseException):
@@ -399,7 +455,8 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
                 # A point that did not finish: say what the analyzers said (their stderr).
                 print_stderr_tails(Path(tmp))
             await r.aclose()
-        latencies = sorted(x for d in dirs for x in read_latencies(d / "records.log"))
+        # --drain: every handshake of the backlog was stamped when written, not when read: no latency.
+        latencies = [] if args.drain else sorted(x for d in dirs for x in read_latencies(d / "records.log"))
     cmds = {k: after["commands"].get(k, 0) - before["commands"].get(k, 0) for k in after["commands"]}
     # Subtract what this benchmark sent itself: the load's XADDs, its XINFOs, the prober's work,
     # the INFO calls (and the census after `after`, not counted).
@@ -431,6 +488,11 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
         "keys": {f: int(v["keys"]) for f, v in keys.items()},
         "src_keys_per_source": keys.get("src", {}).get("keys", 0) / max(1, len(seen)),
         "rss": mem.get("VmHWM", 0),
+        # --drain: the write while the analyzers were stopped (Redis's XADD cost, apart), the time
+        # to the last handshake acknowledged (before the last result settled), the machine's load.
+        "drain": args.drain, "drain_write_s": drain_write.get("seconds"),
+        "xadd_redis_us_per_hs": drain_write["redis_cpu"] / max(1, sent) * 1e6 if drain_write else None,
+        "acked_s": acked_at, "redis_cpu_s": redis_cpu, "bench_cpu_s": own_cpu,
         "p50": statistics.median(latencies) if latencies else None,
         "p95": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
     }
@@ -446,6 +508,24 @@ def show(x: dict[str, Any]) -> str:
             f"{x['mem_per_src']:>9,.0f} {x['mem_per_hs']:>6,.0f} {x['rss'] / 2**20:>6.0f} {lat:>11} "
             f"{x['redis_cpu_us_per_hs']:>8.0f}")
 
+
+def show_drain(x: dict[str, Any]) -> str:
+    k, t = x["analyzers"], x["elapsed_s"]
+    return (f"{x['sources']:>8} {k:>2} {x['done']:>9,}/{x['fed']:<9,} {t:>7.2f} {x['acked_s'] or 0:>7.2f} "
+            f"{x['hs_per_s']:>8,.0f} {x['hs_per_s'] / k:>8,.0f} {x['hs_per_cpu_s']:>8,.0f} "
+            f"{x['analyzer_cpu_s'] / t / k:>5.0%} {x['records'] / max(1, x['done']):>6.1%} "
+            f"{x['redis_cpu_us_per_hs']:>6.1f} {x['xadd_redis_us_per_hs'] or 0:>6.1f} "
+            f"{x['redis_cpu_s'] / t:>5.0%} {x['bench_cpu_s'] / t:>5.0%} {x['trips_per_hs']:>6.3f} "
+            f"{x['verdicts']:>7,} {x['rss'] / 2**20:>6.0f}")
+
+
+# wall s: SIGCONT to the last result settled; acked s: to the last handshake acknowledged; hs/s/an:
+# per analyzer process; an cpu: each analyzer's share of a core; redis us: redis-server CPU per
+# handshake while draining, xadd us: while the backlog was written; redis, bench: their share of a
+# core while draining (bench: the instant prober and this process's polling).
+DRAIN_HEADER = (f"{'sources':>8} {'K':>2} {'done/backlog':>19} {'wall s':>7} {'acked s':>7} {'hs/s':>8} "
+                f"{'hs/s/an':>8} {'hs/cpu':>8} {'an cpu':>5} {'meas':>6} {'redis us':>6} {'xadd us':>6} "
+                f"{'redis':>5} {'bench':>5} {'trip/hs':>6} {'verdict':>7} {'RSS MB':>6}")
 
 # net B/hs: Redis traffic per handshake; mem B/src, B/hs: Redis memory kept per source, per handshake;
 # redis us: redis-server CPU microseconds per handshake.
@@ -473,6 +553,15 @@ async def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.0, metavar="S",
                     help="feed the same load S seconds before measuring (default 0: measure from the "
                     "start of a probe period, when every source is new)")
+    ap.add_argument("--drain", type=int, default=0, metavar="N",
+                    help="wall-clock without the generator: after --warmup, stop the analyzers "
+                    "(SIGSTOP), write N more handshakes of the load, resume them (SIGCONT) and time "
+                    "how long they take to work the backlog off, probe results included (default 0: "
+                    "feed and measure at once)")
+    ap.add_argument("--drain-batch", type=int, default=1000, help="XADDs per pipeline while writing "
+                    "the --drain backlog (default 1000)")
+    ap.add_argument("--drain-timeout", type=float, default=1800.0, metavar="S",
+                    help="--drain: give up on a point after S seconds of draining (default 1800)")
     ap.add_argument("--analyzers", type=int, default=1, help="analyzer processes sharing the work "
                     "(consumers of one group; hs/cpu is per CPU second of all of them; RSS the largest)")
     ap.add_argument("--analyzer-args", default="", metavar="ARGS",
@@ -496,8 +585,11 @@ async def main() -> int:
         else:
             points = [int(x) for x in (args.points or "1,10,100,1000,10000,100000").split(",")]
         if (any(p < 1 for p in points) or args.seconds <= 0 or args.backlog < args.batch or args.repeat < 1
-                or args.analyzers < 1):
-            raise ValueError("points, --analyzers, --repeat >= 1; --seconds > 0; --backlog >= --batch")
+                or args.analyzers < 1 or args.drain < 0 or args.drain_batch < 1 or args.drain_timeout <= 0):
+            raise ValueError("points, --analyzers, --repeat, --drain-batch >= 1; --seconds, --drain-timeout "
+                             "> 0; --backlog >= --batch; --drain >= 0")
+        if args.drain and args.profile:
+            raise ValueError("--drain and --profile: py-spy cannot attach to a stopped analyzer")
     except ValueError as exc:
         print(f"analyzer_load_bench: {exc}", file=sys.stderr)
         return 2
@@ -506,7 +598,10 @@ async def main() -> int:
           f"analyzer {args.analyzer_args or 'defaults'}, "
           f"rate {'flat out' if not args.rate else f'{args.rate:,.0f}/s'}; machine load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(HEADER)
+    if args.drain:
+        print(f"--drain: warm-up {args.warmup:.0f}s, then a backlog of {args.drain:,} handshakes worked off "
+              "with the generator stopped")
+    print(DRAIN_HEADER if args.drain else HEADER)
     for p in points:
         for _ in range(args.repeat):
             if args.curve == "sources":
@@ -514,7 +609,7 @@ async def main() -> int:
             else:
                 x = await point(args, max(1, args.per_source_budget // p), p)
             x["load"] = os.getloadavg()[0]
-            print(show(x), flush=True)
+            print(show_drain(x) if args.drain else show(x), flush=True)
             if args.json:
                 append_json(Path(args.json), x)
     return 0
