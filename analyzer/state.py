@@ -208,8 +208,8 @@ return out
 """
 
 # KEYS: cnt:<src> ..., then the verdicts stream; ARGV: now, refresh seconds, maxlen, n (entry
-# items per source), then per source its verdict's signature, the handshake that stands for it
-# and n field/value items. Appends a source's verdict when it differs from the last one emitted
+# items per source), ttl seconds, then per source its verdict's signature, the handshake that
+# stands for it and n field/value items. Appends a source's verdict when it differs from the last one emitted
 # (`sig`), or when `refresh` seconds have passed since; atomically, so two analyzers judging one
 # source emit one change. The same handshake again with the same verdict is a redo (its batch
 # failed after this, e.g. Redis failed over): what was emitted for it is returned again, so its
@@ -218,7 +218,7 @@ return out
 _EMIT = """
 local stream, now, refresh, n, out = KEYS[#KEYS], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), {}
 for i = 1, #KEYS - 1 do
-  local base = 4 + (i - 1) * (n + 2)
+  local base = 5 + (i - 1) * (n + 2)
   local sig, hid = ARGV[base + 1], ARGV[base + 2]
   local last = redis.call('HMGET', KEYS[i], 'sig', 'emitted_at', 'e_hid', 'e_entry', 'e_change')
   local change = false
@@ -236,6 +236,9 @@ for i = 1, #KEYS - 1 do
     id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, base + 3, base + 2 + n))
     redis.call('HSET', KEYS[i], 'sig', sig, 'emitted_at', ARGV[1], 'e_hid', hid, 'e_entry', id,
                'e_change', change)
+    -- Counted by `sample` (which sets the TTL) unless it expired, was evicted, or an older
+    -- version sampled: never leave a key without one.
+    redis.call('EXPIRE', KEYS[i], ARGV[5])
   end
   if change then
     local c = redis.call('HMGET', KEYS[i], 'seen', 'answered', 'sampled')
@@ -547,7 +550,7 @@ class State:
         n = 2 * len(batch[0][3])
         if any(2 * len(fields) != n for *_, fields in batch):  # entry_fields: always the same
             raise ValueError("verdict entries with different fields cannot be emitted together")
-        args: list[Any] = [repr(now), repr(refresh), maxlen, n]
+        args: list[Any] = [repr(now), repr(refresh), maxlen, n, self.src_ttl]
         for _, sig, hid, fields in batch:
             args += [sig, hid]
             for name, value in fields.items():

@@ -690,6 +690,22 @@ async def test_a_redone_emission_gets_its_entry_back_and_appends_nothing(redis_s
     assert [e["hid"] for _, e in entries] == ["5-0", "7-0"]
 
 
+async def test_an_emission_for_a_source_never_sampled_leaves_its_counts_to_expire(
+    redis_server: RedisServer,
+) -> None:
+    """A verdict emitted for a source whose cnt:<src> is gone (expired or evicted while its
+    handshake waited, or sampled by an older version) creates the key: it must get the counts'
+    TTL, not live forever."""
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    state = State(r)
+    fields = {"hid": "5-0", "verdict": "{}", "record": "{}"}
+    (done,) = await state.emit([("198.18.77.1", "none|0000|", "5-0", fields)], now=100.0, refresh=3600)
+    ttl = await r.ttl(P + "cnt:198.18.77.1")
+    await r.aclose()
+    assert done is not None and done.change == "first"
+    assert 0 < ttl <= state.src_ttl
+
+
 async def test_a_batch_redone_after_its_change_line_failed_still_writes_it(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
