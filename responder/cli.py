@@ -298,11 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"stepstone-responder: --redis: {exc}", file=sys.stderr)
             return 2
-        try:
-            shards.layout(args.prefix, args.shards, args.redis)
-        except ValueError as exc:
-            print(f"stepstone-responder: {exc}", file=sys.stderr)
-            return 2
+    try:  # without --redis too: a bad --shards is refused, never ignored
+        shards.layout(args.prefix, args.shards, args.redis or "")
+    except ValueError as exc:
+        print(f"stepstone-responder: {exc}", file=sys.stderr)
+        return 2
     banners = None
     if args.banners is not None:
         try:

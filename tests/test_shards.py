@@ -75,6 +75,8 @@ def test_cluster_url() -> None:
      "stepstone-prober: not an IP address: 'nope'"),
     (["responder.cli", "run", "--darknet", "198.19.0.0/24", "--redis", "redis+cluster://h:1?x=1"],
      "stepstone-responder: --redis: redis+cluster: unknown option 'x' (known: wait_replicas, wait_timeout)"),
+    (["responder.cli", "run", "--darknet", "198.19.0.0/24", "--shards", "0"],
+     "stepstone-responder: --shards: 1 to 16384, not 0"),
 ])
 def test_bad_shard_options_one_line_exit_2(argv: list[str], message: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60,
