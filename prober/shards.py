@@ -104,7 +104,13 @@ class Layout:
 def layout(prefix: str, count: int, url: str) -> Layout:
     if not 1 <= count <= MAX_SHARDS:
         raise ShardError(f"--shards: 1 to {MAX_SHARDS}, not {count}")
-    return Layout(prefix=prefix, count=count, tagged=count > 1 or is_cluster(url))
+    tagged = count > 1 or is_cluster(url)
+    if tagged and ("{" in prefix or "}" in prefix):
+        # Redis Cluster hashes the first {...} of a key: a brace in the prefix would be that tag,
+        # and every shard would land in one slot (one node), silently.
+        raise ShardError(f"--prefix: no '{{' or '}}' in a sharded prefix (the shard's hash tag follows it): "
+                         f"{prefix!r}")
+    return Layout(prefix=prefix, count=count, tagged=tagged)
 
 
 def parse_shard_list(text: str | None, count: int) -> tuple[int, ...]:

@@ -46,6 +46,14 @@ def test_layout_keeps_one_redis_as_it_was() -> None:
     assert shards.parse_shard_list(None, 3) == (0, 1, 2)
 
 
+def test_a_brace_in_a_sharded_prefix_is_refused() -> None:
+    # With `{x}` in the prefix every shard's keys would hash `x`: one slot, one node.
+    for prefix, count, url in (("ss{x}:", 2, "redis://h"), ("ss}", 1, "redis+cluster://h:1")):
+        with pytest.raises(shards.ShardError, match="--prefix"):
+            shards.layout(prefix, count, url)
+    assert shards.layout("ss{x}:", 1, "redis://h").prefix_of(0) == "ss{x}:"  # one Redis: unchanged
+
+
 def test_cluster_url() -> None:
     spec = shards.parse_cluster_url("rediss+cluster://u:p%40ss@10.0.0.1:7000,[2001:db8::5]:7001"
                                     "?wait_replicas=1&wait_timeout=500")
@@ -77,6 +85,9 @@ def test_cluster_url() -> None:
      "stepstone-responder: --redis: redis+cluster: unknown option 'x' (known: wait_replicas, wait_timeout)"),
     (["responder.cli", "run", "--darknet", "198.19.0.0/24", "--shards", "0"],
      "stepstone-responder: --shards: 1 to 16384, not 0"),
+    (["prober.cli", "run", "--redis", "redis://h/0", "--shards", "3", "--prefix", "ss{x}:"],
+     "stepstone-prober: --prefix: no '{' or '}' in a sharded prefix (the shard's hash tag follows it): "
+     "'ss{x}:'"),
 ])
 def test_bad_shard_options_one_line_exit_2(argv: list[str], message: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60,
