@@ -183,14 +183,9 @@ async def zeek_to_stream(
     (`Handshake.check`, the check its reader makes) never reaches the stream: `on_reject` hears
     of it (default: a warning) and the feed goes on."""
     async for handshake in source.handshakes():
-        try:
-            fields: Any = handshake.check().to_fields()
-        except HandshakeError as exc:
-            if on_reject is None:
-                log.warning("a Zeek handshake rejected: %s", exc)
-            else:
-                on_reject(handshake, exc)
+        if (checked := _checked(handshake, on_reject)) is None:
             continue
+        fields: Any = checked.to_fields()
         while True:
             try:
                 await redis.xadd(stream, fields)
@@ -214,12 +209,19 @@ async def zeek_to_shards(
     shard) until that shard's Redis takes it, so a shard that is down never holds up the others.
     A handshake outside the contract is refused here, as there."""
     async for handshake in source.handshakes():
-        try:
-            checked = handshake.check()
-        except HandshakeError as exc:
-            if on_reject is None:
-                log.warning("a Zeek handshake rejected: %s", exc)
-            else:
-                on_reject(handshake, exc)
-            continue
-        sink.put(checked)
+        if (checked := _checked(handshake, on_reject)) is not None:
+            sink.put(checked)
+
+
+def _checked(handshake: Handshake,
+             on_reject: Callable[[Handshake, HandshakeError], None] | None) -> Handshake | None:
+    """The handshake if it is within the contract (`Handshake.check`), else None, said to
+    `on_reject` (default: a warning)."""
+    try:
+        return handshake.check()
+    except HandshakeError as exc:
+        if on_reject is None:
+            log.warning("a Zeek handshake rejected: %s", exc)
+        else:
+            on_reject(handshake, exc)
+        return None
