@@ -33,7 +33,6 @@ from prober.queue import (
     ProbeQueue,
     QueueConfigError,
     connect,
-    redact,
 )
 from prober.safety import TargetPolicy, parse_networks
 from prober.worker import Worker, WorkerSettings, default_name
@@ -248,17 +247,9 @@ def _audit(args: argparse.Namespace, name: str) -> AuditLog:
 
 
 async def _connect(url: str):  # type: ignore[no-untyped-def]
-    if shards.is_cluster(url):
-        conn = shards.client(url)
-        try:
-            await conn.ping()
-        except Exception as exc:
-            await conn.aclose()
-            raise UsageError(f"cannot use the Redis Cluster at {redact(url)}: {exc}") from None
-        return conn
     try:
         return await connect(url)
-    except QueueConfigError as exc:
+    except (QueueConfigError, shards.ShardError) as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -21,7 +21,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober import streams
 from prober.job import DEFAULT_PORTS, Job, JobError, Result
-from prober.shards import CLUSTER_TRANSIENT
+from prober.shards import CLUSTER_TRANSIENT, is_cluster
+from prober.shards import client as cluster_client
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,16 @@ def client(url: str) -> aioredis.Redis:
 
 
 async def connect(url: str) -> aioredis.Redis:
-    """A connected client for `url`; raises QueueConfigError with a one-line reason if Redis cannot
-    be reached or refuses the credentials."""
-    conn = client(url)
+    """A connected client for `url` (a Redis Cluster's too: prober.shards); raises QueueConfigError
+    with a one-line reason if Redis cannot be reached or refuses the credentials."""
+    cluster = is_cluster(url)
+    conn = cluster_client(url) if cluster else client(url)
     try:
         await conn.ping()
     except Exception as exc:
         await conn.aclose()
-        raise QueueConfigError(f"cannot use Redis at {redact(url)}: {exc}") from None
+        what = "the Redis Cluster" if cluster else "Redis"
+        raise QueueConfigError(f"cannot use {what} at {redact(url)}: {exc}") from None
     return conn
 
 
