@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -290,6 +291,27 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
     return 0
 
 
+DESCRIPTOR_HEADROOM = 64  # the listeners, Redis, metrics, the event loop, `ip`/`nft` at exit
+
+
+def _descriptors_for(sessions: int) -> str | None:
+    """Every open banner exchange holds a descriptor: raise the soft RLIMIT_NOFILE to what
+    `sessions` need (up to the hard limit). None if it fits; else the one line to warn with (the
+    exchanges beyond it wait for a descriptor: the accept loop backs off, it does not die)."""
+    need = sessions + DESCRIPTOR_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft >= need:
+        return None
+    return (f"--banner-sessions {sessions} needs {need} open files, the limit is {soft} (raise it: "
+            f"ulimit -n, systemd LimitNOFILE=); exchanges beyond it wait for a descriptor")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.redis is not None:
@@ -313,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("stepstone-responder: needs root (a local route and an nftables table)", file=sys.stderr)
         return 2
+    if banners is not None and (short_of := _descriptors_for(args.banner_sessions)) is not None:
+        print(f"stepstone-responder: warning: {short_of}", file=sys.stderr)
     try:
         return asyncio.run(serve(args.darknet, args.listen_port, args.redis, args.prefix,
                                  (args.metrics_port, args.metrics_addr), banners=banners,
