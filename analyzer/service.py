@@ -413,8 +413,13 @@ class Service:
         except OSError as exc:
             await service.close()
             raise InputError(f"--log-dir: cannot write logs in {config.log_dir}: {exc}") from None
-        recovered = (await service.records_log.recover() + await service.stepstone_log.recover()
-                     + await service.handshakes_log.recover())
+        try:
+            recovered = (await service.records_log.recover() + await service.stepstone_log.recover()
+                         + await service.handshakes_log.recover())
+        except BaseException:
+            # Redis lost while reading back (a sharded start retries): close what is open.
+            await service.close()
+            raise
         log.info("log tails read back: %d lines already written", recovered)
         if config.metrics_port:
             try:

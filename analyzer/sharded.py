@@ -75,7 +75,12 @@ async def _start(config: Config, shard: int, layout: shards.Layout, stop: asynci
                 if said:
                     log.info("shard %d: Redis reachable again; started", shard)
                 return service
-            except TRANSIENT as exc:
+            except (InputError, *TRANSIENT) as exc:
+                # Service.start says "cannot reach Redis" as an InputError: here that is the shard's
+                # node dying after the check above, so wait like for any outage; anything else (a
+                # log dir, the p0f database) is bad configuration.
+                if isinstance(exc, InputError) and await _reachable(probe, key):
+                    raise
                 if not said:
                     log.warning("shard %d: Redis unreachable (%s); its service waits, the others run",
                                 shard, exc)
@@ -86,6 +91,14 @@ async def _start(config: Config, shard: int, layout: shards.Layout, stop: asynci
         return None
     finally:
         await probe.aclose()
+
+
+async def _reachable(probe: Any, key: str) -> bool:
+    try:
+        await shards.server_time(probe, key)
+    except TRANSIENT:
+        return False
+    return True
 
 
 async def serve_shards(config: Config, stop: asyncio.Event) -> int:
