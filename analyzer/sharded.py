@@ -178,6 +178,10 @@ async def serve_shards(config: Config, stop: asyncio.Event) -> int:
                 log.error("shard %d failed: %r", shard, code)
         if appender is not None:
             await appender.drain(2.0)
+            if unsent := appender.backlog():
+                # Never silently: Zeek's handshakes this process held and no shard took.
+                log.warning("stopping with %d Zeek handshakes not written (their shards' Redis did not "
+                            "take them in time); lost", unsent)
         return 1 if failed or any(c != 0 for c in codes) else 0
     finally:
         await cancel_and_wait(side)

@@ -163,9 +163,10 @@ class Sink:
         self.sent = 0
         self.dropped = 0
         self.redis_errors = 0
+        self.holding = 0  # the handshake in hand: taken off the queue, not yet written
 
     def backlog(self) -> int:
-        return self.queue.qsize()
+        return self.queue.qsize() + self.holding
 
     def put(self, handshake: Handshake) -> None:
         self.received += 1
@@ -186,11 +187,13 @@ class Sink:
                 self.queue.task_done()
                 continue
             delay = 0.1
+            self.holding = 1
             while True:
                 try:
                     await self.client.xadd(self.stream, handshake.to_fields(),  # type: ignore[arg-type]
                                            maxlen=STREAM_MAXLEN, approximate=True)
                     self.sent += 1
+                    self.holding = 0
                     self.queue.task_done()
                     break
                 except (RedisError, OSError) as exc:
@@ -286,8 +289,10 @@ async def serve(darknets: Sequence[Network], port: int, redis_url: str | None, p
         said = (f"; banners: {banners.sent} sent, {banners.answered} answered, {banners.silent} silent, "
                 f"{banners.early} spoke first, {banners.dropped} dropped (over --banner-sessions)"
                 if banners is not None else "")
-        print(f"stepstone-responder: stopped; {sink.sent} handshakes reported, {sink.dropped} dropped{said}",
-              file=sys.stderr, flush=True)
+        # Never silently: what Redis did not take before the exit is lost, and said so.
+        unsent = f", {held} not written (Redis did not take them in time)" if (held := sink.backlog()) else ""
+        print(f"stepstone-responder: stopped; {sink.sent} handshakes reported, {sink.dropped} dropped"
+              f"{unsent}{said}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -265,3 +265,19 @@ def test_retransmitted_synack_drops_the_timing(pair: tuple[Namespace, Namespace]
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert line["dst"] == "198.18.0.3" and line["reply"] == "ack"
     assert line["tp_us"] is None
+
+
+@pytest.mark.netns
+def test_handshakes_redis_never_took_are_counted_at_exit(
+        pair: tuple[Namespace, Namespace], tmp_path: Path) -> None:
+    """Redis unreachable the whole run (a socket nobody listens on): the handshakes held for it are
+    not lost silently; the exit line says how many were never written."""
+    sensor, client = pair
+    proc = _start(sensor, f"unix://{tmp_path / 'nobody.sock'}")
+    try:
+        # Completed by the kernel before the stop: the responder reports them as it stops.
+        client.run(sys.executable, "-c", CLIENT, *(f"{a}:{p}" for a, p in TARGETS[:2]))
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    assert "0 handshakes reported, 0 dropped, 2 not written (Redis did not take them in time)" in err, err
