@@ -197,6 +197,14 @@ for i, key in ipairs(KEYS) do
       take = math.max(0, math.min(seen, cap - used))
     end
     redis.call('HSET', key, 'p_sampled', used + take, 'g_hid', first, 'g_take', take)
+    -- A count that is not a small whole number (a hand edit) starts again from 0: HINCRBY would
+    -- fail the script, and with it every batch with this source.
+    local c = redis.call('HMGET', key, 'seen', 'answered', 'sampled')
+    for j, name in ipairs({'seen', 'answered', 'sampled'}) do
+      if c[j] and not (string.match(c[j], '^%d+$') and #c[j] <= 18) then
+        redis.call('HSET', key, name, 0)
+      end
+    end
     redis.call('HINCRBY', key, 'seen', seen)
     redis.call('HINCRBY', key, 'answered', answered)
     redis.call('HINCRBY', key, 'sampled', take)

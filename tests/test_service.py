@@ -803,6 +803,19 @@ async def test_a_hand_edited_probe_period_starts_a_new_one(redis_server: RedisSe
     assert (counts["p_start"], counts["p_sampled"], counts["seen"]) == ("1000.0", "3", "4")
 
 
+async def test_hand_edited_counts_start_again(redis_server: RedisServer) -> None:
+    """Counts in cnt:<src> that are not whole numbers (or would overflow Redis's 64-bit HINCRBY)
+    restart from 0 instead of failing the sampling script for every batch with that source."""
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    state = State(r)
+    await r.hset(P + "cnt:198.18.75.2", mapping={"seen": "lots", "answered": "9" * 19, "sampled": "-1"})
+    grants = await state.sample([("198.18.75.2", 4, 3, "1-0")], now=1000.0, period=3600.0, cap=3)
+    counts = await r.hgetall(P + "cnt:198.18.75.2")
+    await r.aclose()
+    assert grants == [3]
+    assert (counts["seen"], counts["answered"], counts["sampled"]) == ("4", "3", "3")
+
+
 async def test_hostile_sources_are_not_kept_by_the_cheap_paths_cache(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
