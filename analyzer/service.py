@@ -831,8 +831,10 @@ class Service:
         `stepstone-prober`): their `probe:<src>`, else the newest jobs on the stream, read once for
         the whole batch. Never polled: `enqueue_many` names the job atomically with the mark, so
         there is no moment to wait out (the two-analyzer stall of bench/SCALE.md)."""
+        # Redis's bytes, editable by hand: only a job id is waited on (a stray value would keep the
+        # handshake waiting for a job that never ends).
         found = {src: job for src, job in zip(srcs, await self.state.last_probes(srcs), strict=True)
-                 if job is not None}
+                 if job is not None and JOB_ID.fullmatch(job)}
         missing = {src.encode(): src for src in srcs if src not in found}
         if not missing:
             return found

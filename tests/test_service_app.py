@@ -85,3 +85,16 @@ async def test_the_operator_allowance_clears_a_slow_client(harness: Harness) -> 
         out = await harness.verdicts(3)
     v = max(out, key=lambda x: x["verdict"]["app_samples"])["verdict"]
     assert v["app_samples"] == 3 and not v["cond_app"] and v["kind"] == "none"
+
+
+async def test_a_stray_probe_mark_is_not_waited_on(harness: Harness) -> None:
+    """Redis's keys are editable by hand: a dedup mark that names no job (an older version's
+    time) and a `probe:<src>` that is no job id leave the handshake nothing to wait for; it is
+    judged on its passive half at once, instead of waiting for a job that never ends."""
+    src = "198.18.72.1"
+    await harness.r.set("stepstone:seen:" + src, "1700000000.0", ex=600)
+    await harness.r.set("stepstone:probe:" + src, "not a job", ex=600)
+    async with service(harness):
+        await harness.send(handshake(src, "198.19.0.80", t=time.time(), tp_us=20_000))
+        (line,) = await harness.verdicts(1)
+    assert line["job"] is None and line["reason"].startswith("deduped: no earlier probe")
