@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -722,14 +722,8 @@ async def test_a_batch_redone_after_its_change_line_failed_still_writes_it(
         await service.state.save([Stored(hid="9-0", record=record, sport=40000, dport=22,
                                          feed="responder", job=None)])
         closing = [("9-0", None, None, "deduped: no earlier probe of this address is known")]
-        good = service.stepstone_log._fd
-        # The change line's write fails (EBADF: a descriptor not open for writing).
-        service.stepstone_log._fd = os.open(log_dir / "stepstone.log", os.O_RDONLY)
-        with pytest.raises(OSError):
-            await service.close_many(closing)
-        assert service.stepstone_log._fd is not None
-        os.close(service.stepstone_log._fd)
-        service.stepstone_log._fd = good
+        with refusing_writes(service.stepstone_log, log_dir / "stepstone.log"), pytest.raises(OSError):
+            await service.close_many(closing)  # the change line's write fails
         await service.close_many(closing)  # the redo
         await service.close_many(closing)  # and a redelivery after it: nothing more
         entries = await service.redis.xrange(P + "verdicts")
@@ -739,6 +733,19 @@ async def test_a_batch_redone_after_its_change_line_failed_still_writes_it(
     assert change["hid"] == "9-0" and change["change"] == "first"
     assert [entry_id for entry_id, _ in entries] == [change["verdict_entry"]]
     assert [x["hid"] for x in lines(log_dir / "records.log")] == ["9-0"]
+
+
+@contextlib.contextmanager
+def refusing_writes(log: Any, path: Path) -> Iterator[None]:
+    """`log`'s writes fail while inside (EBADF: its descriptor swapped for one not open for
+    writing, as a full or failing disk would make them fail); restored after."""
+    good = log._fd
+    log._fd = os.open(path, os.O_RDONLY)
+    try:
+        yield
+    finally:
+        os.close(log._fd)
+        log._fd = good
 
 
 async def test_a_job_closing_thousands_of_one_sources_handshakes_adds_them_all(
@@ -774,13 +781,8 @@ async def test_a_batch_redone_after_a_failure_gets_its_grants_back_and_is_counte
     batch = [(f"{i + 1}-0", handshake(src, f"198.19.6.{i}", t=t + i * 0.01, sport=42000 + i).to_fields())
              for i in range(5)]
     try:
-        good = service.handshakes_log._fd
-        service.handshakes_log._fd = os.open(log_dir / "handshakes.log", os.O_RDONLY)
-        with pytest.raises(OSError):
+        with refusing_writes(service.handshakes_log, log_dir / "handshakes.log"), pytest.raises(OSError):
             await service.handle_handshakes(batch)
-        assert service.handshakes_log._fd is not None
-        os.close(service.handshakes_log._fd)
-        service.handshakes_log._fd = good
         await service.handle_handshakes(batch)  # the redo
         counts = await service.redis.hgetall(P + f"cnt:{src}")
     finally:
