@@ -492,7 +492,8 @@ async def point(args: argparse.Namespace, sources: int, per_source: int | None) 
         # to the last handshake acknowledged (before the last result settled), the machine's load.
         "drain": args.drain, "drain_write_s": drain_write.get("seconds"),
         "xadd_redis_us_per_hs": drain_write["redis_cpu"] / max(1, sent) * 1e6 if drain_write else None,
-        "acked_s": acked_at, "redis_cpu_s": redis_cpu, "bench_cpu_s": own_cpu,
+        "acked_s": None if acked_at is None else round(acked_at, 2),
+        "redis_cpu_s": redis_cpu, "bench_cpu_s": own_cpu,
         "p50": statistics.median(latencies) if latencies else None,
         "p95": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
     }

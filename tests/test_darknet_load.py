@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import ipaddress
+import json
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -105,3 +107,25 @@ def test_bad_parameters_are_one_line_and_exit_2(capsys: object) -> None:
     assert asyncio.run(darknet_load.main(["--darknet", "10.0.0.0/30", "--summary"])) == 2
     assert asyncio.run(darknet_load.main(["--scanners", "0.8", "--silent", "0.5", "--summary"])) == 2
     assert asyncio.run(darknet_load.main(["--count", "5"])) == 2  # no --redis
+
+
+def test_analyzer_bench_drain_works_off_the_whole_backlog(tmp_path: Path) -> None:
+    """--drain: the analyzer, stopped while a backlog is written, works all of it off (probe results
+    settled) once resumed, and the point says how much of it was measured."""
+    out = tmp_path / "points.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "analyzer_load_bench.py"), "--points", "1000", "--warmup", "2",
+         "--drain", "3000", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    x = json.loads(out.read_text())
+    assert x["drain"] == 3000 and x["fed"] == x["done"] == 3000
+    assert 0 < x["acked_s"] <= x["elapsed_s"] and x["hs_per_s"] > 0 and x["xadd_redis_us_per_hs"] is not None
+    # The first handshakes of sources new to the backlog were measured (and closed: records.log).
+    assert 0 < x["records"] < 3000
+
+
+def test_analyzer_bench_bad_drain_is_one_line_and_exit_2() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "analyzer_load_bench.py"), "--drain", "-5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
