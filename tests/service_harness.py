@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from scapy.layers.inet import IP, TCP
 
 from analyzer.handshake import Handshake
+from analyzer.service import Config, serve
 from lab.redis import RedisServer
 from osfp.fingerprinter import Fingerprinter
 from prober.job import Result
@@ -133,3 +134,18 @@ def scrape(port: int) -> dict[str, float]:
             name, value = row.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+@contextlib.asynccontextmanager
+async def running_service(h: Harness, **overrides: Any) -> AsyncIterator[Config]:
+    """The analyzer service in this process (fast), on the harness's Redis and log dir, consumer
+    a1 unless overridden; when the block ends it must stop cleanly (exit status 0)."""
+    settings: dict[str, Any] = {"consumer": "a1", **overrides}
+    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, **settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop=stop))
+    try:
+        yield config
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 20) == 0

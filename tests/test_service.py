@@ -31,6 +31,7 @@ from service_harness import (
     lines,
     open_harness,
     result,
+    running_service,
     scrape,
     until,
 )
@@ -49,18 +50,7 @@ async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Ha
         yield h
 
 
-@contextlib.asynccontextmanager
-async def service(h: Harness, **overrides: Any) -> AsyncIterator[Config]:
-    """The service in this process (fast); `serve` returns when `stop` is set."""
-    settings: dict[str, Any] = {"consumer": "a1", **overrides}
-    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, **settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(config, stop=stop))
-    try:
-        yield config
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 20) == 0
+service = running_service
 
 
 async def test_relayed_and_direct_sources_get_the_right_verdicts(harness: Harness) -> None:

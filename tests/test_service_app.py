@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -12,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import Harness, handshake, open_harness, result
+from service_harness import Harness, handshake, open_harness, result, running_service
 
-from analyzer.service import Config, serve
 from lab.redis import RedisServer
 
 
@@ -24,17 +21,7 @@ async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Ha
         yield h
 
 
-@contextlib.asynccontextmanager
-async def service(h: Harness, **options: Any) -> AsyncIterator[None]:
-    config = Config(redis_url=h.url, handshakes=True, zeek_url=None, log_dir=h.log_dir, consumer="a1",
-                    **options)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(config, stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 20) == 0
+service = running_service
 
 
 async def test_a_proxy_seen_by_banner_timing_is_terminating(harness: Harness) -> None:
