@@ -55,6 +55,7 @@ from prober.shards import (
     ShardError,
     parse_cluster_url,
     parse_shard_list,
+    scheme_of,
 )
 from prober.shards import client as redis_client
 
@@ -253,23 +254,23 @@ def register(sub: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     if not args.handshakes and not args.zeek:
         raise InputError("run: give a feed: --handshakes (Redis stream) and/or --zeek URL")
-    url = urlsplit(args.redis)
-    if url.scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
+    scheme = scheme_of(args.redis)
+    if scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
         raise InputError(f"--redis: not a Redis URL (redis://, rediss://, unix://, redis+cluster://): "
-                         f"{url.scheme}://...")
+                         f"{scheme}://...")
     if not 1 <= args.shards <= MAX_SHARDS:
         raise InputError(f"--shards: 1 to {MAX_SHARDS}, not {args.shards}")
     try:
         shard_ids = parse_shard_list(args.shard, args.shards)
-        if url.scheme in CLUSTER_SCHEMES:
+        if scheme in CLUSTER_SCHEMES:
             parse_cluster_url(args.redis)
     except ShardError as exc:
         raise InputError(str(exc) if str(exc).startswith("--") else f"--redis: {exc}") from None
     if args.zeek is not None:
-        zurl = urlsplit(args.zeek)
         try:
+            zurl = urlsplit(args.zeek)
             valid = zurl.scheme in ("ws", "wss") and bool(zurl.hostname) and zurl.port != 0
-        except ValueError:  # .port: out of range or not a number
+        except ValueError:  # a malformed [v6] host; .port: out of range or not a number
             valid = False
         if not valid:
             raise InputError(f"--zeek: not a WebSocket URL (ws://HOST:PORT/v1/messages/json): {args.zeek!r}")
@@ -328,7 +329,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
-    if config.shards > 1 or urlsplit(config.redis_url).scheme in CLUSTER_SCHEMES:
+    if config.shards > 1 or scheme_of(config.redis_url) in CLUSTER_SCHEMES:
         from analyzer.sharded import serve_shards  # it imports this module
 
         try:

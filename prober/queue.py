@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -21,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prober import streams
 from prober.job import DEFAULT_PORTS, Job, JobError, Result
-from prober.shards import CLUSTER_TRANSIENT, is_cluster
+from prober.shards import CLUSTER_TRANSIENT, is_cluster, scheme_of
 from prober.shards import client as cluster_client
 
 log = logging.getLogger(__name__)
@@ -91,18 +90,20 @@ class Keys:
 
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    # By hand, not urlsplit: a cluster URL's hosts, or a malformed URL, make it raise.
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    userinfo, at, hosts = rest[:end].rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}{rest[end:]}"
 
 
 def client(url: str) -> aioredis.Redis:
     """A client for `url` (redis://, rediss://, unix://; credentials in the URL); no I/O yet."""
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme_of(url) not in ("redis", "rediss", "unix"):
         raise QueueConfigError(
             f"bad Redis URL {redact(url)!r}: expected redis://[user:password@]host[:port][/db], "
             "rediss://... (TLS) or unix://[user:password@]/path/to/socket")

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -132,8 +132,26 @@ def parse_shard_list(text: str | None, count: int) -> tuple[int, ...]:
 # -- connecting -------------------------------------------------------------------------------
 
 
+def scheme_of(url: str) -> str:
+    """The URL's scheme, lower case ('' if none), without parsing the rest: a cluster URL's
+    several `[v6]:port` hosts are no netloc that `urlsplit` accepts (newer Pythons raise
+    "Invalid IPv6 URL"), and a malformed URL must still get its one-line error."""
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
 def is_cluster(url: str) -> bool:
-    return urlsplit(url).scheme in CLUSTER_SCHEMES
+    return scheme_of(url) in CLUSTER_SCHEMES
+
+
+def split_url(url: str) -> tuple[str, str, str, str]:
+    """(scheme, netloc, path, query) of a URL, split by hand for the same reason (no '#' fragment
+    is kept)."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.partition("#")[0]
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    return scheme.lower(), netloc, slash + path, query
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +166,10 @@ class ClusterUrl:
 
 def parse_cluster_url(url: str) -> ClusterUrl:
     """ShardError (one line) unless `url` is a usable redis+cluster:// URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in CLUSTER_SCHEMES:
-        raise ShardError(f"not a Redis Cluster URL (redis+cluster://HOST:PORT[,HOST:PORT...]): {parts.scheme}://...")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
+    scheme, netloc, path, query = split_url(url)
+    if scheme not in CLUSTER_SCHEMES:
+        raise ShardError(f"not a Redis Cluster URL (redis+cluster://HOST:PORT[,HOST:PORT...]): {scheme}://...")
+    userinfo, _, hosts = netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     nodes = []
     for item in hosts.split(","):
@@ -159,9 +177,9 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         if m is None or not 0 < int(m[2]) < 65536:
             raise ShardError(f"redis+cluster: not HOST:PORT: {item!r}")
         nodes.append((m[1].strip("[]"), int(m[2])))
-    if parts.path not in ("", "/", "/0"):
+    if path not in ("", "/", "/0"):
         raise ShardError("redis+cluster: a cluster has database 0 only (no /DB)")
-    options = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     unknown = set(options) - {"wait_replicas", "wait_timeout"}
     if unknown:
         raise ShardError(f"redis+cluster: unknown option {sorted(unknown)[0]!r} "
@@ -173,7 +191,7 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         raise ShardError("redis+cluster: wait_replicas and wait_timeout are whole numbers") from None
     if not (0 <= replicas <= 16 and 1 <= timeout <= 60_000):
         raise ShardError("redis+cluster: wait_replicas is 0-16, wait_timeout 1-60000 ms")
-    return ClusterUrl(nodes=tuple(nodes), tls=parts.scheme == "rediss+cluster",
+    return ClusterUrl(nodes=tuple(nodes), tls=scheme == "rediss+cluster",
                       username=unquote(user) or None, password=unquote(password) if password else None,
                       wait_replicas=replicas, wait_timeout_ms=timeout)
 

@@ -342,6 +342,10 @@ async def test_entries_of_a_dead_analyzer_are_claimed(harness: Harness) -> None:
         (["--redis", "redis://localhost", "--handshakes", "--hops-offset", "nan"], "--hops-offset"),
         (["--redis", "redis://localhost", "--handshakes", "--app-allowance", "-1"], "--app-allowance"),
         (["--redis", "redis://localhost", "--handshakes", "--app-allowance", "inf"], "--app-allowance"),
+        # Unclosed [v6] hosts: urlsplit raises on them (on newer Pythons on any multi-host [v6] URL).
+        (["--redis", "redis://localhost", "--zeek", "ws://[::1/v1/messages/json"], "--zeek"),
+        (["--redis", "redis://[::1", "--handshakes"], "--redis"),
+        (["--redis", "redis+cluster://[::1:7000", "--handshakes"], "--redis"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(

@@ -23,6 +23,7 @@ from lab.redis import RedisServer
 from prober import shards
 from prober.audit import AuditLog
 from prober.job import Job, Result
+from prober.queue import redact
 from prober.safety import TargetPolicy
 from prober.worker import Worker, WorkerSettings
 
@@ -52,6 +53,17 @@ def test_a_brace_in_a_sharded_prefix_is_refused() -> None:
         with pytest.raises(shards.ShardError, match="--prefix"):
             shards.layout(prefix, count, url)
     assert shards.layout("ss{x}:", 1, "redis://h").prefix_of(0) == "ss{x}:"  # one Redis: unchanged
+
+
+def test_urls_are_split_by_hand() -> None:
+    # Several [v6]:port hosts are no netloc urlsplit takes (Debian's Python 3.11 raises "Invalid
+    # IPv6 URL"): the scheme, the parse and the redaction never go through it.
+    url = "redis+cluster://u:secret@[2001:db8::5]:7000,[2001:db8::6]:7001/0?wait_replicas=1#x"
+    assert shards.scheme_of(url) == "redis+cluster" and shards.is_cluster(url)
+    assert shards.split_url(url) == ("redis+cluster", "u:secret@[2001:db8::5]:7000,[2001:db8::6]:7001", "/0",
+                                     "wait_replicas=1")
+    assert redact(url) == "redis+cluster://u:***@[2001:db8::5]:7000,[2001:db8::6]:7001/0?wait_replicas=1#x"
+    assert redact("redis://h:6379/0") == "redis://h:6379/0" and shards.scheme_of("h:6379") == ""
 
 
 def test_cluster_url() -> None:
