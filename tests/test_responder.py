@@ -5,6 +5,7 @@ SYN and the kernel's RTT sample; nothing is left behind when it stops."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import signal
@@ -155,30 +156,38 @@ def test_sigint_and_stale_table_are_handled(pair: tuple[Namespace, Namespace]) -
     assert "198.18.0.0/24" not in _local_routes(sensor)
 
 
-@pytest.mark.netns
-def test_tp_us_is_the_path_rtt(net: Network, tmp_path: Path) -> None:
-    """T^p from TCP_INFO follows the path: 2 x 15 ms through a delay line."""
+@contextlib.contextmanager
+def delayed_pair(net: Network, one_way_ms: float) -> Iterator[tuple[Namespace, Namespace]]:
+    """A sensor and a client joined through the lab's userspace delay line (`one_way_ms` each
+    way), the client routing the darknet to the sensor."""
     sensor, client = net.add("sn"), net.add("cl")
-    link = Link(sensor.name, "ts", client.name, "tc", 15, 15)
+    link = Link(sensor.name, "ts", client.name, "tc", one_way_ms, one_way_ms)
     delay = subprocess.Popen([sys.executable, "-m", "lab.delay", link.to_json()], stdout=subprocess.PIPE)
-    proc = None
     try:
         assert delay.stdout is not None and delay.stdout.readline() == b"ready\n"
         for ns, ifname, addr in ((sensor, "ts", "198.19.0.1/24"), (client, "tc", "198.19.0.2/24")):
             ns.run("ip", "addr", "add", addr, "dev", ifname)
             ns.run("ip", "link", "set", ifname, "up")
         client.run("ip", "route", "add", DARKNET, "via", "198.19.0.1")
+        yield sensor, client
+    finally:
+        delay.terminate()
+        delay.wait(10)
+
+
+@pytest.mark.netns
+def test_tp_us_is_the_path_rtt(net: Network, tmp_path: Path) -> None:
+    """T^p from TCP_INFO follows the path: 2 x 15 ms through a delay line."""
+    with delayed_pair(net, 15) as (sensor, client):
         out = tmp_path / "handshakes.jsonl"
         with out.open("wb") as sink:
             proc = _start(sensor, None, stdout=sink)
-        client.run(sys.executable, "-c", CLIENT, "198.18.0.1:80", "198.18.0.2:80", "198.18.0.3:80")
-        # The client is done when its ACK leaves; the responder sees it 15 ms later.
-        wait_for(lambda: len(out.read_text().splitlines()) >= 3, 10, "three handshakes")
-    finally:
-        if proc is not None:
+        try:
+            client.run(sys.executable, "-c", CLIENT, "198.18.0.1:80", "198.18.0.2:80", "198.18.0.3:80")
+            # The client is done when its ACK leaves; the responder sees it 15 ms later.
+            wait_for(lambda: len(out.read_text().splitlines()) >= 3, 10, "three handshakes")
+        finally:
             _stop(proc)
-        delay.terminate()
-        delay.wait(10)
     rtts = [json.loads(x)["tp_us"] for x in out.read_text().splitlines()]
     assert len(rtts) == 3
     assert all(30_000 <= rtt < 34_000 for rtt in rtts), rtts

@@ -15,13 +15,12 @@ import pytest
 import redis
 
 from analyzer.handshake import MAX_APP_DATA, Handshake
-from lab.delay import Link
 from lab.netns import Namespace, Network
 from lab.process import wait_for
 from lab.redis import RedisServer
 from responder.banners import MAX_BANNER, load_banners, parse_banners
 from responder.cli import BANNERS_EXAMPLE
-from tests.test_responder import DARKNET, _start, _stop, _table
+from tests.test_responder import DARKNET, _start, _stop, _table, delayed_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "responder" / "banners.example.toml"
@@ -91,32 +90,23 @@ def test_tapp_is_the_path_rtt_plus_the_clients_think_time(net: Network, tmp_path
     """Through a 2 x 10 ms delay line, a client that answers the banner 30 ms after reading it:
     tapp_us = 20 ms path RTT + 30 ms think; the answer's first 64 bytes come with it; one that
     answers at once shows the path RTT alone; a port without a banner is closed at once."""
-    sensor, client = net.add("sn"), net.add("cl")
-    link = Link(sensor.name, "ts", client.name, "tc", 10, 10)
-    delay = subprocess.Popen([sys.executable, "-m", "lab.delay", link.to_json()], stdout=subprocess.PIPE)
     proc = None
-    try:
-        assert delay.stdout is not None and delay.stdout.readline() == b"ready\n"
-        for ns, ifname, addr in ((sensor, "ts", "198.19.0.1/24"), (client, "tc", "198.19.0.2/24")):
-            ns.run("ip", "addr", "add", addr, "dev", ifname)
-            ns.run("ip", "link", "set", ifname, "up")
-        client.run("ip", "route", "add", DARKNET, "via", "198.19.0.1")
-        banners = _banners(tmp_path, f'[banners]\n22 = "{SSH.decode().strip()}\\r\\n"\n'
-                                     '25 = "220 mail.example.net ESMTP Postfix (Debian/GNU)\\r\\n"\n')
-        proc = _start(sensor, redis_server.url, extra=("--banners", str(banners)))
-        answer = b"SSH-2.0-OpenSSH_8.4p1 Debian-5+deb11u3\r\n" + b"\0" * 200  # longer than the cap
-        slow = _result(_client(client, "198.18.0.22", 22, 0.030, answer))
-        quick = _result(_client(client, "198.18.0.25", 25, 0.0, b"EHLO client.example\r\n"))
-        plain = _result(_client(client, "198.18.0.80", 80))
-        r = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
-        wait_for(lambda: r.xlen("stepstone:handshakes") >= 3, 10, "three handshakes")
-        got = {h.dport: h for h in _handshakes(r)}
-    finally:
-        if proc is not None:
-            code, err = _stop(proc)
-            assert code == 0, err
-        delay.terminate()
-        delay.wait(10)
+    with delayed_pair(net, 10) as (sensor, client):
+        try:
+            banners = _banners(tmp_path, f'[banners]\n22 = "{SSH.decode().strip()}\\r\\n"\n'
+                                         '25 = "220 mail.example.net ESMTP Postfix (Debian/GNU)\\r\\n"\n')
+            proc = _start(sensor, redis_server.url, extra=("--banners", str(banners)))
+            answer = b"SSH-2.0-OpenSSH_8.4p1 Debian-5+deb11u3\r\n" + b"\0" * 200  # longer than the cap
+            slow = _result(_client(client, "198.18.0.22", 22, 0.030, answer))
+            quick = _result(_client(client, "198.18.0.25", 25, 0.0, b"EHLO client.example\r\n"))
+            plain = _result(_client(client, "198.18.0.80", 80))
+            r = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
+            wait_for(lambda: r.xlen("stepstone:handshakes") >= 3, 10, "three handshakes")
+            got = {h.dport: h for h in _handshakes(r)}
+        finally:
+            if proc is not None:
+                code, err = _stop(proc)
+                assert code == 0, err
     assert bytes.fromhex(str(slow["banner"])) == SSH
     assert bytes.fromhex(str(quick["banner"])).startswith(b"220 mail.example.net ESMTP")
     assert plain["banner"] == "" and plain["end"] == "close"  # no banner: closed at once
