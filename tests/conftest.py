@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from service_harness import Harness, open_harness
 
 from lab.netns import Network, unavailable_reason
 from lab.redis import RedisServer
@@ -52,3 +53,10 @@ def net() -> Iterator[Network]:
         pytest.skip(reason)
     with Network() as network:
         yield network
+
+
+@pytest.fixture
+async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
+    """The analyzer tests' Redis client, stream helpers and log dir (tests/service_harness.py)."""
+    async with open_harness(redis_server, tmp_path / "logs") as h:
+        yield h

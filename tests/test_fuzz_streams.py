@@ -16,17 +16,15 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from service_harness import Harness, P, handshake, lines, open_harness, result, until
+from service_harness import Harness, P, handshake, lines, result, until
 from test_hostile_streams import analyzer, fake_probe, worker
 from test_service_zeek import fake_zeek
 
 from analyzer.record import Record
 from analyzer.rules import judge
 from analyzer.verdicts import entry_fields
-from lab.redis import RedisServer
 from prober.job import Job, Result
 from prober.status import gather
 
@@ -90,12 +88,6 @@ def encoded(fields: dict[str, str]) -> Raw:
 
 async def _none_pending(h: Harness) -> bool:
     return int((await h.r.xpending(P + "jobs", "probers"))["pending"]) == 0
-
-
-@pytest.fixture
-async def harness(redis_server: RedisServer, tmp_path: Path) -> Any:
-    async with open_harness(redis_server, tmp_path / "logs") as h:
-        yield h
 
 
 async def test_random_entries_on_every_stream_stop_nothing_and_lose_no_valid_entry(

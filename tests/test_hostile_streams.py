@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from service_harness import Harness, P, free_port, handshake, lines, open_harness, result, scrape, until
+from service_harness import Harness, P, free_port, handshake, lines, result, scrape, until
 from test_service_zeek import fake_zeek
 
 from analyzer.feeds import zeek_to_stream
@@ -37,12 +37,6 @@ from prober.safety import TargetPolicy, parse_networks
 from prober.worker import Worker, WorkerSettings
 
 BAD = b"\xff\xfe"  # never UTF-8
-
-
-@pytest.fixture
-async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with open_harness(redis_server, tmp_path / "logs") as h:
-        yield h
 
 
 @contextlib.asynccontextmanager

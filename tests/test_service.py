@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,6 @@ from analyzer.service import Config, Service, serve
 from analyzer.state import State, Stored
 from analyzer.verdicts import JsonLog
 from lab.redis import RedisServer
-
-
-@pytest.fixture
-async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with open_harness(redis_server, tmp_path / "logs") as h:
-        yield h
-
 
 service = running_service
 

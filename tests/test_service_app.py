@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from service_harness import Harness, handshake, open_harness, result, running_service
-
-from lab.redis import RedisServer
-
-
-@pytest.fixture
-async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with open_harness(redis_server, tmp_path / "logs") as h:
-        yield h
-
+from service_harness import Harness, handshake, result, running_service
 
 service = running_service
 

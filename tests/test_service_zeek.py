@@ -25,7 +25,6 @@ from service_harness import (
     free_port,
     handshake,
     lines,
-    open_harness,
     result,
     scrape,
     syn,
@@ -46,7 +45,6 @@ from analyzer.broker import (
 )
 from analyzer.service import Config
 from analyzer.service import serve as serve_analyzer
-from lab.redis import RedisServer
 
 ETHER = bytes.fromhex("02000000000102000000000208 00".replace(" ", ""))  # dst, src, IPv4
 
@@ -144,12 +142,6 @@ async def _zeek_group(h: Harness, group: str = "zeek") -> dict[str, Any] | None:
 async def _drained(h: Harness, group: str = "zeek") -> bool:
     g = await _zeek_group(h, group)
     return g is not None and g["pending"] == 0 and (g.get("lag") or 0) == 0
-
-
-@pytest.fixture
-async def harness(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with open_harness(redis_server, tmp_path / "logs") as h:
-        yield h
 
 
 async def test_zeek_handshakes_get_verdicts_back_in_zeek(
