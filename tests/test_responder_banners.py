@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from lab.process import wait_for
 from lab.redis import RedisServer
 from responder.banners import MAX_BANNER, load_banners, parse_banners
 from responder.cli import BANNERS_EXAMPLE
+from tests import test_responder
 from tests.test_responder import DARKNET, _start, _stop, _table, delayed_pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +50,7 @@ print(json.dumps({"sport": sport, "banner": banner.hex(), "end": end, "held": ti
 """
 
 
-@pytest.fixture
-def pair(net: Network) -> Iterator[tuple[Namespace, Namespace]]:
-    sensor, client = net.add("sn"), net.add("cl")
-    net.link(sensor, "198.19.0.1/24", client, "198.19.0.2/24")
-    client.run("ip", "route", "add", DARKNET, "via", "198.19.0.1")
-    yield sensor, client
+pair = test_responder.pair  # the responder tests' sensor and client (a fixture)
 
 
 def _banners(tmp_path: Path, text: str) -> Path:
